@@ -1,0 +1,1132 @@
+//! The farm's state machine: agents and their sessions, the active actions and their leases,
+//! and what happens on submit, hello, heartbeat, result, cancel, drain, revoke and each tick.
+//!
+//! Every method takes `now_unix_ms`, so leases, requeues and unschedulable grace are tested
+//! with injected time. Every change is written through to the store before it is announced.
+use crate::hubs::{Hubs, JobUpdate};
+use crate::model::*;
+use crate::scheduler::{self, AgentView, Requirement};
+use crate::store::Store;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use tokio::sync::mpsc;
+
+/// Timing and limits of the farm.
+#[derive(Clone, Debug)]
+pub struct FarmConfig {
+    /// A lease lapses this long after the last heartbeat that renewed it.
+    pub lease_ms: u64,
+    /// How often agents send heartbeats.
+    pub heartbeat_ms: u64,
+    /// How long an action may wait with no agent able to serve it before it is unschedulable.
+    pub unschedulable_grace_ms: u64,
+    /// Attempts (leases) per action before it fails as an infra failure.
+    pub max_attempts: u32,
+}
+
+impl Default for FarmConfig {
+    fn default() -> Self {
+        Self {
+            lease_ms: 15_000,
+            heartbeat_ms: 3_000,
+            unschedulable_grace_ms: 30_000,
+            max_attempts: 3,
+        }
+    }
+}
+
+/// A message for one agent's session.
+#[derive(Clone, Debug)]
+pub enum AgentCommand {
+    /// Run this action under this lease.
+    Assign {
+        /// The action (id, spec, attempt count).
+        action: Box<ActionRecord>,
+        /// Fence of the lease.
+        fence: u64,
+        /// Run it through the emulator.
+        emulated: bool,
+    },
+    /// Stop an action.
+    Cancel {
+        /// The action.
+        action: ActionId,
+        /// The lease's fence.
+        fence: u64,
+        /// Why.
+        reason: String,
+    },
+    /// Take no new work.
+    Drain,
+    /// Answer to a result.
+    Ack {
+        /// The action.
+        action: ActionId,
+        /// The fence the agent sent.
+        fence: u64,
+        /// Recorded or not.
+        accepted: bool,
+        /// Why not.
+        reason: String,
+    },
+}
+
+/// How an execution ended, as the agent reported it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Exited by itself.
+    Exited,
+    /// Killed at the timeout.
+    TimedOut,
+    /// Killed on cancel.
+    Cancelled,
+    /// The agent could not run it.
+    InfraError,
+}
+
+/// A result as reported by an agent.
+#[derive(Clone, Debug)]
+pub struct Completion {
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Exit code.
+    pub exit_code: i32,
+    /// Detail for non-exits.
+    pub message: String,
+    /// The whole ExecutionResult, encoded, as recorded.
+    pub encoded: Vec<u8>,
+}
+
+/// A session's sending half, told apart from earlier sessions of the same agent.
+#[derive(Clone, Debug)]
+pub struct SessionHandle {
+    /// Unique per session.
+    pub conn: u64,
+    /// Commands to the agent.
+    pub tx: mpsc::UnboundedSender<AgentCommand>,
+}
+
+/// An agent as the farm tracks it.
+#[derive(Debug)]
+pub struct AgentLive {
+    /// The durable record.
+    pub record: AgentRecord,
+    /// Its open session.
+    pub session: Option<SessionHandle>,
+}
+
+impl AgentLive {
+    fn alive(&self, now: u64, lease_ms: u64) -> bool {
+        self.session.is_some() && now <= self.record.last_seen_unix_ms + lease_ms
+    }
+}
+
+/// Why a call on the farm was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum FarmError {
+    /// Unknown job, agent or action.
+    #[error("{0}")]
+    NotFound(String),
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] anyhow::Error),
+}
+
+/// The whole mutable state; callers hold it behind one mutex.
+pub struct Farm {
+    cfg: FarmConfig,
+    store: Store,
+    agents: BTreeMap<AgentId, AgentLive>,
+    active: BTreeMap<ActionId, ActionRecord>,
+    /// Job id -> its actions still active.
+    active_by_job: HashMap<JobId, BTreeSet<ActionId>>,
+    hubs: Hubs,
+    next_conn: u64,
+    stale_results_refused: u64,
+    started_unix_ms: u64,
+}
+
+impl Farm {
+    /// Reads the farm back from the store. Leases of running actions are honoured for a
+    /// full lease period from now, so their agents can reconnect and re-claim them.
+    pub fn load(store: Store, cfg: FarmConfig, now: u64) -> anyhow::Result<Self> {
+        let mut farm = Self {
+            cfg,
+            agents: BTreeMap::new(),
+            active: BTreeMap::new(),
+            active_by_job: HashMap::new(),
+            hubs: Hubs::default(),
+            next_conn: 0,
+            stale_results_refused: 0,
+            started_unix_ms: now,
+            store,
+        };
+        for record in farm.store.agents()? {
+            farm.agents.insert(
+                record.id.clone(),
+                AgentLive {
+                    record,
+                    session: None,
+                },
+            );
+        }
+        for mut a in farm.store.unfinished_actions()? {
+            if let Some(lease) = &mut a.lease {
+                lease.expiry_unix_ms = lease.expiry_unix_ms.max(now + farm.cfg.lease_ms);
+            }
+            farm.active_by_job
+                .entry(a.job.clone())
+                .or_default()
+                .insert(a.id.clone());
+            farm.active.insert(a.id.clone(), a);
+        }
+        Ok(farm)
+    }
+
+    /// The store underneath.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+    /// The configuration.
+    pub fn config(&self) -> &FarmConfig {
+        &self.cfg
+    }
+    /// The event hubs of active jobs.
+    pub fn hubs(&mut self) -> &mut Hubs {
+        &mut self.hubs
+    }
+    /// Results refused for a stale fence since start.
+    pub fn stale_results_refused(&self) -> u64 {
+        self.stale_results_refused
+    }
+    /// Unix ms the farm was loaded.
+    pub fn started_unix_ms(&self) -> u64 {
+        self.started_unix_ms
+    }
+    /// Agents as tracked.
+    pub fn agents(&self) -> impl Iterator<Item = &AgentLive> {
+        self.agents.values()
+    }
+    /// Active (not final) actions.
+    pub fn active_actions(&self) -> impl Iterator<Item = &ActionRecord> {
+        self.active.values()
+    }
+    /// Whether the agent is lost (no session or no recent heartbeat).
+    pub fn agent_alive(&self, a: &AgentLive, now: u64) -> bool {
+        a.alive(now, self.cfg.lease_ms)
+    }
+    /// Slots an agent uses now.
+    pub fn slots_used(&self, agent: &AgentId) -> u32 {
+        self.active
+            .values()
+            .filter(|a| a.lease.as_ref().is_some_and(|l| &l.agent == agent))
+            .count() as u32
+    }
+
+    /// Registers a freshly joined agent.
+    pub fn add_agent(&mut self, record: AgentRecord) -> anyhow::Result<()> {
+        self.store.put_agent(&record)?;
+        self.store.flush()?;
+        self.agents.insert(
+            record.id.clone(),
+            AgentLive {
+                record,
+                session: None,
+            },
+        );
+        Ok(())
+    }
+
+    fn save(&mut self, action: &ActionRecord) -> anyhow::Result<()> {
+        self.store.put_action(action)?;
+        self.hubs
+            .publish(&action.job, JobUpdate::Action(Box::new(action.clone())));
+        Ok(())
+    }
+
+    /// Accepts a validated job and its actions, then places what it can.
+    pub fn submit(
+        &mut self,
+        job: JobRecord,
+        actions: Vec<ActionRecord>,
+        now: u64,
+    ) -> anyhow::Result<()> {
+        self.store.put_job(&job)?;
+        for a in &actions {
+            self.store.put_action(a)?;
+        }
+        self.store.flush()?;
+        self.hubs.open(&job.id);
+        for a in actions {
+            self.hubs
+                .publish(&job.id, JobUpdate::Action(Box::new(a.clone())));
+            self.active_by_job
+                .entry(job.id.clone())
+                .or_default()
+                .insert(a.id.clone());
+            self.active.insert(a.id.clone(), a);
+        }
+        self.dispatch(now)
+    }
+
+    /// A session opened and said Hello. Returns the session's connection number.
+    pub fn hello(
+        &mut self,
+        agent: &AgentId,
+        facts: AgentFacts,
+        running: &[(ActionId, u64)],
+        tx: mpsc::UnboundedSender<AgentCommand>,
+        now: u64,
+    ) -> Result<u64, FarmError> {
+        self.next_conn += 1;
+        let conn = self.next_conn;
+        let live = self
+            .agents
+            .get_mut(agent)
+            .ok_or_else(|| FarmError::NotFound(format!("agent {agent} is not registered")))?;
+        live.record.facts = facts;
+        live.record.last_seen_unix_ms = now;
+        live.session = Some(SessionHandle { conn, tx });
+        let record = live.record.clone();
+        self.store.put_agent(&record)?;
+        if record.draining {
+            self.send(agent, AgentCommand::Drain);
+        }
+        self.renew(agent, running, now)?;
+        self.dispatch(now)?;
+        Ok(conn)
+    }
+
+    /// Renews the leases the agent still holds and cancels what it runs without one.
+    fn renew(
+        &mut self,
+        agent: &AgentId,
+        running: &[(ActionId, u64)],
+        now: u64,
+    ) -> anyhow::Result<()> {
+        for (id, fence) in running {
+            let holds = self
+                .active
+                .get(id)
+                .and_then(|a| a.lease.as_ref())
+                .is_some_and(|l| &l.agent == agent && l.fence == *fence);
+            if holds {
+                if let Some(lease) = self.active.get_mut(id).and_then(|a| a.lease.as_mut()) {
+                    lease.expiry_unix_ms = now + self.cfg.lease_ms;
+                }
+            } else {
+                self.send(
+                    agent,
+                    AgentCommand::Cancel {
+                        action: id.clone(),
+                        fence: *fence,
+                        reason: format!("lease {fence} on {id} is no longer held by {agent}"),
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// A heartbeat from the session `conn`.
+    pub fn heartbeat(
+        &mut self,
+        agent: &AgentId,
+        conn: u64,
+        load_1m: f64,
+        free_disk_bytes: u64,
+        running: &[(ActionId, u64)],
+        now: u64,
+    ) -> anyhow::Result<()> {
+        let Some(live) = self.agents.get_mut(agent) else {
+            return Ok(());
+        };
+        if live.session.as_ref().map(|s| s.conn) != Some(conn) {
+            return Ok(());
+        }
+        live.record.last_seen_unix_ms = now;
+        live.record.facts.load_1m = load_1m;
+        live.record.facts.free_disk_bytes = free_disk_bytes;
+        self.renew(agent, running, now)?;
+        self.dispatch(now)
+    }
+
+    /// The session `conn` ended. Its leases stay until they lapse: the agent may come back.
+    pub fn session_closed(&mut self, agent: &AgentId, conn: u64) -> anyhow::Result<()> {
+        if let Some(live) = self.agents.get_mut(agent) {
+            if live.session.as_ref().map(|s| s.conn) == Some(conn) {
+                live.session = None;
+                let record = live.record.clone();
+                self.store.put_agent(&record)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Live output from an agent; relayed only under the current lease.
+    pub fn log(
+        &mut self,
+        agent: &AgentId,
+        action: &ActionId,
+        fence: u64,
+        stderr: bool,
+        data: Vec<u8>,
+    ) {
+        let Some(a) = self.active.get(action) else {
+            return;
+        };
+        if !a
+            .lease
+            .as_ref()
+            .is_some_and(|l| &l.agent == agent && l.fence == fence)
+        {
+            return;
+        }
+        let update = JobUpdate::Log {
+            action: action.clone(),
+            platform: a.spec.platform.clone(),
+            stderr,
+            data,
+            attempt: a.attempts,
+        };
+        let job = a.job.clone();
+        self.hubs.publish(&job, update);
+    }
+
+    /// A result from an agent: recorded once under the current lease, refused otherwise.
+    pub fn completed(
+        &mut self,
+        agent: &AgentId,
+        action_id: &ActionId,
+        fence: u64,
+        c: Completion,
+        now: u64,
+    ) -> anyhow::Result<()> {
+        let (accepted, reason) = self.record_completion(agent, action_id, fence, c, now)?;
+        self.send(
+            agent,
+            AgentCommand::Ack {
+                action: action_id.clone(),
+                fence,
+                accepted,
+                reason,
+            },
+        );
+        self.dispatch(now)
+    }
+
+    fn record_completion(
+        &mut self,
+        agent: &AgentId,
+        action_id: &ActionId,
+        fence: u64,
+        c: Completion,
+        now: u64,
+    ) -> anyhow::Result<(bool, String)> {
+        let Some(action) = self.active.get(action_id).cloned() else {
+            // Final already: a re-sent result of the lease that finished it is fine.
+            return Ok(match self.store.action(action_id)? {
+                Some(done) if done.result.as_ref().is_some_and(|r| r.fence == fence) => {
+                    (true, String::new())
+                }
+                Some(done) => {
+                    if done.state != ActionState::Cancelled {
+                        self.stale_results_refused += 1;
+                    }
+                    (
+                        false,
+                        format!(
+                            "{action_id} is already {} (fence {fence} is stale)",
+                            done.state.name()
+                        ),
+                    )
+                }
+                None => (false, format!("{action_id} does not exist")),
+            });
+        };
+        let current = action.lease.clone();
+        match current {
+            Some(l) if &l.agent == agent && l.fence == fence => {}
+            Some(l) => {
+                self.stale_results_refused += 1;
+                return Ok((
+                    false,
+                    format!(
+                        "stale fence {fence} for {action_id}: the current lease is {} on {}",
+                        l.fence, l.agent
+                    ),
+                ));
+            }
+            None => {
+                self.stale_results_refused += 1;
+                return Ok((
+                    false,
+                    format!(
+                        "stale fence {fence} for {action_id}: it is {} and not leased",
+                        action.state.name()
+                    ),
+                ));
+            }
+        }
+        let mut a = action;
+        a.lease = None;
+        let result = ResultRecord {
+            encoded: c.encoded,
+            fence,
+        };
+        match c.outcome {
+            Outcome::InfraError if a.attempts < self.cfg.max_attempts => {
+                a.state = ActionState::Queued;
+                a.queued_unix_ms = now;
+                a.reason = format!(
+                    "attempt {} on {agent} failed for infra reasons: {}",
+                    a.attempts, c.message
+                );
+                a.result = None;
+                self.save(&a)?;
+                self.active.insert(a.id.clone(), a);
+                self.store.flush()?;
+                return Ok((true, String::new()));
+            }
+            Outcome::InfraError => {
+                a.state = ActionState::InfraFailed;
+                a.reason = format!(
+                    "infra failure on attempt {} of {}: {}",
+                    a.attempts, self.cfg.max_attempts, c.message
+                );
+            }
+            Outcome::Exited if c.exit_code == 0 => a.state = ActionState::Succeeded,
+            Outcome::Exited => {
+                a.state = ActionState::Failed;
+                a.reason = format!("exit code {}", c.exit_code);
+            }
+            Outcome::TimedOut => {
+                a.state = ActionState::Failed;
+                a.reason = c.message.clone();
+            }
+            Outcome::Cancelled => {
+                a.state = ActionState::Cancelled;
+                a.reason = c.message.clone();
+            }
+        }
+        a.result = Some(result);
+        self.finish(a)?;
+        Ok((true, String::new()))
+    }
+
+    /// Records a final action and closes its job when it was the last one.
+    fn finish(&mut self, a: ActionRecord) -> anyhow::Result<()> {
+        debug_assert!(a.state.is_final());
+        self.save(&a)?;
+        let job_id = a.job.clone();
+        self.active.remove(&a.id);
+        let job_done = match self.active_by_job.get_mut(&job_id) {
+            Some(set) => {
+                set.remove(&a.id);
+                set.is_empty()
+            }
+            None => true,
+        };
+        if job_done {
+            self.active_by_job.remove(&job_id);
+            if let Some(mut job) = self.store.job(&job_id)? {
+                job.finished = true;
+                self.store.put_job(&job)?;
+            }
+            self.hubs
+                .publish(&job_id, JobUpdate::Finished(job_id.clone()));
+        }
+        self.store.flush()?;
+        Ok(())
+    }
+
+    /// Cancels a job's unfinished actions; returns how many.
+    pub fn cancel_job(&mut self, job: &JobId, reason: &str, now: u64) -> Result<u32, FarmError> {
+        if self.store.job(job)?.is_none() {
+            return Err(FarmError::NotFound(format!("job {job} does not exist")));
+        }
+        let ids: Vec<ActionId> = self
+            .active_by_job
+            .get(job)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default();
+        for id in &ids {
+            let Some(mut a) = self.active.get(id).cloned() else {
+                continue;
+            };
+            if let Some(l) = a.lease.take() {
+                self.send(
+                    &l.agent,
+                    AgentCommand::Cancel {
+                        action: id.clone(),
+                        fence: l.fence,
+                        reason: reason.to_string(),
+                    },
+                );
+            }
+            a.state = ActionState::Cancelled;
+            a.reason = format!("cancelled: {reason}");
+            self.finish(a)?;
+        }
+        self.dispatch(now)?;
+        Ok(ids.len() as u32)
+    }
+
+    /// Stops giving an agent new work.
+    pub fn drain(&mut self, agent: &AgentId) -> Result<(), FarmError> {
+        let live = self
+            .agents
+            .get_mut(agent)
+            .ok_or_else(|| FarmError::NotFound(format!("agent {agent} does not exist")))?;
+        live.record.draining = true;
+        let record = live.record.clone();
+        self.store.put_agent(&record)?;
+        self.store.flush()?;
+        self.send(agent, AgentCommand::Drain);
+        Ok(())
+    }
+
+    /// Revokes an agent: its session ends at once and its actions are queued again.
+    pub fn revoke(&mut self, agent: &AgentId, now: u64) -> Result<(), FarmError> {
+        let live = self
+            .agents
+            .get_mut(agent)
+            .ok_or_else(|| FarmError::NotFound(format!("agent {agent} does not exist")))?;
+        live.record.revoked = true;
+        live.session = None;
+        let record = live.record.clone();
+        self.store.put_agent(&record)?;
+        let held: Vec<ActionId> = self
+            .active
+            .values()
+            .filter(|a| a.lease.as_ref().is_some_and(|l| &l.agent == agent))
+            .map(|a| a.id.clone())
+            .collect();
+        for id in held {
+            self.lease_lost(&id, &format!("agent {agent} was revoked"), now)?;
+        }
+        self.store.flush()?;
+        self.dispatch(now)?;
+        Ok(())
+    }
+
+    /// Whether an agent's certificate has been revoked (checked on every stream message).
+    pub fn is_revoked(&self, agent: &AgentId) -> bool {
+        self.agents.get(agent).is_none_or(|a| a.record.revoked)
+    }
+
+    /// A lease ended without a result: queue again, or fail after the last attempt.
+    fn lease_lost(&mut self, id: &ActionId, why: &str, now: u64) -> anyhow::Result<()> {
+        let Some(mut a) = self.active.get(id).cloned() else {
+            return Ok(());
+        };
+        a.lease = None;
+        if a.attempts < self.cfg.max_attempts {
+            a.state = ActionState::Queued;
+            a.queued_unix_ms = now;
+            a.reason = format!("{why}; queued again after attempt {}", a.attempts);
+            self.save(&a)?;
+            self.active.insert(a.id.clone(), a);
+        } else {
+            a.state = ActionState::InfraFailed;
+            a.reason = format!("{why}; gave up after {} attempts", a.attempts);
+            self.finish(a)?;
+        }
+        Ok(())
+    }
+
+    /// Expires lapsed leases, notices lost agents, declares unschedulable actions, places work.
+    pub fn tick(&mut self, now: u64) -> anyhow::Result<()> {
+        let lapsed: Vec<(ActionId, AgentId)> = self
+            .active
+            .values()
+            .filter_map(|a| {
+                a.lease
+                    .as_ref()
+                    .filter(|l| l.expiry_unix_ms < now)
+                    .map(|l| (a.id.clone(), l.agent.clone()))
+            })
+            .collect();
+        for (id, agent) in lapsed {
+            self.lease_lost(
+                &id,
+                &format!(
+                    "agent {agent} lost (no heartbeat within {} s)",
+                    self.cfg.lease_ms / 1000
+                ),
+                now,
+            )?;
+        }
+        // Unschedulable: queued actions no connected agent could ever take.
+        let views = self.agent_views(now);
+        let queued: Vec<ActionId> = self
+            .active
+            .values()
+            .filter(|a| a.state == ActionState::Queued)
+            .map(|a| a.id.clone())
+            .collect();
+        for id in queued {
+            let Some(a) = self.active.get_mut(&id) else {
+                continue;
+            };
+            let req = Requirement {
+                platform: &a.spec.platform,
+                labels: &a.spec.required_labels,
+                allow_emulation: a.spec.allow_emulation,
+            };
+            if views
+                .iter()
+                .any(|v| scheduler::can_serve(v, &req).is_some())
+            {
+                a.unservable_since_unix_ms = None;
+                continue;
+            }
+            let since = *a.unservable_since_unix_ms.get_or_insert(now);
+            if now.saturating_sub(since) >= self.cfg.unschedulable_grace_ms {
+                let mut a = a.clone();
+                a.state = ActionState::Unschedulable;
+                a.reason = scheduler::unservable_reason(&views, &req);
+                self.finish(a)?;
+            }
+        }
+        self.dispatch(now)
+    }
+
+    fn agent_views(&self, now: u64) -> Vec<AgentView> {
+        self.agents
+            .values()
+            .filter(|a| !a.record.revoked)
+            .map(|a| AgentView {
+                id: a.record.id.clone(),
+                offers: a
+                    .record
+                    .facts
+                    .offers
+                    .iter()
+                    .map(|o| (o.platform.clone(), o.emulated))
+                    .collect(),
+                labels: a.record.labels.clone(),
+                slots: a.record.facts.slots,
+                used: self.slots_used(&a.record.id),
+                connected: a.alive(now, self.cfg.lease_ms),
+                draining: a.record.draining,
+            })
+            .collect()
+    }
+
+    /// Places queued actions, oldest job first, on the best free agents.
+    pub fn dispatch(&mut self, now: u64) -> anyhow::Result<()> {
+        let mut queued: Vec<(u64, ActionId)> = self
+            .active
+            .values()
+            .filter(|a| a.state == ActionState::Queued)
+            .map(|a| (a.job_seq, a.id.clone()))
+            .collect();
+        if queued.is_empty() {
+            return Ok(());
+        }
+        queued.sort();
+        let mut views = self.agent_views(now);
+        let mut placed = false;
+        for (_, id) in queued {
+            let Some(a) = self.active.get(&id) else {
+                continue;
+            };
+            let req = Requirement {
+                platform: &a.spec.platform,
+                labels: &a.spec.required_labels,
+                allow_emulation: a.spec.allow_emulation,
+            };
+            let Some((agent, emulated)) = scheduler::choose_agent(&views, &req) else {
+                continue;
+            };
+            let fence = self.store.next_counter("fence")?;
+            let mut a = a.clone();
+            a.state = ActionState::Running;
+            a.attempts += 1;
+            a.unservable_since_unix_ms = None;
+            a.lease = Some(Lease {
+                agent: agent.clone(),
+                fence,
+                expiry_unix_ms: now + self.cfg.lease_ms,
+                emulated,
+            });
+            a.last_agent = Some((agent.clone(), emulated));
+            self.save(&a)?;
+            if let Some(v) = views.iter_mut().find(|v| v.id == agent) {
+                v.used += 1;
+            }
+            self.send(
+                &agent,
+                AgentCommand::Assign {
+                    action: Box::new(a.clone()),
+                    fence,
+                    emulated,
+                },
+            );
+            self.active.insert(id, a);
+            placed = true;
+        }
+        if placed {
+            self.store.flush()?;
+        }
+        Ok(())
+    }
+
+    fn send(&self, agent: &AgentId, cmd: AgentCommand) {
+        if let Some(s) = self.agents.get(agent).and_then(|a| a.session.as_ref()) {
+            // A closed session is noticed by its own task; the lease covers the gap.
+            let _ = s.tx.send(cmd);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use archfarm_proto::Platform;
+
+    const LEASE: u64 = 15_000;
+
+    struct Harness {
+        farm: Farm,
+        _dir: tempfile::TempDir,
+        rx: HashMap<String, mpsc::UnboundedReceiver<AgentCommand>>,
+        conns: HashMap<String, u64>,
+        seq: u64,
+    }
+
+    fn offers(list: &[(&str, bool)]) -> AgentFacts {
+        AgentFacts {
+            offers: list
+                .iter()
+                .map(|(p, e)| Offer {
+                    platform: p.parse().unwrap(),
+                    emulated: *e,
+                })
+                .collect(),
+            slots: 1,
+            ..Default::default()
+        }
+    }
+
+    impl Harness {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(dir.path()).unwrap();
+            Self {
+                farm: Farm::load(store, FarmConfig::default(), 0).unwrap(),
+                _dir: dir,
+                rx: HashMap::new(),
+                conns: HashMap::new(),
+                seq: 0,
+            }
+        }
+
+        fn join(&mut self, id: &str, list: &[(&str, bool)], now: u64) {
+            let record = AgentRecord {
+                id: AgentId(id.into()),
+                hostname: id.into(),
+                labels: Labels::new(),
+                facts: AgentFacts::default(),
+                joined_unix_ms: now,
+                last_seen_unix_ms: now,
+                draining: false,
+                revoked: false,
+            };
+            if !self.farm.agents.contains_key(&record.id) {
+                self.farm.add_agent(record).unwrap();
+            }
+            let (tx, rx) = mpsc::unbounded_channel();
+            let conn = self
+                .farm
+                .hello(&AgentId(id.into()), offers(list), &[], tx, now)
+                .unwrap();
+            self.rx.insert(id.into(), rx);
+            self.conns.insert(id.into(), conn);
+        }
+
+        fn submit(&mut self, platforms: &[&str], allow_emulation: bool, now: u64) -> JobId {
+            self.seq += 1;
+            let job = JobId(format!("j-{:06}", self.seq));
+            let actions: Vec<ActionRecord> = platforms
+                .iter()
+                .map(|p| {
+                    let platform: Platform = p.parse().unwrap();
+                    ActionRecord {
+                        id: ActionId::new(&job, &platform),
+                        job: job.clone(),
+                        job_seq: self.seq,
+                        spec: ActionSpec {
+                            argv: vec!["true".into()],
+                            env: vec![],
+                            working_directory: String::new(),
+                            input_root: None,
+                            platform,
+                            required_labels: Labels::new(),
+                            timeout_ms: 60_000,
+                            allow_emulation,
+                        },
+                        state: ActionState::Queued,
+                        attempts: 0,
+                        queued_unix_ms: now,
+                        lease: None,
+                        last_agent: None,
+                        reason: String::new(),
+                        result: None,
+                        unservable_since_unix_ms: None,
+                    }
+                })
+                .collect();
+            let record = JobRecord {
+                id: job.clone(),
+                seq: self.seq,
+                spec: vec![],
+                submitter: "test".into(),
+                submitted_unix_ms: now,
+                actions: actions.iter().map(|a| a.id.clone()).collect(),
+                description: String::new(),
+                finished: false,
+            };
+            self.farm.submit(record, actions, now).unwrap();
+            job
+        }
+
+        /// Drains the agent's commands; returns the assigns as (action, fence, emulated).
+        fn assigns(&mut self, agent: &str) -> Vec<(String, u64, bool)> {
+            let rx = self.rx.get_mut(agent).unwrap();
+            let mut out = vec![];
+            while let Ok(cmd) = rx.try_recv() {
+                if let AgentCommand::Assign {
+                    action,
+                    fence,
+                    emulated,
+                } = cmd
+                {
+                    out.push((action.id.0.clone(), fence, emulated));
+                }
+            }
+            out
+        }
+
+        fn acks(&mut self, agent: &str) -> Vec<(bool, String)> {
+            let rx = self.rx.get_mut(agent).unwrap();
+            let mut out = vec![];
+            while let Ok(cmd) = rx.try_recv() {
+                if let AgentCommand::Ack {
+                    accepted, reason, ..
+                } = cmd
+                {
+                    out.push((accepted, reason));
+                }
+            }
+            out
+        }
+
+        fn state(&self, id: &str) -> ActionRecord {
+            self.farm
+                .store
+                .action(&ActionId(id.into()))
+                .unwrap()
+                .unwrap()
+        }
+
+        fn heartbeat(&mut self, agent: &str, running: &[(&str, u64)], now: u64) {
+            let running: Vec<(ActionId, u64)> = running
+                .iter()
+                .map(|(a, f)| (ActionId((*a).into()), *f))
+                .collect();
+            let conn = self.conns[agent];
+            self.farm
+                .heartbeat(&AgentId(agent.into()), conn, 0.0, 0, &running, now)
+                .unwrap();
+        }
+
+        fn complete(&mut self, agent: &str, action: &str, fence: u64, exit_code: i32, now: u64) {
+            let c = Completion {
+                outcome: Outcome::Exited,
+                exit_code,
+                message: String::new(),
+                encoded: vec![],
+            };
+            self.farm
+                .completed(
+                    &AgentId(agent.into()),
+                    &ActionId(action.into()),
+                    fence,
+                    c,
+                    now,
+                )
+                .unwrap();
+        }
+    }
+
+    #[test]
+    fn places_by_platform_and_prefers_native_agents() {
+        let mut h = Harness::new();
+        h.join("emu", &[("linux/amd64", false), ("linux/arm64", true)], 0);
+        h.join("arm", &[("linux/arm64", false)], 0);
+        let job = h.submit(&["linux/arm64", "linux/amd64"], true, 1);
+        // Placed in action-id order: amd64 first (fence 1), then arm64 (fence 2).
+        assert_eq!(
+            h.assigns("emu"),
+            vec![(format!("{job}/linux/amd64"), 1, false)]
+        );
+        assert_eq!(
+            h.assigns("arm"),
+            vec![(format!("{job}/linux/arm64"), 2, false)]
+        );
+        // Both busy (one slot each): the next arm64 action waits rather than emulate.
+        let job2 = h.submit(&["linux/arm64"], true, 2);
+        assert!(h.assigns("emu").is_empty() && h.assigns("arm").is_empty());
+        h.complete("emu", &format!("{job}/linux/amd64"), 1, 0, 3);
+        // Now the emulated agent is free and emulation is allowed.
+        assert_eq!(
+            h.assigns("emu"),
+            vec![(format!("{job2}/linux/arm64"), 3, true)]
+        );
+        assert_eq!(
+            h.state(&format!("{job}/linux/amd64")).state,
+            ActionState::Succeeded
+        );
+    }
+
+    #[test]
+    fn lapsed_lease_requeues_and_refuses_the_late_result() {
+        let mut h = Harness::new();
+        h.join("a", &[("linux/s390x", false)], 0);
+        h.join("b", &[("linux/s390x", false)], 0);
+        let job = h.submit(&["linux/s390x"], false, 0);
+        let id = format!("{job}/linux/s390x");
+        assert_eq!(h.assigns("a"), vec![(id.clone(), 1, false)]);
+        // b keeps heartbeating; a goes silent. Heartbeats renew a's lease until 10 s.
+        h.heartbeat("a", &[(&id, 1)], 10_000);
+        h.heartbeat("b", &[], 20_000);
+        h.farm.tick(24_000).unwrap();
+        assert_eq!(
+            h.state(&id).state,
+            ActionState::Running,
+            "lease still valid at 24 s"
+        );
+        h.heartbeat("b", &[], 25_001);
+        h.farm.tick(25_001).unwrap();
+        let again = h.assigns("b");
+        assert_eq!(again, vec![(id.clone(), 2, false)]);
+        assert_eq!(h.state(&id).attempts, 2);
+        // a comes back and reports with fence 1: refused, counted, nothing recorded.
+        h.complete("a", &id, 1, 0, 26_000);
+        let acks = h.acks("a");
+        assert_eq!(acks.len(), 1);
+        assert!(
+            !acks[0].0 && acks[0].1.contains("stale fence 1"),
+            "{acks:?}"
+        );
+        assert_eq!(h.farm.stale_results_refused(), 1);
+        assert_eq!(h.state(&id).state, ActionState::Running);
+        h.complete("b", &id, 2, 0, 27_000);
+        assert_eq!(h.acks("b"), vec![(true, String::new())]);
+        let done = h.state(&id);
+        assert_eq!(
+            (done.state, done.result.unwrap().fence),
+            (ActionState::Succeeded, 2)
+        );
+        // The same result sent again (lost ack) is accepted without change.
+        h.complete("b", &id, 2, 0, 28_000);
+        assert_eq!(h.acks("b"), vec![(true, String::new())]);
+    }
+
+    #[test]
+    fn gives_up_after_the_attempt_limit() {
+        let mut h = Harness::new();
+        h.join("a", &[("linux/ppc64le", false)], 0);
+        let job = h.submit(&["linux/ppc64le"], false, 0);
+        let id = format!("{job}/linux/ppc64le");
+        let mut now = 0;
+        for attempt in 1..=3 {
+            assert_eq!(h.assigns("a").len(), 1, "attempt {attempt}");
+            now += LEASE + 1;
+            // The agent is alive (heartbeats) but never reports the action as running.
+            h.heartbeat("a", &[], now - 1);
+            h.farm.tick(now).unwrap();
+        }
+        let done = h.state(&id);
+        assert_eq!((done.state, done.attempts), (ActionState::InfraFailed, 3));
+        assert!(
+            done.reason.contains("gave up after 3 attempts"),
+            "{}",
+            done.reason
+        );
+        assert!(h.farm.store.job(&job).unwrap().unwrap().finished);
+    }
+
+    #[test]
+    fn unschedulable_after_grace_with_a_reason() {
+        let mut h = Harness::new();
+        h.join("emu", &[("linux/amd64", false), ("linux/riscv64", true)], 0);
+        let job = h.submit(&["linux/riscv64"], false, 0);
+        let id = format!("{job}/linux/riscv64");
+        h.farm.tick(1).unwrap();
+        h.heartbeat("emu", &[], 30_000);
+        h.farm.tick(30_000).unwrap();
+        assert_eq!(
+            h.state(&id).state,
+            ActionState::Queued,
+            "still within the grace"
+        );
+        h.heartbeat("emu", &[], 30_001);
+        h.farm.tick(30_001).unwrap();
+        let done = h.state(&id);
+        assert_eq!(done.state, ActionState::Unschedulable);
+        assert!(
+            done.reason.contains("does not allow emulation"),
+            "{}",
+            done.reason
+        );
+    }
+
+    #[test]
+    fn restart_keeps_queued_and_running_and_honours_leases() {
+        let dir = tempfile::tempdir().unwrap();
+        let (job, id);
+        {
+            let mut h = Harness::new();
+            h._dir = dir;
+            h.farm = Farm::load(
+                Store::open(h._dir.path()).unwrap(),
+                FarmConfig::default(),
+                0,
+            )
+            .unwrap();
+            h.join("a", &[("linux/arm64", false)], 0);
+            job = h.submit(&["linux/arm64", "linux/s390x"], false, 0);
+            id = format!("{job}/linux/arm64");
+            assert_eq!(h.assigns("a").len(), 1);
+            let store_dir = h._dir;
+            drop(h.farm);
+            // Reload at 100 s: the lease is honoured for a full period from now.
+            let mut farm = Farm::load(
+                Store::open(store_dir.path()).unwrap(),
+                FarmConfig::default(),
+                100_000,
+            )
+            .unwrap();
+            assert_eq!(farm.active.len(), 2);
+            farm.tick(100_000 + LEASE).unwrap();
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            farm.hello(
+                &AgentId("a".into()),
+                offers(&[("linux/arm64", false)]),
+                &[(ActionId(id.clone()), 1)],
+                tx,
+                100_000 + LEASE,
+            )
+            .unwrap();
+            assert!(
+                rx.try_recv().is_err(),
+                "re-claimed lease: no cancel, no new assign"
+            );
+            let running = farm.store.action(&ActionId(id.clone())).unwrap().unwrap();
+            assert_eq!((running.state, running.attempts), (ActionState::Running, 1));
+            drop(store_dir);
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! Wire messages to farm records and back; the only place both kinds meet.
+use crate::farm::{AgentCommand, Completion, Outcome};
+use crate::hubs::JobUpdate;
+use crate::model::*;
+use archfarm_proto::v1;
+use prost::Message;
+
+/// Labels to the wire form.
+pub fn labels_to_proto(l: &Labels) -> Vec<v1::Label> {
+    l.iter()
+        .map(|(k, v)| v1::Label {
+            key: k.clone(),
+            value: v.clone(),
+        })
+        .collect()
+}
+
+/// An action's spec to the wire Action.
+pub fn action_to_proto(spec: &ActionSpec) -> v1::Action {
+    v1::Action {
+        argv: spec.argv.clone(),
+        env: spec
+            .env
+            .iter()
+            .map(|(n, v)| v1::EnvVar {
+                name: n.clone(),
+                value: v.clone(),
+            })
+            .collect(),
+        working_directory: spec.working_directory.clone(),
+        input_root: spec.input_root.as_ref().map(|(h, s)| v1::Digest {
+            hash: h.clone(),
+            size_bytes: *s,
+        }),
+        platform: spec.platform.to_string(),
+        required_labels: labels_to_proto(&spec.required_labels),
+        timeout_ms: spec.timeout_ms,
+        allow_emulation: spec.allow_emulation,
+    }
+}
+
+fn state_to_proto(s: ActionState) -> v1::ActionState {
+    match s {
+        ActionState::Queued => v1::ActionState::Queued,
+        ActionState::Running => v1::ActionState::Running,
+        ActionState::Succeeded => v1::ActionState::Succeeded,
+        ActionState::Failed => v1::ActionState::Failed,
+        ActionState::InfraFailed => v1::ActionState::InfraFailed,
+        ActionState::Unschedulable => v1::ActionState::Unschedulable,
+        ActionState::Cancelled => v1::ActionState::Cancelled,
+    }
+}
+
+/// An action record to its wire status.
+pub fn action_status(a: &ActionRecord) -> v1::ActionStatus {
+    let (agent, emulated) = match (&a.lease, &a.last_agent) {
+        (Some(l), _) => (l.agent.to_string(), l.emulated),
+        (None, Some((agent, e))) => (agent.to_string(), *e),
+        (None, None) => (String::new(), false),
+    };
+    v1::ActionStatus {
+        action_id: a.id.to_string(),
+        platform: a.spec.platform.to_string(),
+        state: state_to_proto(a.state) as i32,
+        attempts: a.attempts,
+        agent_id: agent,
+        emulated,
+        reason: a.reason.clone(),
+        result: a
+            .result
+            .as_ref()
+            .and_then(|r| v1::ExecutionResult::decode(r.encoded.as_slice()).ok()),
+        queued_unix_ms: a.queued_unix_ms,
+    }
+}
+
+/// A job with its actions to the wire status.
+pub fn job_status(job: &JobRecord, actions: &[ActionRecord]) -> v1::JobStatus {
+    v1::JobStatus {
+        job_id: job.id.to_string(),
+        spec: v1::JobSpec::decode(job.spec.as_slice()).ok(),
+        submitter: job.submitter.clone(),
+        submitted_unix_ms: job.submitted_unix_ms,
+        actions: actions.iter().map(action_status).collect(),
+        finished: job.finished,
+    }
+}
+
+/// A farm command to the wire message for the agent.
+pub fn command_to_proto(cmd: AgentCommand) -> v1::CoordinatorMessage {
+    use v1::coordinator_message::Kind;
+    let kind = match cmd {
+        AgentCommand::Assign {
+            action,
+            fence,
+            emulated,
+        } => Kind::Assign(v1::Assign {
+            action_id: action.id.to_string(),
+            fence,
+            action: Some(action_to_proto(&action.spec)),
+            emulated,
+            attempt: action.attempts,
+        }),
+        AgentCommand::Cancel {
+            action,
+            fence,
+            reason,
+        } => Kind::Cancel(v1::Cancel {
+            action_id: action.to_string(),
+            fence,
+            reason,
+        }),
+        AgentCommand::Drain => Kind::Drain(v1::Drain {
+            reason: "drained by an admin".into(),
+        }),
+        AgentCommand::Ack {
+            action,
+            fence,
+            accepted,
+            reason,
+        } => Kind::Ack(v1::CompletionAck {
+            action_id: action.to_string(),
+            fence,
+            accepted,
+            reason,
+        }),
+    };
+    v1::CoordinatorMessage { kind: Some(kind) }
+}
+
+/// An agent's result to what the farm records.
+pub fn completion_from_proto(r: &v1::ExecutionResult) -> Completion {
+    let outcome = match v1::ExecutionOutcome::try_from(r.outcome) {
+        Ok(v1::ExecutionOutcome::Exited) => Outcome::Exited,
+        Ok(v1::ExecutionOutcome::TimedOut) => Outcome::TimedOut,
+        Ok(v1::ExecutionOutcome::Cancelled) => Outcome::Cancelled,
+        _ => Outcome::InfraError,
+    };
+    let message = if outcome == Outcome::InfraError && r.message.is_empty() {
+        format!("agent reported outcome {}", r.outcome)
+    } else {
+        r.message.clone()
+    };
+    Completion {
+        outcome,
+        exit_code: r.exit_code,
+        message,
+        encoded: r.encode_to_vec(),
+    }
+}
+
+/// A hub update to the wire event (Finished needs the job's final status from the store).
+pub fn update_to_event(
+    u: &JobUpdate,
+    finished: impl FnOnce(&JobId) -> Option<v1::JobStatus>,
+) -> Option<v1::JobEvent> {
+    use v1::job_event::Kind;
+    let kind = match u {
+        JobUpdate::Action(a) => Kind::Action(action_status(a)),
+        JobUpdate::Log {
+            action,
+            platform,
+            stderr,
+            data,
+            attempt,
+        } => Kind::Log(v1::ActionLog {
+            action_id: action.to_string(),
+            platform: platform.to_string(),
+            stream: if *stderr {
+                v1::LogStream::Stderr
+            } else {
+                v1::LogStream::Stdout
+            } as i32,
+            data: data.clone(),
+            attempt: *attempt,
+        }),
+        JobUpdate::Finished(job) => Kind::Finished(finished(job)?),
+    };
+    Some(v1::JobEvent { kind: Some(kind) })
+}
+
+/// The wire form of an agent's state.
+pub fn agent_state(record: &AgentRecord, alive: bool, used: u32) -> v1::AgentState {
+    if record.revoked {
+        v1::AgentState::Revoked
+    } else if !alive {
+        v1::AgentState::Lost
+    } else if record.draining {
+        v1::AgentState::Draining
+    } else if used >= record.facts.slots {
+        v1::AgentState::Busy
+    } else {
+        v1::AgentState::Ready
+    }
+}

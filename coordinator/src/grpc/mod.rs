@@ -1,0 +1,61 @@
+//! The gRPC shells: one file per service. They authenticate, turn wire messages into the
+//! farm's records and back (convert.rs), and map errors to `tonic::Status` once.
+pub mod admin;
+pub mod auth;
+pub mod cas;
+pub mod convert;
+pub mod jobs;
+pub mod join;
+pub mod session;
+
+use crate::cas::Cas;
+use crate::farm::{Farm, FarmError};
+use crate::pki::Pki;
+use crate::store::Store;
+use std::sync::{Arc, Mutex, MutexGuard};
+use tonic::Status;
+
+/// What every service shares.
+pub struct Shared {
+    /// The state machine, behind the one lock.
+    pub farm: Mutex<Farm>,
+    /// The durable store (also inside the farm; reads go here directly).
+    pub store: Store,
+    /// Blobs.
+    pub cas: Cas,
+    /// The CA.
+    pub pki: Pki,
+    /// Wall clock in Unix ms (injected in tests).
+    pub clock: fn() -> u64,
+}
+
+/// Shared state handle.
+pub type SharedRef = Arc<Shared>;
+
+impl Shared {
+    /// Locks the farm; a poisoned lock is an internal error, not a crash.
+    pub fn farm(&self) -> Result<MutexGuard<'_, Farm>, Status> {
+        self.farm
+            .lock()
+            .map_err(|_| Status::internal("farm state lock poisoned by an earlier panic"))
+    }
+    /// Now, in Unix ms.
+    pub fn now(&self) -> u64 {
+        (self.clock)()
+    }
+}
+
+/// Maps an internal error to a Status, logging it where it is handled.
+pub fn internal(e: anyhow::Error) -> Status {
+    tracing::error!("failed to {e:#}");
+    Status::internal(format!("internal error: {e:#}"))
+}
+
+impl From<FarmError> for Status {
+    fn from(e: FarmError) -> Self {
+        match e {
+            FarmError::NotFound(m) => Status::not_found(m),
+            FarmError::Store(e) => internal(e),
+        }
+    }
+}

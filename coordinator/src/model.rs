@@ -1,0 +1,302 @@
+//! The coordinator's records: what the store keeps and the farm state works on.
+use archfarm_proto::Platform;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+
+macro_rules! typed_id {
+    ($name:ident, $what:literal) => {
+        #[doc = concat!("The id of ", $what, ".")]
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(pub String);
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+        impl $name {
+            /// The id as text.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+    };
+}
+
+typed_id!(AgentId, "an agent");
+typed_id!(JobId, "a job");
+typed_id!(ActionId, "an action (`<job id>/<platform>`)");
+
+impl ActionId {
+    /// The action of `job` for `platform`.
+    pub fn new(job: &JobId, platform: &Platform) -> Self {
+        Self(format!("{job}/{platform}"))
+    }
+}
+
+/// Labels, sorted by key.
+pub type Labels = BTreeMap<String, String>;
+
+/// Who may call what.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// A joined agent: session and CAS only.
+    Agent,
+    /// CI or a person: jobs, status, CAS.
+    Client,
+    /// Everything a client may do, plus tokens and agent management.
+    Admin,
+}
+
+impl Role {
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Agent => "agent",
+            Role::Client => "client",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+/// The holder of a client certificate, found by the certificate's SHA-256.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Principal {
+    /// Role bound to the certificate.
+    pub role: Role,
+    /// Agent id for agents, a name for clients and admins.
+    pub name: String,
+    /// Revoked certificates are refused on connect and on every open stream.
+    pub revoked: bool,
+}
+
+/// A join token (the secret is kept only as its blake3 hash).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// Public half, `[a-z0-9]{6}`.
+    pub id: String,
+    /// blake3 hex of the secret half.
+    pub secret_hash: String,
+    /// Labels bound to agents that join with it.
+    pub labels: Labels,
+    /// Unix ms after which it is refused.
+    pub expires_unix_ms: u64,
+    /// Works once only.
+    pub single_use: bool,
+    /// Times used.
+    pub uses: u32,
+    /// Free text.
+    pub description: String,
+}
+
+/// What an agent serves.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Offer {
+    /// The platform.
+    pub platform: Platform,
+    /// Served through an emulator.
+    pub emulated: bool,
+}
+
+/// What the agent said about itself in its last Hello and heartbeat.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct AgentFacts {
+    /// Platforms served.
+    pub offers: Vec<Offer>,
+    /// Logical CPUs.
+    pub cores: u32,
+    /// Memory in bytes.
+    pub memory_bytes: u64,
+    /// Kernel.
+    pub kernel: String,
+    /// Free disk in bytes.
+    pub free_disk_bytes: u64,
+    /// Slots offered.
+    pub slots: u32,
+    /// Agent software version.
+    pub version: String,
+    /// One-minute load.
+    pub load_1m: f64,
+}
+
+/// A joined agent.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AgentRecord {
+    /// Its id.
+    pub id: AgentId,
+    /// Host name given at join.
+    pub hostname: String,
+    /// Labels bound by the join token.
+    pub labels: Labels,
+    /// Facts from the last Hello.
+    pub facts: AgentFacts,
+    /// Unix ms of the join.
+    pub joined_unix_ms: u64,
+    /// Unix ms of the last message.
+    pub last_seen_unix_ms: u64,
+    /// Takes no new work.
+    pub draining: bool,
+    /// Certificate revoked.
+    pub revoked: bool,
+}
+
+/// What to run, after the job's spec was expanded for one platform.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActionSpec {
+    /// Program and arguments.
+    pub argv: Vec<String>,
+    /// Environment, sorted by name.
+    pub env: Vec<(String, String)>,
+    /// Working directory relative to the input root.
+    pub working_directory: String,
+    /// Input root (hex hash, size), if any.
+    pub input_root: Option<(String, u64)>,
+    /// Platform.
+    pub platform: Platform,
+    /// Labels the agent must carry.
+    pub required_labels: Labels,
+    /// Wall-clock limit.
+    pub timeout_ms: u64,
+    /// Emulated agents allowed.
+    pub allow_emulation: bool,
+}
+
+/// Lifecycle of an action.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActionState {
+    /// Waiting for an agent.
+    Queued,
+    /// Leased to an agent.
+    Running,
+    /// Exit 0.
+    Succeeded,
+    /// Non-zero exit or timeout.
+    Failed,
+    /// The farm could not run it.
+    InfraFailed,
+    /// No allowed agent.
+    Unschedulable,
+    /// Cancelled by a client.
+    Cancelled,
+}
+
+impl ActionState {
+    /// Whether the action will not change any more.
+    pub fn is_final(self) -> bool {
+        !matches!(self, ActionState::Queued | ActionState::Running)
+    }
+    /// Lower-case name, as in status counters.
+    pub fn name(self) -> &'static str {
+        match self {
+            ActionState::Queued => "queued",
+            ActionState::Running => "running",
+            ActionState::Succeeded => "succeeded",
+            ActionState::Failed => "failed",
+            ActionState::InfraFailed => "infra_failed",
+            ActionState::Unschedulable => "unschedulable",
+            ActionState::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// An action handed to one agent until `expiry_unix_ms`, fenced by `fence`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// The agent.
+    pub agent: AgentId,
+    /// Fencing number; results carrying another one are refused.
+    pub fence: u64,
+    /// Unix ms when it lapses unless renewed.
+    pub expiry_unix_ms: u64,
+    /// Runs under emulation.
+    pub emulated: bool,
+}
+
+/// An execution result as recorded (the wire ExecutionResult, encoded).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResultRecord {
+    /// Protobuf encoding of the agent's ExecutionResult.
+    #[serde(with = "hex_bytes")]
+    pub encoded: Vec<u8>,
+    /// Fence it came with.
+    pub fence: u64,
+}
+
+/// One action of a job.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ActionRecord {
+    /// Its id.
+    pub id: ActionId,
+    /// Its job.
+    pub job: JobId,
+    /// Job sequence number, for queue order.
+    pub job_seq: u64,
+    /// What to run.
+    pub spec: ActionSpec,
+    /// Where it stands.
+    pub state: ActionState,
+    /// Attempts started.
+    pub attempts: u32,
+    /// Unix ms it was (last) queued.
+    pub queued_unix_ms: u64,
+    /// Current lease, while running.
+    pub lease: Option<Lease>,
+    /// Last agent that had it, and whether emulated.
+    pub last_agent: Option<(AgentId, bool)>,
+    /// Why it is in its state (requeue, unschedulable, infra, cancel).
+    pub reason: String,
+    /// The final result, when there is one.
+    pub result: Option<ResultRecord>,
+    /// Unix ms since when no agent could serve it.
+    pub unservable_since_unix_ms: Option<u64>,
+}
+
+/// A submitted job.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// Its id.
+    pub id: JobId,
+    /// Sequence number (also inside the id).
+    pub seq: u64,
+    /// The submitted spec (protobuf encoding of JobSpec).
+    #[serde(with = "hex_bytes")]
+    pub spec: Vec<u8>,
+    /// Who submitted it.
+    pub submitter: String,
+    /// Unix ms of submission.
+    pub submitted_unix_ms: u64,
+    /// Its actions, in the order of the spec's platforms.
+    pub actions: Vec<ActionId>,
+    /// Free text for listings.
+    pub description: String,
+    /// Whether every action is final.
+    pub finished: bool,
+}
+
+mod hex_bytes {
+    //! Bytes as hex in JSON records.
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(b))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        hex::decode(s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Current wall-clock time in Unix milliseconds.
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,235 @@
+//! Pure placement: which agent takes an action, and why none can. No IO, no async, no proto.
+//!
+//! Choosing is `min()` over [`Score`], whose fields in declaration order are the priorities:
+//! native before emulated, then the least loaded, then the agent id so the choice is
+//! deterministic.
+use crate::model::{AgentId, Labels};
+use archfarm_proto::Platform;
+
+/// What placement needs to know about one agent.
+#[derive(Clone, Debug)]
+pub struct AgentView {
+    /// Its id.
+    pub id: AgentId,
+    /// Platforms served, with whether each is emulated.
+    pub offers: Vec<(Platform, bool)>,
+    /// Labels bound at join.
+    pub labels: Labels,
+    /// Slots offered.
+    pub slots: u32,
+    /// Slots in use.
+    pub used: u32,
+    /// A session is open and heartbeats arrive.
+    pub connected: bool,
+    /// Takes no new work.
+    pub draining: bool,
+}
+
+/// What an action requires.
+#[derive(Clone, Debug)]
+pub struct Requirement<'a> {
+    /// Platform.
+    pub platform: &'a Platform,
+    /// Labels the agent must carry with equal values.
+    pub labels: &'a Labels,
+    /// Emulated agents allowed.
+    pub allow_emulation: bool,
+}
+
+/// Placement preference; smaller is better.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Score {
+    /// Emulated agents only when no native one is free.
+    pub emulated: bool,
+    /// Used slots per thousand offered.
+    pub load_permille: u32,
+    /// Tie-break.
+    pub agent: AgentId,
+}
+
+fn has_labels(agent: &AgentView, want: &Labels) -> bool {
+    want.iter().all(|(k, v)| agent.labels.get(k) == Some(v))
+}
+
+/// Whether `agent` may ever run `req` (ignoring its current load); `Some(emulated)` if so.
+pub fn can_serve(agent: &AgentView, req: &Requirement<'_>) -> Option<bool> {
+    if !agent.connected || agent.draining || !has_labels(agent, req.labels) {
+        return None;
+    }
+    agent
+        .offers
+        .iter()
+        .filter(|(p, emulated)| p == req.platform && (!emulated || req.allow_emulation))
+        .map(|(_, emulated)| *emulated)
+        .min()
+}
+
+/// The agent that should take `req` now, and whether it will emulate.
+pub fn choose_agent<'a>(
+    agents: impl IntoIterator<Item = &'a AgentView>,
+    req: &Requirement<'_>,
+) -> Option<(AgentId, bool)> {
+    agents
+        .into_iter()
+        .filter(|a| a.used < a.slots)
+        .filter_map(|a| {
+            can_serve(a, req).map(|emulated| Score {
+                emulated,
+                load_permille: a.used.saturating_mul(1000) / a.slots.max(1),
+                agent: a.id.clone(),
+            })
+        })
+        .min()
+        .map(|s| (s.agent, s.emulated))
+}
+
+/// Why no agent can serve `req`, naming the platform, the labels, and how many agents of
+/// that platform exist and why they don't fit.
+pub fn unservable_reason<'a>(
+    agents: impl IntoIterator<Item = &'a AgentView>,
+    req: &Requirement<'_>,
+) -> String {
+    let mut of_platform = 0;
+    let (mut emulated_only, mut lost, mut draining, mut wrong_labels) = (0, 0, 0, 0);
+    for a in agents {
+        let offers: Vec<bool> = a
+            .offers
+            .iter()
+            .filter(|(p, _)| p == req.platform)
+            .map(|(_, e)| *e)
+            .collect();
+        if offers.is_empty() {
+            continue;
+        }
+        of_platform += 1;
+        if !a.connected {
+            lost += 1;
+        } else if a.draining {
+            draining += 1;
+        } else if !has_labels(a, req.labels) {
+            wrong_labels += 1;
+        } else if !req.allow_emulation && offers.iter().all(|e| *e) {
+            emulated_only += 1;
+        }
+    }
+    let labels = if req.labels.is_empty() {
+        String::new()
+    } else {
+        let l: Vec<String> = req.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        format!(" with labels {}", l.join(","))
+    };
+    let mut why = Vec::new();
+    if emulated_only > 0 {
+        why.push(format!(
+            "{emulated_only} emulated only and the job does not allow emulation (--allow-emulation)"
+        ));
+    }
+    if wrong_labels > 0 {
+        why.push(format!("{wrong_labels} lacking the labels"));
+    }
+    if draining > 0 {
+        why.push(format!("{draining} draining"));
+    }
+    if lost > 0 {
+        why.push(format!("{lost} lost"));
+    }
+    let detail = match of_platform {
+        0 => format!("no agent serves {}", req.platform),
+        n => format!(
+            "{n} agent{} of {}: {}",
+            if n == 1 { "" } else { "s" },
+            req.platform,
+            why.join(", ")
+        ),
+    };
+    format!("no agent can run {}{labels}: {detail}", req.platform)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> Platform {
+        s.parse().unwrap()
+    }
+
+    fn agent(id: &str, offers: &[(&str, bool)], used: u32) -> AgentView {
+        AgentView {
+            id: AgentId(id.into()),
+            offers: offers.iter().map(|(s, e)| (p(s), *e)).collect(),
+            labels: Labels::new(),
+            slots: 2,
+            used,
+            connected: true,
+            draining: false,
+        }
+    }
+
+    fn req<'a>(platform: &'a Platform, labels: &'a Labels, allow: bool) -> Requirement<'a> {
+        Requirement {
+            platform,
+            labels,
+            allow_emulation: allow,
+        }
+    }
+
+    #[test]
+    fn matches_platform_and_prefers_native_then_least_loaded_then_id() {
+        let arm = p("linux/arm64");
+        let none = Labels::new();
+        let agents = vec![
+            agent("emu", &[("linux/amd64", false), ("linux/arm64", true)], 0),
+            agent("native-b", &[("linux/arm64", false)], 1),
+            agent("native-a", &[("linux/arm64", false)], 1),
+            agent("x86", &[("linux/amd64", false)], 0),
+        ];
+        assert_eq!(
+            choose_agent(&agents, &req(&arm, &none, true)),
+            Some((AgentId("native-a".into()), false))
+        );
+        let mut busy = agents.clone();
+        busy[1].used = 2;
+        busy[2].used = 2;
+        assert_eq!(
+            choose_agent(&busy, &req(&arm, &none, true)),
+            Some((AgentId("emu".into()), true))
+        );
+        assert_eq!(choose_agent(&busy, &req(&arm, &none, false)), None);
+    }
+
+    #[test]
+    fn requires_labels_and_skips_lost_and_draining() {
+        let amd = p("linux/amd64");
+        let want: Labels = [("node-e2e".to_string(), String::new())].into();
+        let mut a = agent("a", &[("linux/amd64", false)], 0);
+        assert_eq!(choose_agent([&a], &req(&amd, &want, false)), None);
+        a.labels = want.clone();
+        assert!(choose_agent([&a], &req(&amd, &want, false)).is_some());
+        a.draining = true;
+        assert_eq!(choose_agent([&a], &req(&amd, &want, false)), None);
+        a.draining = false;
+        a.connected = false;
+        assert_eq!(choose_agent([&a], &req(&amd, &want, false)), None);
+    }
+
+    #[test]
+    fn explains_why_nothing_fits() {
+        let s390 = p("linux/s390x");
+        let none = Labels::new();
+        let mut lost = agent("l", &[("linux/s390x", true)], 0);
+        lost.connected = false;
+        let agents = vec![agent("e", &[("linux/s390x", true)], 0), lost];
+        let why = unservable_reason(&agents, &req(&s390, &none, false));
+        assert_eq!(
+            why,
+            "no agent can run linux/s390x: 2 agents of linux/s390x: 1 emulated only and the job \
+             does not allow emulation (--allow-emulation), 1 lost"
+        );
+        let riscv = p("linux/riscv64");
+        let lab: Labels = [("lab".to_string(), "osu".to_string())].into();
+        assert_eq!(
+            unservable_reason(&agents, &req(&riscv, &lab, true)),
+            "no agent can run linux/riscv64 with labels lab=osu: no agent serves linux/riscv64"
+        );
+    }
+}

@@ -1,0 +1,241 @@
+//! The only code that touches sled: typed trees for agents, tokens, principals, jobs and
+//! actions, counters, and a schema version. Every mutating call is flushed before it returns,
+//! so a `kill -9` after a reply loses nothing the reply promised.
+use crate::model::{
+    ActionId, ActionRecord, AgentId, AgentRecord, JobId, JobRecord, Principal, TokenRecord,
+};
+use anyhow::{bail, Context};
+use serde::{de::DeserializeOwned, Serialize};
+use std::path::Path;
+
+/// Schema of the records below; bumped on incompatible change.
+pub const SCHEMA_VERSION: &str = "1";
+
+/// The coordinator's durable state.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    meta: sled::Tree,
+    agents: sled::Tree,
+    tokens: sled::Tree,
+    principals: sled::Tree,
+    jobs: sled::Tree,
+    actions: sled::Tree,
+}
+
+fn encode<T: Serialize>(v: &T) -> anyhow::Result<Vec<u8>> {
+    serde_json::to_vec(v).context("failed to encode record")
+}
+
+fn decode<T: DeserializeOwned>(what: &str, key: &[u8], b: &[u8]) -> anyhow::Result<T> {
+    serde_json::from_slice(b).with_context(|| {
+        format!(
+            "failed to decode {what} record {:?}",
+            String::from_utf8_lossy(key)
+        )
+    })
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path) -> anyhow::Result<Self> {
+        let db = sled::Config::new()
+            .path(dir)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .with_context(|| format!("failed to open the state store in {}", dir.display()))?;
+        let meta = db.open_tree("meta")?;
+        match meta.get("schema_version")? {
+            None => {
+                meta.insert("schema_version", SCHEMA_VERSION)?;
+            }
+            Some(v) if v.as_ref() == SCHEMA_VERSION.as_bytes() => {}
+            Some(v) => bail!(
+                "state store {} has schema version {}, this coordinator reads {SCHEMA_VERSION}",
+                dir.display(),
+                String::from_utf8_lossy(&v)
+            ),
+        }
+        let store = Self {
+            agents: db.open_tree("agents")?,
+            tokens: db.open_tree("tokens")?,
+            principals: db.open_tree("principals")?,
+            jobs: db.open_tree("jobs")?,
+            actions: db.open_tree("actions")?,
+            meta,
+            db,
+        };
+        store.flush()?;
+        Ok(store)
+    }
+
+    /// Makes everything written so far durable.
+    pub fn flush(&self) -> anyhow::Result<()> {
+        self.db.flush().context("failed to flush the state store")?;
+        Ok(())
+    }
+
+    /// Returns the next value of a persistent counter (starting at 1).
+    pub fn next_counter(&self, name: &str) -> anyhow::Result<u64> {
+        let v = self
+            .meta
+            .update_and_fetch(format!("counter/{name}"), |old| {
+                let n = old
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(u64::from_be_bytes)
+                    .unwrap_or(0);
+                Some((n + 1).to_be_bytes().to_vec())
+            })?
+            .context("counter vanished")?;
+        let arr = <[u8; 8]>::try_from(v.as_ref()).context("bad counter bytes")?;
+        Ok(u64::from_be_bytes(arr))
+    }
+
+    fn put<T: Serialize>(&self, tree: &sled::Tree, key: &str, v: &T) -> anyhow::Result<()> {
+        tree.insert(key, encode(v)?)?;
+        Ok(())
+    }
+
+    fn get<T: DeserializeOwned>(
+        &self,
+        what: &str,
+        tree: &sled::Tree,
+        key: &str,
+    ) -> anyhow::Result<Option<T>> {
+        tree.get(key)?
+            .map(|b| decode(what, key.as_bytes(), &b))
+            .transpose()
+    }
+
+    fn all<T: DeserializeOwned>(&self, what: &str, tree: &sled::Tree) -> anyhow::Result<Vec<T>> {
+        tree.iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(what, &k, &v)
+            })
+            .collect()
+    }
+
+    /// Saves an agent.
+    pub fn put_agent(&self, a: &AgentRecord) -> anyhow::Result<()> {
+        self.put(&self.agents, a.id.as_str(), a)
+    }
+    /// Every agent.
+    pub fn agents(&self) -> anyhow::Result<Vec<AgentRecord>> {
+        self.all("agent", &self.agents)
+    }
+    /// One agent.
+    pub fn agent(&self, id: &AgentId) -> anyhow::Result<Option<AgentRecord>> {
+        self.get("agent", &self.agents, id.as_str())
+    }
+
+    /// Saves a token.
+    pub fn put_token(&self, t: &TokenRecord) -> anyhow::Result<()> {
+        self.put(&self.tokens, &t.id, t)
+    }
+    /// One token.
+    pub fn token(&self, id: &str) -> anyhow::Result<Option<TokenRecord>> {
+        self.get("token", &self.tokens, id)
+    }
+
+    /// Binds a certificate fingerprint to a principal.
+    pub fn put_principal(&self, fingerprint: &str, p: &Principal) -> anyhow::Result<()> {
+        self.put(&self.principals, fingerprint, p)
+    }
+    /// The principal of a certificate fingerprint.
+    pub fn principal(&self, fingerprint: &str) -> anyhow::Result<Option<Principal>> {
+        self.get("principal", &self.principals, fingerprint)
+    }
+    /// Every (fingerprint, principal).
+    pub fn principals(&self) -> anyhow::Result<Vec<(String, Principal)>> {
+        self.principals
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((
+                    String::from_utf8_lossy(&k).into_owned(),
+                    decode("principal", &k, &v)?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Saves a job.
+    pub fn put_job(&self, j: &JobRecord) -> anyhow::Result<()> {
+        self.put(&self.jobs, j.id.as_str(), j)
+    }
+    /// One job.
+    pub fn job(&self, id: &JobId) -> anyhow::Result<Option<JobRecord>> {
+        self.get("job", &self.jobs, id.as_str())
+    }
+    /// The newest `n` jobs, newest first.
+    pub fn recent_jobs(&self, n: usize) -> anyhow::Result<Vec<JobRecord>> {
+        self.jobs
+            .iter()
+            .rev()
+            .take(n)
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode("job", &k, &v)
+            })
+            .collect()
+    }
+
+    /// Saves an action.
+    pub fn put_action(&self, a: &ActionRecord) -> anyhow::Result<()> {
+        self.put(&self.actions, a.id.as_str(), a)
+    }
+    /// One action.
+    pub fn action(&self, id: &ActionId) -> anyhow::Result<Option<ActionRecord>> {
+        self.get("action", &self.actions, id.as_str())
+    }
+    /// Every action not yet final.
+    pub fn unfinished_actions(&self) -> anyhow::Result<Vec<ActionRecord>> {
+        Ok(self
+            .all::<ActionRecord>("action", &self.actions)?
+            .into_iter()
+            .filter(|a| !a.state.is_final())
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::*;
+
+    fn job(seq: u64) -> JobRecord {
+        JobRecord {
+            id: JobId(format!("j-{seq:06}")),
+            seq,
+            spec: vec![1, 2, 3],
+            submitter: "t".into(),
+            submitted_unix_ms: seq,
+            actions: vec![],
+            description: String::new(),
+            finished: false,
+        }
+    }
+
+    #[test]
+    fn survives_reopen_and_keeps_counters_and_order() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            assert_eq!(s.next_counter("job").unwrap(), 1);
+            assert_eq!(s.next_counter("job").unwrap(), 2);
+            for i in 1..=12 {
+                s.put_job(&job(i)).unwrap();
+            }
+            s.flush().unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.next_counter("job").unwrap(), 3);
+        let recent: Vec<u64> = s.recent_jobs(3).unwrap().iter().map(|j| j.seq).collect();
+        assert_eq!(recent, vec![12, 11, 10]);
+        assert_eq!(
+            s.job(&JobId("j-000004".into())).unwrap().unwrap().spec,
+            vec![1, 2, 3]
+        );
+    }
+}
