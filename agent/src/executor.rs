@@ -1,0 +1,1008 @@
+//! Runs one assigned action: a fresh work dir with its inputs, a clean environment, its own
+//! process group (so timeout and cancel kill the whole tree), live output, and a result whose
+//! stdout and stderr are stored in the CAS.
+use crate::cas::BlobStore;
+use crate::workspace::{self, BlobCache};
+use anyhow::{bail, Context};
+use archfarm_proto::{v1, Digest, Platform};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use std::collections::HashMap;
+use std::future::Future;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Component, Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio_util::sync::CancellationToken;
+
+/// PATH every action starts with.
+pub const BASE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// Bytes read from a pipe at once (and so the largest log chunk).
+const CHUNK_BYTES: usize = 64 * 1024;
+/// Output kept per stream for the result blobs.
+const CAPTURE_BYTES: usize = 16 * 1024 * 1024;
+/// How often the process group's memory is sampled.
+const MEMORY_SAMPLE_EVERY: Duration = Duration::from_millis(200);
+/// How long output pipes may stay open after the process group is gone (a process that left
+/// the group may hold them).
+const PIPE_DRAIN: Duration = Duration::from_secs(1);
+/// Limit used when an action carries none.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// What every execution on this agent shares.
+#[derive(Clone, Debug)]
+pub struct ExecutorSettings {
+    /// Parent of the work directories (`data_dir/work`).
+    pub work_root: PathBuf,
+    /// The local blob cache inputs are linked from.
+    pub cache: BlobCache,
+    /// Time between SIGTERM and SIGKILL.
+    pub kill_grace: Duration,
+    /// The host's own platform, when it is offered.
+    pub native: Option<Platform>,
+    /// Emulator program per emulated platform.
+    pub emulators: HashMap<Platform, PathBuf>,
+    /// Host name, for results.
+    pub hostname: String,
+}
+
+/// How the session stops a running action.
+#[derive(Debug, Default)]
+pub struct ActionControl {
+    token: CancellationToken,
+    reason: Mutex<Option<String>>,
+}
+
+impl ActionControl {
+    /// Asks the action to stop (the first reason given is kept).
+    pub fn cancel(&self, reason: &str) {
+        if let Ok(mut r) = self.reason.lock() {
+            r.get_or_insert_with(|| reason.to_string());
+        }
+        self.token.cancel();
+    }
+
+    fn reason(&self) -> String {
+        self.reason
+            .lock()
+            .ok()
+            .and_then(|r| r.clone())
+            .unwrap_or_else(|| "no reason given".into())
+    }
+}
+
+/// Where live output goes.
+pub trait LogSink: Send + Sync {
+    /// Delivers one chunk of `stream`; may drop it (the result blobs keep everything).
+    fn send(&self, stream: v1::LogStream, data: Vec<u8>) -> impl Future<Output = ()> + Send;
+}
+
+/// The result fields that say who ran the action where, with the given outcome.
+pub fn bare_result(
+    settings: &ExecutorSettings,
+    assign: &v1::Assign,
+    agent_id: &str,
+    outcome: v1::ExecutionOutcome,
+    message: String,
+) -> v1::ExecutionResult {
+    v1::ExecutionResult {
+        outcome: outcome as i32,
+        exit_code: -1,
+        message,
+        stdout_digest: None,
+        stderr_digest: None,
+        agent_id: agent_id.to_string(),
+        agent_hostname: settings.hostname.clone(),
+        platform: assign
+            .action
+            .as_ref()
+            .map(|a| a.platform.clone())
+            .unwrap_or_default(),
+        emulated: assign.emulated,
+        started_unix_ms: unix_ms(SystemTime::now()),
+        duration_ms: 0,
+        peak_memory_bytes: 0,
+    }
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// `<sanitised action id>-<fence>`: a work directory name that is one safe path component.
+pub fn work_dir_name(action_id: &str, fence: u64) -> String {
+    let clean: String = action_id
+        .chars()
+        .take(120)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let clean = clean.trim_start_matches('.');
+    format!("{clean}-{fence}")
+}
+
+/// What a finished process left.
+struct Finished {
+    outcome: v1::ExecutionOutcome,
+    exit_code: i32,
+    message: String,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    started: SystemTime,
+    duration: Duration,
+    peak_memory_bytes: u64,
+}
+
+/// Runs `assign` to the end and reports what happened. Never fails: problems that are not
+/// the command's fault become an INFRA_ERROR result.
+pub async fn execute<S: BlobStore, L: LogSink>(
+    settings: &ExecutorSettings,
+    store: &S,
+    logs: &L,
+    assign: &v1::Assign,
+    agent_id: &str,
+    control: &ActionControl,
+) -> v1::ExecutionResult {
+    let work_dir = settings
+        .work_root
+        .join(work_dir_name(&assign.action_id, assign.fence));
+    let ran = run_in(settings, store, logs, assign, control, &work_dir).await;
+    let cleanup = {
+        let dir = work_dir.clone();
+        tokio::task::spawn_blocking(move || workspace::remove_dir_forcibly(&dir)).await
+    };
+    match cleanup {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("failed to {e:#}"),
+        Err(e) => tracing::warn!("failed to remove {}: {e}", work_dir.display()),
+    }
+    let infra = v1::ExecutionOutcome::InfraError;
+    let finished = match ran {
+        Ok(f) => f,
+        Err(e) => return bare_result(settings, assign, agent_id, infra, format!("{e:#}")),
+    };
+    let mut result = bare_result(
+        settings,
+        assign,
+        agent_id,
+        finished.outcome,
+        finished.message,
+    );
+    result.exit_code = finished.exit_code;
+    result.started_unix_ms = unix_ms(finished.started);
+    result.duration_ms = finished.duration.as_millis() as u64;
+    result.peak_memory_bytes = finished.peak_memory_bytes;
+    let stdout_digest = Digest::of(&finished.stdout);
+    let stderr_digest = Digest::of(&finished.stderr);
+    let mut blobs = vec![(stdout_digest, finished.stdout)];
+    if stderr_digest != stdout_digest {
+        blobs.push((stderr_digest, finished.stderr));
+    }
+    match store.upload_blobs(blobs).await {
+        Ok(()) => {
+            result.stdout_digest = Some(stdout_digest.to_proto());
+            result.stderr_digest = Some(stderr_digest.to_proto());
+        }
+        Err(e) => {
+            result.outcome = infra as i32;
+            result.message = format!("failed to upload the output: {e:#}");
+        }
+    }
+    result
+}
+
+/// Prepares the work dir and runs the process in it. `Err` means INFRA_ERROR.
+async fn run_in<S: BlobStore, L: LogSink>(
+    settings: &ExecutorSettings,
+    store: &S,
+    logs: &L,
+    assign: &v1::Assign,
+    control: &ActionControl,
+    work_dir: &Path,
+) -> anyhow::Result<Finished> {
+    let action = assign
+        .action
+        .as_ref()
+        .context("the assignment carries no action")?;
+    let platform: Platform = action
+        .platform
+        .parse()
+        .with_context(|| format!("failed to run action {}", assign.action_id))?;
+    let wrapper = if assign.emulated {
+        Some(
+            settings
+                .emulators
+                .get(&platform)
+                .with_context(|| format!("this agent has no emulator for {platform}"))?
+                .clone(),
+        )
+    } else {
+        if settings.native.as_ref() != Some(&platform) {
+            bail!("this agent does not run {platform} natively");
+        }
+        None
+    };
+    if action.argv.is_empty() {
+        bail!("the action has an empty argv");
+    }
+    let rel_cwd = Path::new(&action.working_directory);
+    if rel_cwd
+        .components()
+        .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+    {
+        bail!(
+            "working directory {:?} must be relative and free of ..",
+            action.working_directory
+        );
+    }
+    let input_root = action
+        .input_root
+        .as_ref()
+        .map(Digest::from_proto)
+        .transpose()
+        .context("failed to parse the input root digest")?;
+
+    let prepared_at = Instant::now();
+    let prepare = async {
+        let dir = work_dir.to_path_buf();
+        tokio::task::spawn_blocking(move || workspace::remove_dir_forcibly(&dir))
+            .await
+            .context("failed to clear the work directory")??;
+        workspace::materialise(store, &settings.cache, input_root, work_dir)
+            .await
+            .context("failed to materialise the input root")?;
+        let tmp = work_dir.join(".tmp");
+        let cwd = work_dir.join(rel_cwd);
+        for d in [&tmp, &cwd] {
+            std::fs::create_dir_all(d)
+                .with_context(|| format!("failed to create {}", d.display()))?;
+        }
+        anyhow::Ok((tmp, cwd))
+    };
+    let (tmp, cwd) = tokio::select! {
+        r = prepare => r?,
+        () = control.token.cancelled() => {
+            return Ok(Finished {
+                outcome: v1::ExecutionOutcome::Cancelled,
+                exit_code: -1,
+                message: format!("cancelled before it started: {}", control.reason()),
+                stdout: Vec::new(),
+                stderr: Vec::new(),
+                started: SystemTime::now(),
+                duration: Duration::ZERO,
+                peak_memory_bytes: 0,
+            });
+        }
+    };
+    tracing::debug!(
+        "prepared {} for {} in {:?}",
+        work_dir.display(),
+        assign.action_id,
+        prepared_at.elapsed()
+    );
+
+    let mut env: Vec<(String, String)> = vec![
+        ("PATH".into(), BASE_PATH.into()),
+        ("HOME".into(), work_dir.to_string_lossy().into_owned()),
+        ("TMPDIR".into(), tmp.to_string_lossy().into_owned()),
+    ];
+    for v in &action.env {
+        env.retain(|(k, _)| *k != v.name);
+        env.push((v.name.clone(), v.value.clone()));
+    }
+    let search_path = env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+
+    let argv0 = &action.argv[0];
+    let started = SystemTime::now();
+    let started_at = Instant::now();
+    let spawned = match resolve_program(argv0, &cwd, &search_path) {
+        Err(e) => Err(e),
+        Ok(program) => {
+            let mut cmd = match &wrapper {
+                Some(w) => {
+                    let mut c = tokio::process::Command::new(w);
+                    c.arg(&program);
+                    c
+                }
+                None => {
+                    let mut c = tokio::process::Command::new(&program);
+                    c.arg0(argv0);
+                    c
+                }
+            };
+            cmd.args(&action.argv[1..])
+                .env_clear()
+                .envs(env.iter().map(|(k, v)| (k, v)))
+                .current_dir(&cwd)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .process_group(0)
+                .kill_on_drop(true);
+            cmd.spawn()
+        }
+    };
+    let mut child = match spawned {
+        Ok(c) => c,
+        Err(e) => {
+            let exit_code = match e.kind() {
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::InvalidInput => 127,
+                std::io::ErrorKind::PermissionDenied => 126,
+                _ if e.raw_os_error() == Some(nix::libc::ENOEXEC) => 126,
+                _ => return Err(e).with_context(|| format!("failed to start {argv0}")),
+            };
+            let line = format!("failed to start {argv0}: {e}\n").into_bytes();
+            logs.send(v1::LogStream::Stderr, line.clone()).await;
+            return Ok(Finished {
+                outcome: v1::ExecutionOutcome::Exited,
+                exit_code,
+                message: String::new(),
+                stdout: Vec::new(),
+                stderr: line,
+                started,
+                duration: Duration::ZERO,
+                peak_memory_bytes: 0,
+            });
+        }
+    };
+    let pgid = child
+        .id()
+        .and_then(|id| i32::try_from(id).ok())
+        .context("the spawned process has no pid")?;
+    let stdout = child.stdout.take().context("stdout was not piped")?;
+    let stderr = child.stderr.take().context("stderr was not piped")?;
+
+    let timeout = match action.timeout_ms {
+        0 => DEFAULT_TIMEOUT,
+        ms => Duration::from_millis(ms),
+    };
+    let leader_done = CancellationToken::new();
+    let stop_reading = CancellationToken::new();
+    let readers = async {
+        let both = async {
+            tokio::join!(
+                read_stream(stdout, v1::LogStream::Stdout, logs, &stop_reading),
+                read_stream(stderr, v1::LogStream::Stderr, logs, &stop_reading),
+            )
+        };
+        tokio::pin!(both);
+        tokio::select! {
+            r = &mut both => r,
+            () = async { leader_done.cancelled().await; tokio::time::sleep(PIPE_DRAIN).await } => {
+                stop_reading.cancel();
+                both.await
+            }
+        }
+    };
+    let supervised = async {
+        let r = supervise(&mut child, pgid, timeout, control, settings.kill_grace).await;
+        leader_done.cancel();
+        r
+    };
+    let sampler = sample_peak_memory(pgid, &leader_done);
+    let ((out, err), supervised, peak) = tokio::join!(readers, supervised, sampler);
+    let (ending, ended_at) = supervised?;
+    let duration = ended_at.saturating_duration_since(started_at);
+
+    let (outcome, exit_code, message) = match ending {
+        Ending::Exited(status) => (
+            v1::ExecutionOutcome::Exited,
+            exit_code(status),
+            String::new(),
+        ),
+        Ending::TimedOut(status) => (
+            v1::ExecutionOutcome::TimedOut,
+            status.code().unwrap_or(-1),
+            format!(
+                "timed out after {} ms; the process group was sent SIGTERM, then SIGKILL",
+                timeout.as_millis()
+            ),
+        ),
+        Ending::Cancelled(status) => (
+            v1::ExecutionOutcome::Cancelled,
+            status.code().unwrap_or(-1),
+            format!("cancelled: {}", control.reason()),
+        ),
+    };
+    Ok(Finished {
+        outcome,
+        exit_code,
+        message,
+        stdout: out,
+        stderr: err,
+        started,
+        duration,
+        peak_memory_bytes: peak,
+    })
+}
+
+/// The exit code a shell would report: the code, or 128 + the signal that ended it.
+fn exit_code(status: ExitStatus) -> i32 {
+    status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(-1)
+}
+
+/// Finds the program to run: relative to `cwd` when `argv0` contains a '/', else on `path`.
+fn resolve_program(argv0: &str, cwd: &Path, path: &str) -> std::io::Result<PathBuf> {
+    let not_found =
+        || std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory");
+    if argv0.contains('/') {
+        let p = cwd.join(argv0);
+        return if std::fs::symlink_metadata(&p).is_ok() {
+            Ok(p)
+        } else {
+            Err(not_found())
+        };
+    }
+    if argv0.is_empty() {
+        return Err(not_found());
+    }
+    let mut found_not_executable = None;
+    for dir in path.split(':').filter(|d| d.starts_with('/')) {
+        let candidate = Path::new(dir).join(argv0);
+        if let Ok(meta) = std::fs::metadata(&candidate) {
+            if meta.is_file() {
+                if meta.permissions().mode() & 0o111 != 0 {
+                    return Ok(candidate);
+                }
+                found_not_executable.get_or_insert(candidate);
+            }
+        }
+    }
+    match found_not_executable {
+        Some(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "permission denied",
+        )),
+        None => Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "not found in PATH",
+        )),
+    }
+}
+
+/// Reads a pipe to its end (or until `stop`), forwarding chunks and keeping the first 16 MiB.
+async fn read_stream<R: AsyncRead + Unpin, L: LogSink>(
+    mut pipe: R,
+    stream: v1::LogStream,
+    logs: &L,
+    stop: &CancellationToken,
+) -> Vec<u8> {
+    let mut kept = Vec::new();
+    let mut dropped = 0u64;
+    let mut buf = vec![0u8; CHUNK_BYTES];
+    loop {
+        let n = tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            r = pipe.read(&mut buf) => match r {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::debug!("failed to read {stream:?}: {e}");
+                    break;
+                }
+            },
+        };
+        let chunk = &buf[..n];
+        let room = CAPTURE_BYTES.saturating_sub(kept.len());
+        kept.extend_from_slice(&chunk[..room.min(n)]);
+        dropped += n.saturating_sub(room) as u64;
+        logs.send(stream, chunk.to_vec()).await;
+    }
+    if dropped > 0 {
+        let name = match stream {
+            v1::LogStream::Stderr => "stderr",
+            _ => "stdout",
+        };
+        kept.extend_from_slice(
+            format!(
+                "\n[archfarm: {dropped} more bytes of {name} were dropped; only the first {} MiB are kept]\n",
+                CAPTURE_BYTES / (1024 * 1024)
+            )
+            .as_bytes(),
+        );
+    }
+    kept
+}
+
+enum Ending {
+    Exited(ExitStatus),
+    TimedOut(ExitStatus),
+    Cancelled(ExitStatus),
+}
+
+/// Waits for the group leader, enforcing the timeout and cancel; when it is gone, kills
+/// whatever is left of its process group. Returns how it ended and when.
+async fn supervise(
+    child: &mut tokio::process::Child,
+    pgid: i32,
+    timeout: Duration,
+    control: &ActionControl,
+    grace: Duration,
+) -> anyhow::Result<(Ending, Instant)> {
+    let ending = tokio::select! {
+        s = child.wait() => Ending::Exited(s.context("failed to wait for the process")?),
+        () = tokio::time::sleep(timeout) => Ending::TimedOut(terminate(child, pgid, grace).await?),
+        () = control.token.cancelled() => Ending::Cancelled(terminate(child, pgid, grace).await?),
+    };
+    let ended_at = Instant::now();
+    // The leader is reaped; leftovers (`sleep 1000 &`) must not outlive the action.
+    signal_group(pgid, Signal::SIGKILL);
+    Ok((ending, ended_at))
+}
+
+/// SIGTERM to the group; SIGKILL once `grace` passed with any member still alive.
+async fn terminate(
+    child: &mut tokio::process::Child,
+    pgid: i32,
+    grace: Duration,
+) -> anyhow::Result<ExitStatus> {
+    signal_group(pgid, Signal::SIGTERM);
+    let deadline = Instant::now() + grace;
+    let mut status = None;
+    while Instant::now() < deadline {
+        if status.is_none() {
+            status = child.try_wait().context("failed to wait for the process")?;
+        }
+        if status.is_some() && group_members(pgid).is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    signal_group(pgid, Signal::SIGKILL);
+    match status {
+        Some(s) => Ok(s),
+        None => child.wait().await.context("failed to wait for the process"),
+    }
+}
+
+fn signal_group(pgid: i32, signal: Signal) {
+    match killpg(Pid::from_raw(pgid), signal) {
+        Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+        Err(e) => tracing::warn!("failed to send {signal} to process group {pgid}: {e}"),
+    }
+}
+
+/// Live (not zombie) processes whose process group is `pgid`, with their resident bytes.
+pub fn group_members(pgid: i32) -> Vec<(i32, u64)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
+        let Some(after_comm) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            continue;
+        };
+        let mut fields = after_comm.split_whitespace();
+        let state = fields.next();
+        let pgrp = fields.nth(1).and_then(|f| f.parse::<i32>().ok());
+        if pgrp != Some(pgid) || matches!(state, Some("Z") | Some("X")) {
+            continue;
+        }
+        let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+            .unwrap_or(0);
+        out.push((pid, rss * 1024));
+    }
+    out
+}
+
+/// Samples the group's total resident memory until `done`, returning the largest sample.
+async fn sample_peak_memory(pgid: i32, done: &CancellationToken) -> u64 {
+    let mut peak = 0;
+    loop {
+        let sample = tokio::task::spawn_blocking(move || {
+            group_members(pgid).iter().map(|(_, rss)| rss).sum::<u64>()
+        })
+        .await
+        .unwrap_or(0);
+        peak = peak.max(sample);
+        tokio::select! {
+            () = done.cancelled() => return peak,
+            () = tokio::time::sleep(MEMORY_SAMPLE_EVERY) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cas::memory::MemoryStore;
+    use archfarm_proto::tree;
+
+    #[derive(Default)]
+    struct Collect(Mutex<Vec<(v1::LogStream, Vec<u8>)>>);
+
+    impl LogSink for Collect {
+        async fn send(&self, stream: v1::LogStream, data: Vec<u8>) {
+            self.0.lock().expect("lock").push((stream, data));
+        }
+    }
+
+    impl Collect {
+        fn text(&self, stream: v1::LogStream) -> String {
+            let chunks = self.0.lock().expect("lock");
+            let bytes: Vec<u8> = chunks
+                .iter()
+                .filter(|(s, _)| *s == stream)
+                .flat_map(|(_, d)| d.iter().copied())
+                .collect();
+            String::from_utf8_lossy(&bytes).into_owned()
+        }
+    }
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        settings: ExecutorSettings,
+        store: MemoryStore,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let settings = ExecutorSettings {
+            work_root: dir.path().join("work"),
+            cache: BlobCache::open(&dir.path().join("cache")).expect("cache"),
+            kill_grace: Duration::from_secs(1),
+            native: crate::host::native_platform(),
+            emulators: HashMap::new(),
+            hostname: "testhost".into(),
+        };
+        Fixture {
+            _dir: dir,
+            settings,
+            store: MemoryStore::default(),
+        }
+    }
+
+    fn assign(argv: &[&str], timeout_ms: u64) -> v1::Assign {
+        v1::Assign {
+            action_id: "job-1/linux/amd64".into(),
+            fence: 7,
+            action: Some(v1::Action {
+                argv: argv.iter().map(|s| s.to_string()).collect(),
+                platform: crate::host::native_platform()
+                    .map(|p| p.to_string())
+                    .unwrap_or_default(),
+                timeout_ms,
+                ..Default::default()
+            }),
+            emulated: false,
+            attempt: 1,
+        }
+    }
+
+    fn blob(store: &MemoryStore, d: Option<&v1::Digest>) -> String {
+        let d = Digest::from_proto_required(d).expect("digest");
+        let blobs = store.blobs.lock().expect("lock");
+        String::from_utf8_lossy(blobs.get(&d).expect("blob uploaded")).into_owned()
+    }
+
+    fn outcome(r: &v1::ExecutionResult) -> v1::ExecutionOutcome {
+        v1::ExecutionOutcome::try_from(r.outcome).expect("outcome")
+    }
+
+    #[tokio::test]
+    async fn captures_exit_code_and_both_streams() {
+        let f = fixture();
+        let logs = Collect::default();
+        let a = assign(
+            &["sh", "-c", "echo out; echo err >&2; sleep 0.3; exit 3"],
+            10_000,
+        );
+        let r = execute(
+            &f.settings,
+            &f.store,
+            &logs,
+            &a,
+            "agent-1",
+            &ActionControl::default(),
+        )
+        .await;
+        assert_eq!(outcome(&r), v1::ExecutionOutcome::Exited, "{r:?}");
+        assert_eq!(r.exit_code, 3);
+        assert_eq!(blob(&f.store, r.stdout_digest.as_ref()), "out\n");
+        assert_eq!(blob(&f.store, r.stderr_digest.as_ref()), "err\n");
+        assert_eq!(logs.text(v1::LogStream::Stdout), "out\n");
+        assert_eq!(logs.text(v1::LogStream::Stderr), "err\n");
+        assert_eq!(
+            (r.agent_id.as_str(), r.agent_hostname.as_str()),
+            ("agent-1", "testhost")
+        );
+        assert!(r.peak_memory_bytes > 0, "{r:?}");
+        assert!(r.duration_ms >= 300, "{r:?}");
+        assert!(!f
+            .settings
+            .work_root
+            .join(work_dir_name(&a.action_id, 7))
+            .exists());
+    }
+
+    #[tokio::test]
+    async fn a_signal_is_128_plus_its_number() {
+        let f = fixture();
+        let a = assign(&["sh", "-c", "kill -9 $$"], 10_000);
+        let r = execute(
+            &f.settings,
+            &f.store,
+            &Collect::default(),
+            &a,
+            "a",
+            &ActionControl::default(),
+        )
+        .await;
+        assert_eq!(
+            (outcome(&r), r.exit_code),
+            (v1::ExecutionOutcome::Exited, 137)
+        );
+    }
+
+    #[tokio::test]
+    async fn timeout_kills_a_child_that_ignores_sigterm() {
+        let f = fixture();
+        let a = assign(&["sh", "-c", "trap '' TERM; echo $$; sleep 100"], 300);
+        let t = Instant::now();
+        let logs = Collect::default();
+        let r = execute(
+            &f.settings,
+            &f.store,
+            &logs,
+            &a,
+            "a",
+            &ActionControl::default(),
+        )
+        .await;
+        assert_eq!(outcome(&r), v1::ExecutionOutcome::TimedOut, "{r:?}");
+        assert_eq!(r.exit_code, -1);
+        // 300 ms timeout + 1 s grace, plus slack for a busy machine.
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        let pgid: i32 = logs
+            .text(v1::LogStream::Stdout)
+            .trim()
+            .parse()
+            .expect("pid");
+        assert!(group_members(pgid).is_empty());
+    }
+
+    #[tokio::test]
+    async fn cancel_kills_the_whole_tree() {
+        let f = fixture();
+        let a = assign(&["sh", "-c", "echo $$; sleep 100 & sleep 100"], 60_000);
+        let logs = Collect::default();
+        let control = ActionControl::default();
+        let watcher = async {
+            let pgid = loop {
+                if let Ok(p) = logs.text(v1::LogStream::Stdout).trim().parse::<i32>() {
+                    break p;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            // Both sleeps are running in the group.
+            while group_members(pgid).len() < 3 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            control.cancel("test");
+            pgid
+        };
+        let t = Instant::now();
+        let (r, pgid) = tokio::join!(
+            execute(&f.settings, &f.store, &logs, &a, "a", &control),
+            watcher
+        );
+        assert_eq!(outcome(&r), v1::ExecutionOutcome::Cancelled, "{r:?}");
+        assert!(r.message.contains("test"), "{}", r.message);
+        assert!(t.elapsed() < Duration::from_secs(10));
+        assert!(group_members(pgid).is_empty(), "{:?}", group_members(pgid));
+    }
+
+    #[tokio::test]
+    async fn leftover_background_children_are_killed_after_a_normal_exit() {
+        let f = fixture();
+        let a = assign(&["sh", "-c", "echo $$; sleep 1000 & echo hi"], 60_000);
+        let logs = Collect::default();
+        let t = Instant::now();
+        let r = execute(
+            &f.settings,
+            &f.store,
+            &logs,
+            &a,
+            "a",
+            &ActionControl::default(),
+        )
+        .await;
+        assert_eq!(
+            (outcome(&r), r.exit_code),
+            (v1::ExecutionOutcome::Exited, 0)
+        );
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        let out = blob(&f.store, r.stdout_digest.as_ref());
+        let pgid: i32 = out.lines().next().expect("pid").parse().expect("pid");
+        assert!(out.ends_with("hi\n"), "{out}");
+        assert!(group_members(pgid).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_missing_program_exits_127() {
+        let f = fixture();
+        let a = assign(&["archfarm-no-such-program"], 10_000);
+        let r = execute(
+            &f.settings,
+            &f.store,
+            &Collect::default(),
+            &a,
+            "a",
+            &ActionControl::default(),
+        )
+        .await;
+        assert_eq!(
+            (outcome(&r), r.exit_code),
+            (v1::ExecutionOutcome::Exited, 127)
+        );
+        let err = blob(&f.store, r.stderr_digest.as_ref());
+        assert!(
+            err.starts_with("failed to start archfarm-no-such-program:"),
+            "{err}"
+        );
+        let a = assign(&["./missing.sh"], 10_000);
+        let r = execute(
+            &f.settings,
+            &f.store,
+            &Collect::default(),
+            &a,
+            "a",
+            &ActionControl::default(),
+        )
+        .await;
+        assert_eq!(r.exit_code, 127);
+    }
+
+    #[tokio::test]
+    async fn runs_inputs_in_a_clean_environment() {
+        let mut f = fixture();
+        let src = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(src.path().join("sub")).expect("mkdir");
+        std::fs::write(
+            src.path().join("sub/run.sh"),
+            "#!/bin/sh\necho \"$0|$1|$(pwd)|$HOME|$TMPDIR|$FOO|${SECRET_OF_AGENT:-unset}\"\n",
+        )
+        .expect("write");
+        std::fs::set_permissions(
+            src.path().join("sub/run.sh"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .expect("chmod");
+        let t = tree::build_local_tree(src.path()).expect("tree");
+        for d in t.all_digests() {
+            f.store
+                .blobs
+                .lock()
+                .expect("lock")
+                .insert(d, t.read_blob(&d).expect("blob"));
+        }
+        let mut a = assign(&["./run.sh", "arg"], 10_000);
+        if let Some(action) = a.action.as_mut() {
+            action.input_root = Some(t.root.to_proto());
+            action.working_directory = "sub".into();
+            action.env = vec![v1::EnvVar {
+                name: "FOO".into(),
+                value: "bar".into(),
+            }];
+        }
+        let work = f
+            .settings
+            .work_root
+            .join(work_dir_name(&a.action_id, a.fence));
+        let w = work.display();
+        let r = execute(
+            &f.settings,
+            &f.store,
+            &Collect::default(),
+            &a,
+            "a",
+            &ActionControl::default(),
+        )
+        .await;
+        assert_eq!(
+            (outcome(&r), r.exit_code),
+            (v1::ExecutionOutcome::Exited, 0),
+            "{r:?}"
+        );
+        assert_eq!(
+            blob(&f.store, r.stdout_digest.as_ref()),
+            // A script's $0 is the path the kernel was given, i.e. the resolved one.
+            format!("{w}/sub/./run.sh|arg|{w}/sub|{w}|{w}/.tmp|bar|unset\n")
+        );
+
+        // Emulated: the wrapper gets the resolved program path.
+        let foreign: Platform =
+            if f.settings.native.as_ref().map(Platform::arch) == Some("arm64") {
+                "linux/s390x"
+            } else {
+                "linux/arm64"
+            }
+            .parse()
+            .expect("platform");
+        f.settings
+            .emulators
+            .insert(foreign.clone(), PathBuf::from("/usr/bin/env"));
+        if let Some(action) = a.action.as_mut() {
+            action.platform = foreign.to_string();
+        }
+        a.emulated = true;
+        let r = execute(
+            &f.settings,
+            &f.store,
+            &Collect::default(),
+            &a,
+            "a",
+            &ActionControl::default(),
+        )
+        .await;
+        assert_eq!(
+            (outcome(&r), r.exit_code),
+            (v1::ExecutionOutcome::Exited, 0),
+            "{r:?}"
+        );
+        assert!(r.emulated);
+        assert_eq!(r.platform, foreign.to_string());
+        assert!(
+            blob(&f.store, r.stdout_digest.as_ref()).starts_with(&format!("{w}/sub/./run.sh|arg|"))
+        );
+
+        // A platform the agent does not serve is the farm's problem, not the command's.
+        a.emulated = false;
+        let r = execute(
+            &f.settings,
+            &f.store,
+            &Collect::default(),
+            &a,
+            "a",
+            &ActionControl::default(),
+        )
+        .await;
+        assert_eq!(outcome(&r), v1::ExecutionOutcome::InfraError, "{r:?}");
+    }
+
+    #[test]
+    fn work_dir_names_are_one_safe_component() {
+        assert_eq!(
+            work_dir_name("job-1/linux/arm/v7", 3),
+            "job-1_linux_arm_v7-3"
+        );
+        assert_eq!(work_dir_name("../..", 1), "_..-1");
+        assert!(!work_dir_name("..", 1).contains('/'));
+    }
+}
