@@ -1,0 +1,622 @@
+//! `cargo xtask demo`: a whole farm on one amd64 machine — a coordinator and five agents (one
+//! native, four emulating arm64, ppc64le, s390x and riscv64 through qemu-user) running in the
+//! background under target/demo-farm — and a Go hello-world run on all five platforms.
+use crate::farm::display::now_unix_ms;
+use crate::farm::run::{run_job, RunArgs, RunOutput};
+use crate::farm::status::{farm_status, render_status};
+use crate::farm::{token, FarmClient, FarmOptions, DEFAULT_COORDINATOR};
+use crate::paths;
+use anyhow::{bail, Context};
+use archfarm_proto::v1::{self, FarmStatusResponse};
+use archfarm_proto::Platform;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use std::ffi::OsString;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Where the demo coordinator listens (matches [`DEFAULT_COORDINATOR`]).
+pub const DEMO_LISTEN: &str = "127.0.0.1:7443";
+/// How long the coordinator and then the agents get to come up.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a stopped process gets between SIGTERM and SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// `cargo xtask demo [--stop | --fresh]`.
+#[derive(clap::Args, Debug)]
+pub struct DemoArgs {
+    /// Stop the demo farm's processes and exit.
+    #[arg(long)]
+    pub stop: bool,
+    /// Delete the demo farm's state (CA, agent identities, jobs, caches) before starting.
+    #[arg(long, conflicts_with = "stop")]
+    pub fresh: bool,
+}
+
+/// One agent of the demo farm.
+#[derive(Debug, Clone, Copy)]
+pub struct DemoAgent {
+    /// Short name: its files are `agent-<name>.{log,pid}` and `agent-<name>/`.
+    pub name: &'static str,
+    /// The platform it serves.
+    pub platform: &'static str,
+    /// The qemu-user program it emulates the platform with; None for the native agent.
+    pub qemu: Option<&'static str>,
+}
+
+/// The five demo agents: amd64 native, the rest emulated.
+pub const DEMO_AGENTS: [DemoAgent; 5] = [
+    DemoAgent {
+        name: "amd64",
+        platform: "linux/amd64",
+        qemu: None,
+    },
+    DemoAgent {
+        name: "arm64",
+        platform: "linux/arm64",
+        qemu: Some("qemu-aarch64-static"),
+    },
+    DemoAgent {
+        name: "ppc64le",
+        platform: "linux/ppc64le",
+        qemu: Some("qemu-ppc64le-static"),
+    },
+    DemoAgent {
+        name: "s390x",
+        platform: "linux/s390x",
+        qemu: Some("qemu-s390x-static"),
+    },
+    DemoAgent {
+        name: "riscv64",
+        platform: "linux/riscv64",
+        qemu: Some("qemu-riscv64-static"),
+    },
+];
+
+const HELLO_GO: &str = r#"// Written by `cargo xtask demo`: says where it runs.
+package main
+
+import (
+	"fmt"
+	"runtime"
+)
+
+func main() {
+	fmt.Printf("hello from %s/%s (%d CPUs, %s)\n", runtime.GOOS, runtime.GOARCH, runtime.NumCPU(), runtime.Version())
+}
+"#;
+
+/// Starts the demo farm and runs the hello job on it (or stops it with `--stop`).
+pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
+    let dir = paths::demo_farm_dir();
+    if args.stop {
+        if stop_farm(&dir)? == 0 {
+            eprintln!("no demo farm is running");
+        }
+        return Ok(0);
+    }
+    if !ensure_tools()? {
+        return Ok(1);
+    }
+    stop_farm(&dir)?;
+    if args.fresh {
+        remove_state(&dir)?;
+    }
+    build_binaries()?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
+
+    let coordinator_pid = spawn_detached(
+        &dir,
+        "coordinator",
+        &paths::debug_binary("archfarm-coordinator"),
+        &[
+            "--listen".into(),
+            DEMO_LISTEN.into(),
+            "--data-dir".into(),
+            dir.join("coordinator").into(),
+        ],
+    )?;
+    eprintln!("started the coordinator (pid {coordinator_pid}) on {DEFAULT_COORDINATOR}");
+    let options = FarmOptions::demo();
+    let mut client = wait_for_coordinator(&dir, coordinator_pid, &options).await?;
+
+    let join = token::create_token(
+        &mut client,
+        Duration::from_secs(3600),
+        &[],
+        false,
+        "demo farm agents",
+    )
+    .await?;
+    let mut agents = Vec::new();
+    for agent in DEMO_AGENTS {
+        let pid = spawn_detached(
+            &dir,
+            &format!("agent-{}", agent.name),
+            &paths::debug_binary("archfarm-agent"),
+            &agent_args(&dir, &agent, &join),
+        )?;
+        agents.push((agent, pid));
+    }
+    wait_for_agents(&dir, &mut client, &agents).await?;
+
+    let input = build_hello(&dir)?;
+    let mut job = RunArgs::new(
+        DEMO_AGENTS.iter().map(|a| a.platform),
+        ["./{os}/{arch}/hello"],
+    );
+    job.allow_emulation = true;
+    job.input = Some(input);
+    job.description = Some("cargo xtask demo".to_string());
+    eprintln!(
+        "running `farm run {} --allow-emulation --input target/demo-farm/input -- ./{{os}}/{{arch}}/hello`",
+        DEMO_AGENTS
+            .iter()
+            .map(|a| format!("--platform {}", a.platform))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let outcome = run_job(&mut client, &job, RunOutput::Print).await?;
+
+    let status = farm_status(&mut client, 10).await?;
+    println!("\n{}", render_status(&status, now_unix_ms()));
+    println!(
+        "the demo farm keeps running; its state and logs are in {}\n\
+         \x20 cargo xtask farm status                 # agents, queues, recent jobs\n\
+         \x20 cargo xtask farm run --platform linux/s390x --allow-emulation \\\n\
+         \x20     --input target/demo-farm/input -- ./{{os}}/{{arch}}/hello\n\
+         \x20 cargo xtask demo --stop                 # stop it",
+        dir.display()
+    );
+    if outcome.exit_code != 0 {
+        eprintln!(
+            "the demo job {} did not succeed (exit code {})",
+            outcome.job_id, outcome.exit_code
+        );
+    }
+    Ok(outcome.exit_code)
+}
+
+/// The command line of one demo agent.
+fn agent_args(dir: &Path, agent: &DemoAgent, join: &v1::CreateTokenResponse) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec![
+        "--coordinator".into(),
+        DEFAULT_COORDINATOR.into(),
+        "--data-dir".into(),
+        dir.join(format!("agent-{}", agent.name)).into(),
+        "--token".into(),
+        join.token.clone().into(),
+        "--ca-hash".into(),
+        join.ca_hash.clone().into(),
+        "--slots".into(),
+        "2".into(),
+    ];
+    if let Some(qemu) = agent.qemu {
+        let qemu_path = find_program(qemu).unwrap_or_else(|| Path::new("/usr/bin").join(qemu));
+        let mut emulate = OsString::from(format!("{}=", agent.platform));
+        emulate.push(qemu_path);
+        args.extend(["--no-native".into(), "--emulate".into(), emulate]);
+    }
+    args
+}
+
+/// The programs the demo needs.
+fn required_programs() -> Vec<&'static str> {
+    let mut programs = vec!["go"];
+    programs.extend(DEMO_AGENTS.iter().filter_map(|a| a.qemu));
+    programs
+}
+
+/// Finds an executable on PATH.
+pub fn find_program(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| {
+            std::fs::metadata(p)
+                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+                .unwrap_or(false)
+        })
+}
+
+/// Makes sure go and the qemu-user programs are there: installs them as root, else says how.
+fn ensure_tools() -> anyhow::Result<bool> {
+    let missing = || -> Vec<&'static str> {
+        required_programs()
+            .into_iter()
+            .filter(|p| find_program(p).is_none())
+            .collect()
+    };
+    let absent = missing();
+    if absent.is_empty() {
+        return Ok(true);
+    }
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!(
+            "the demo needs {} (missing on PATH); install them with:\n  \
+             sudo apt-get update && sudo apt-get install -y golang-go qemu-user-static",
+            absent.join(", ")
+        );
+        return Ok(false);
+    }
+    eprintln!(
+        "installing golang-go and qemu-user-static for {}",
+        absent.join(", ")
+    );
+    run_checked(
+        Command::new("apt-get").arg("update"),
+        "update the package lists",
+    )?;
+    run_checked(
+        Command::new("apt-get")
+            .args(["install", "-y", "golang-go", "qemu-user-static"])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+        "install golang-go and qemu-user-static",
+    )?;
+    let still = missing();
+    if !still.is_empty() {
+        bail!("{} still missing after apt-get install", still.join(", "));
+    }
+    Ok(true)
+}
+
+fn run_checked(command: &mut Command, what: &str) -> anyhow::Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("failed to {what}: cannot start {command:?}"))?;
+    if !status.success() {
+        bail!("failed to {what}: {command:?} ended with {status}");
+    }
+    Ok(())
+}
+
+fn build_binaries() -> anyhow::Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    eprintln!("building archfarm-coordinator and archfarm-agent");
+    run_checked(
+        Command::new(cargo)
+            .args([
+                "build",
+                "--bins",
+                "-p",
+                "archfarm-coordinator",
+                "-p",
+                "archfarm-agent",
+            ])
+            .current_dir(paths::workspace_root()),
+        "build the coordinator and agent",
+    )
+}
+
+/// Deletes what a previous demo farm left, but keeps the Go build cache.
+fn remove_state(dir: &Path) -> anyhow::Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if entry.file_name() == "gocache" {
+            continue;
+        }
+        let removed = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        removed.with_context(|| format!("failed to remove {}", path.display()))?;
+    }
+    eprintln!("removed the old demo farm state in {}", dir.display());
+    Ok(())
+}
+
+/// Starts `program` in its own process group with output to `<dir>/<name>.log` and its pid in
+/// `<dir>/<name>.pid`, so it outlives this process and `--stop` can find it.
+fn spawn_detached(
+    dir: &Path,
+    name: &str,
+    program: &Path,
+    args: &[OsString],
+) -> anyhow::Result<u32> {
+    let log_path = dir.join(format!("{name}.log"));
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("failed to create {}", log_path.display()))?;
+    let log_err = log
+        .try_clone()
+        .with_context(|| format!("failed to open {}", log_path.display()))?;
+    let child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("failed to start {}", program.display()))?;
+    let pid = child.id();
+    let pid_path = dir.join(format!("{name}.pid"));
+    std::fs::write(&pid_path, format!("{pid}\n"))
+        .with_context(|| format!("failed to write {}", pid_path.display()))?;
+    Ok(pid)
+}
+
+/// Whether `pid` is a live (not zombie) archfarm process, so that a recycled pid is never
+/// signalled.
+fn is_farm_process(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next());
+    if matches!(state, Some('Z' | 'X') | None) {
+        return false;
+    }
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let argv0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+    let program = String::from_utf8_lossy(argv0);
+    Path::new(program.as_ref())
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with("archfarm-"))
+}
+
+/// Stops the processes named by `<dir>/*.pid`: SIGTERM, then SIGKILL after 5 s. Returns how
+/// many were running.
+pub fn stop_farm(dir: &Path) -> anyhow::Result<usize> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(0);
+    };
+    let mut stopping = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "pid") {
+            continue;
+        }
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let pid = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok());
+        match pid {
+            Some(pid) if is_farm_process(pid) => {
+                let raw = i32::try_from(pid).context("failed to read a pid file: pid too big")?;
+                if let Err(e) = kill(Pid::from_raw(raw), Signal::SIGTERM) {
+                    eprintln!("failed to send SIGTERM to {name} (pid {pid}): {e}");
+                }
+                stopping.push((name, pid, raw, path));
+            }
+            _ => {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+    let deadline = Instant::now() + STOP_GRACE;
+    while Instant::now() < deadline && stopping.iter().any(|(_, pid, ..)| is_farm_process(*pid)) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for (name, pid, raw, path) in &stopping {
+        if is_farm_process(*pid) {
+            let _ = kill(Pid::from_raw(*raw), Signal::SIGKILL);
+            eprintln!(
+                "killed {name} (pid {pid}) with SIGKILL: still running {}s after SIGTERM",
+                STOP_GRACE.as_secs()
+            );
+        } else {
+            eprintln!("stopped {name} (pid {pid})");
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(stopping.len())
+}
+
+/// The last `n` lines of a log file, for error messages.
+fn log_tail(path: &Path, n: usize) -> String {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = lines[lines.len().saturating_sub(n)..].join("\n");
+            format!("--- end of {} ---\n{tail}", path.display())
+        }
+        Err(e) => format!("({} unreadable: {e})", path.display()),
+    }
+}
+
+/// Waits until the coordinator has written its admin credentials and answers FarmStatus.
+async fn wait_for_coordinator(
+    dir: &Path,
+    pid: u32,
+    options: &FarmOptions,
+) -> anyhow::Result<FarmClient> {
+    let log = dir.join("coordinator.log");
+    let ca = options.credentials.join("ca.pem");
+    let deadline = Instant::now() + START_TIMEOUT;
+    let mut last_error = format!("{} does not exist yet", ca.display());
+    loop {
+        if !is_farm_process(pid) {
+            bail!(
+                "failed to start the coordinator: it exited\n{}",
+                log_tail(&log, 30)
+            );
+        }
+        if ca.exists() {
+            let attempt = async {
+                let mut client = FarmClient::connect(options).await?;
+                farm_status(&mut client, 1).await?;
+                anyhow::Ok(client)
+            };
+            match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+                Ok(Ok(client)) => return Ok(client),
+                Ok(Err(e)) => last_error = format!("{e:#}"),
+                Err(_) => last_error = "no answer within 5 s".to_string(),
+            }
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "failed to start the coordinator: no answer within {}s ({last_error})\n{}",
+                START_TIMEOUT.as_secs(),
+                log_tail(&log, 30)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// The demo agents that FarmStatus does not show up: for each, an agent that is ready (or
+/// busy) and offers its platform the right way (native or emulated) must be there, and there
+/// must be five such agents in all.
+pub fn missing_agents(status: &FarmStatusResponse) -> Vec<&'static str> {
+    let up: Vec<&v1::AgentStatus> = status
+        .agents
+        .iter()
+        .filter(|a| matches!(a.state(), v1::AgentState::Ready | v1::AgentState::Busy))
+        .collect();
+    let mut missing: Vec<&'static str> = DEMO_AGENTS
+        .iter()
+        .filter(|d| {
+            !up.iter().any(|a| {
+                a.platforms
+                    .iter()
+                    .any(|p| p.platform == d.platform && p.emulated == d.qemu.is_some())
+            })
+        })
+        .map(|d| d.name)
+        .collect();
+    if missing.is_empty() && up.len() < DEMO_AGENTS.len() {
+        missing.push("(fewer than five agents are ready)");
+    }
+    missing
+}
+
+/// Waits until the five agents are ready.
+async fn wait_for_agents(
+    dir: &Path,
+    client: &mut FarmClient,
+    agents: &[(DemoAgent, u32)],
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        for (agent, pid) in agents {
+            if !is_farm_process(*pid) {
+                bail!(
+                    "failed to start agent-{}: it exited\n{}",
+                    agent.name,
+                    log_tail(&dir.join(format!("agent-{}.log", agent.name)), 30)
+                );
+            }
+        }
+        let missing = match farm_status(client, 1).await {
+            Ok(status) => missing_agents(&status)
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>(),
+            Err(e) => vec![format!("{e:#}")],
+        };
+        if missing.is_empty() {
+            eprintln!("{} agents ready", agents.len());
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "failed to start the agents: not ready within {}s: {}; see {}/agent-*.log",
+                START_TIMEOUT.as_secs(),
+                missing.join(", "),
+                dir.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Writes hello/main.go and cross-compiles it to `input/linux/<arch>/hello` for each demo
+/// platform; returns the input directory.
+fn build_hello(dir: &Path) -> anyhow::Result<PathBuf> {
+    let src = dir.join("hello");
+    std::fs::create_dir_all(&src).with_context(|| format!("failed to create {}", src.display()))?;
+    std::fs::write(src.join("main.go"), HELLO_GO)
+        .with_context(|| format!("failed to write {}", src.join("main.go").display()))?;
+    let input = dir.join("input");
+    for agent in DEMO_AGENTS {
+        let platform: Platform = agent.platform.parse()?;
+        let out = input
+            .join(platform.os())
+            .join(platform.arch())
+            .join("hello");
+        eprintln!("building hello for {platform}");
+        run_checked(
+            Command::new("go")
+                .arg("build")
+                .arg("-o")
+                .arg(&out)
+                .arg(".")
+                .current_dir(&src)
+                .env("CGO_ENABLED", "0")
+                .env("GOOS", platform.os())
+                .env("GOARCH", platform.arch())
+                .env("GO111MODULE", "off")
+                .env("GOCACHE", dir.join("gocache"))
+                .env("GOPATH", dir.join("gopath"))
+                .env_remove("GOFLAGS"),
+            &format!("build hello for {platform}"),
+        )?;
+    }
+    Ok(input)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent(id: &str, platform: &str, emulated: bool, state: v1::AgentState) -> v1::AgentStatus {
+        v1::AgentStatus {
+            agent_id: id.into(),
+            platforms: vec![v1::PlatformOffer {
+                platform: platform.into(),
+                emulated,
+            }],
+            state: state as i32,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_farm_is_up_when_each_demo_agent_is_ready_the_right_way() {
+        let mut status = FarmStatusResponse {
+            agents: DEMO_AGENTS
+                .iter()
+                .map(|d| agent(d.name, d.platform, d.qemu.is_some(), v1::AgentState::Ready))
+                .collect(),
+            ..Default::default()
+        };
+        assert!(missing_agents(&status).is_empty());
+        status.agents[3].state = v1::AgentState::Lost as i32;
+        assert_eq!(missing_agents(&status), ["s390x"]);
+        status.agents[3] = agent("x", "linux/s390x", false, v1::AgentState::Ready);
+        assert_eq!(missing_agents(&status), ["s390x"], "native is not emulated");
+    }
+
+    #[test]
+    fn emulated_agents_get_their_qemu() {
+        let join = v1::CreateTokenResponse {
+            token: "t".into(),
+            ca_hash: "sha256:h".into(),
+            expires_unix_ms: 0,
+        };
+        let args = agent_args(Path::new("/farm"), &DEMO_AGENTS[1], &join);
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert!(args.contains(&"--no-native".to_string()));
+        assert!(args
+            .iter()
+            .any(|a| a.starts_with("linux/arm64=") && a.ends_with("/qemu-aarch64-static")));
+        assert!(args.contains(&"/farm/agent-arm64".to_string()));
+        let native = agent_args(Path::new("/farm"), &DEMO_AGENTS[0], &join);
+        assert!(!native.iter().any(|a| a == "--no-native"));
+    }
+}

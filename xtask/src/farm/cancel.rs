@@ -1,0 +1,42 @@
+//! `cargo xtask farm cancel JOB`: stops a job's unfinished actions.
+use super::{rpc, FarmClient};
+use anyhow::Context;
+use archfarm_proto::v1;
+
+/// `cargo xtask farm cancel JOB [--reason TEXT]`.
+#[derive(clap::Args, Debug)]
+pub struct CancelArgs {
+    /// The job's id.
+    pub job_id: String,
+    /// Why; recorded on each cancelled action.
+    #[arg(long, default_value = "cancelled with `cargo xtask farm cancel`")]
+    pub reason: String,
+}
+
+/// Cancels the job and says how many actions that stopped.
+pub async fn command(client: &mut FarmClient, args: &CancelArgs) -> anyhow::Result<u8> {
+    let cancelled = cancel_job(client, &args.job_id, &args.reason).await?;
+    println!(
+        "cancelled {cancelled} action{} of job {}",
+        if cancelled == 1 { "" } else { "s" },
+        args.job_id
+    );
+    Ok(0)
+}
+
+/// Jobs.CancelJob; returns how many actions were cancelled.
+pub async fn cancel_job(
+    client: &mut FarmClient,
+    job_id: &str,
+    reason: &str,
+) -> anyhow::Result<u32> {
+    Ok(rpc(client
+        .jobs
+        .cancel_job(v1::CancelJobRequest {
+            job_id: job_id.to_string(),
+            reason: reason.to_string(),
+        })
+        .await)
+    .with_context(|| format!("failed to cancel job {job_id}"))?
+    .cancelled)
+}

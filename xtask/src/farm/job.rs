@@ -1,0 +1,281 @@
+//! One job as people and tests see it: the per-platform action table (also `farm run`'s
+//! summary), the job's JSON form, and `cargo xtask farm job JOB`.
+use super::display::{
+    action_state_name, format_ago, format_ms, mode, now_unix_ms, outcome_name, words,
+};
+use super::{rpc, FarmClient};
+use anyhow::Context;
+use archfarm_proto::v1::{self, ActionStatus, JobStatus};
+use comfy_table::{presets, ContentArrangement, Table};
+use serde_json::{json, Value};
+
+/// `cargo xtask farm job JOB [--json]`.
+#[derive(clap::Args, Debug)]
+pub struct JobArgs {
+    /// The job's id.
+    pub job_id: String,
+    /// Print the job as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Prints one job.
+pub async fn command(client: &mut FarmClient, args: &JobArgs) -> anyhow::Result<u8> {
+    let job = get_job(client, &args.job_id).await?;
+    if args.json {
+        println!("{:#}", job_json(&job));
+    } else {
+        print!("{}", render_job(&job, now_unix_ms()));
+    }
+    Ok(0)
+}
+
+/// Jobs.GetJob.
+pub async fn get_job(client: &mut FarmClient, job_id: &str) -> anyhow::Result<JobStatus> {
+    rpc(client
+        .jobs
+        .get_job(v1::GetJobRequest {
+            job_id: job_id.to_string(),
+        })
+        .await)
+    .with_context(|| format!("failed to get job {job_id}"))
+}
+
+/// The job's header lines and action table.
+pub fn render_job(job: &JobStatus, now_unix_ms: u64) -> String {
+    let spec = job.spec.clone().unwrap_or_default();
+    let mut out = format!(
+        "job {} by {}, submitted {}, {}\n",
+        job.job_id,
+        if job.submitter.is_empty() {
+            "?"
+        } else {
+            &job.submitter
+        },
+        format_ago(now_unix_ms, job.submitted_unix_ms),
+        if job.finished { "finished" } else { "running" }
+    );
+    if !spec.description.is_empty() {
+        out.push_str(&format!("description: {}\n", spec.description));
+    }
+    out.push_str(&format!("command: {}\n", spec.argv.join(" ")));
+    out.push_str(&format!(
+        "{}\n",
+        actions_table(&spec.platforms, &job.actions)
+    ));
+    out
+}
+
+/// The actions in the order of `platforms` (the order they were asked for), then any others.
+pub fn ordered_actions<'a>(
+    platforms: &[String],
+    actions: &'a [ActionStatus],
+) -> Vec<&'a ActionStatus> {
+    let rank = |a: &ActionStatus| {
+        platforms
+            .iter()
+            .position(|p| *p == a.platform)
+            .unwrap_or(platforms.len())
+    };
+    let mut ordered: Vec<&ActionStatus> = actions.iter().collect();
+    ordered.sort_by(|a, b| (rank(a), &a.platform).cmp(&(rank(b), &b.platform)));
+    ordered
+}
+
+/// Platform, state, exit code, agent, native/emulated, duration, attempts, reason: one row per
+/// action.
+pub fn actions_table(platforms: &[String], actions: &[ActionStatus]) -> Table {
+    let mut table = Table::new();
+    table
+        .load_preset(presets::UTF8_FULL_CONDENSED)
+        .set_content_arrangement(ContentArrangement::Dynamic)
+        .set_header(vec![
+            "platform", "state", "exit", "agent", "mode", "duration", "attempts", "reason",
+        ]);
+    for a in ordered_actions(platforms, actions) {
+        let result = a.result.as_ref();
+        let agent = result
+            .filter(|r| !r.agent_id.is_empty())
+            .map(|r| r.agent_id.clone())
+            .unwrap_or_else(|| a.agent_id.clone());
+        let ran = result.is_some() || !a.agent_id.is_empty();
+        let reason = if !a.reason.is_empty() {
+            a.reason.clone()
+        } else {
+            result.map(|r| r.message.clone()).unwrap_or_default()
+        };
+        table.add_row(vec![
+            a.platform.clone(),
+            words(action_state_name(a.state())),
+            result.map_or("-".to_string(), |r| match r.outcome() {
+                v1::ExecutionOutcome::Exited => r.exit_code.to_string(),
+                other => words(outcome_name(other)),
+            }),
+            if agent.is_empty() {
+                "-".to_string()
+            } else {
+                agent
+            },
+            if ran {
+                mode(result.map_or(a.emulated, |r| r.emulated)).to_string()
+            } else {
+                "-".to_string()
+            },
+            result.map_or("-".to_string(), |r| format_ms(r.duration_ms)),
+            a.attempts.to_string(),
+            reason,
+        ]);
+    }
+    table
+}
+
+/// The JSON form of a digest: `{"hash", "size_bytes"}` or null.
+pub fn digest_json(d: Option<&v1::Digest>) -> Value {
+    match d {
+        Some(d) => json!({ "hash": d.hash, "size_bytes": d.size_bytes }),
+        None => Value::Null,
+    }
+}
+
+/// Labels as a JSON object `{key: value}`.
+pub fn labels_json(labels: &[v1::Label]) -> Value {
+    Value::Object(
+        labels
+            .iter()
+            .map(|l| (l.key.clone(), Value::String(l.value.clone())))
+            .collect(),
+    )
+}
+
+/// The JSON form of an execution result.
+pub fn result_json(r: &v1::ExecutionResult) -> Value {
+    json!({
+        "outcome": outcome_name(r.outcome()),
+        "exit_code": r.exit_code,
+        "message": r.message,
+        "stdout_digest": digest_json(r.stdout_digest.as_ref()),
+        "stderr_digest": digest_json(r.stderr_digest.as_ref()),
+        "agent_id": r.agent_id,
+        "agent_hostname": r.agent_hostname,
+        "platform": r.platform,
+        "emulated": r.emulated,
+        "started_unix_ms": r.started_unix_ms,
+        "duration_ms": r.duration_ms,
+        "peak_memory_bytes": r.peak_memory_bytes,
+    })
+}
+
+/// The JSON form of an action status.
+pub fn action_json(a: &ActionStatus) -> Value {
+    json!({
+        "action_id": a.action_id,
+        "platform": a.platform,
+        "state": action_state_name(a.state()),
+        "attempts": a.attempts,
+        "agent_id": a.agent_id,
+        "emulated": a.emulated,
+        "reason": a.reason,
+        "queued_unix_ms": a.queued_unix_ms,
+        "result": a.result.as_ref().map_or(Value::Null, result_json),
+    })
+}
+
+/// The JSON form of a job: `{"job_id", "submitter", "submitted_unix_ms", "finished", "spec",
+/// "actions": [...]}`, actions in the order of the spec's platforms.
+pub fn job_json(job: &JobStatus) -> Value {
+    let spec = job.spec.clone().unwrap_or_default();
+    json!({
+        "job_id": job.job_id,
+        "submitter": job.submitter,
+        "submitted_unix_ms": job.submitted_unix_ms,
+        "finished": job.finished,
+        "spec": {
+            "platforms": spec.platforms,
+            "argv": spec.argv,
+            "env": Value::Object(spec.env.iter().map(|e| (e.name.clone(), Value::String(e.value.clone()))).collect()),
+            "timeout_ms": spec.timeout_ms,
+            "input_root": digest_json(spec.input_root.as_ref()),
+            "allow_emulation": spec.allow_emulation,
+            "required_labels": labels_json(&spec.required_labels),
+            "working_directory": spec.working_directory,
+            "description": spec.description,
+        },
+        "actions": ordered_actions(&spec.platforms, &job.actions).into_iter().map(action_json).collect::<Vec<_>>(),
+    })
+}
+
+/// Labels as `k=v, flag` for tables.
+pub fn format_labels(labels: &[v1::Label]) -> String {
+    labels
+        .iter()
+        .map(|l| {
+            if l.value.is_empty() {
+                l.key.clone()
+            } else {
+                format!("{}={}", l.key, l.value)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use v1::ActionState;
+
+    fn action(platform: &str, state: ActionState) -> ActionStatus {
+        ActionStatus {
+            action_id: format!("j1/{platform}"),
+            platform: platform.to_string(),
+            state: state as i32,
+            attempts: 1,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn actions_follow_the_requested_platform_order() {
+        let actions = vec![
+            action("linux/s390x", ActionState::Succeeded),
+            action("linux/amd64", ActionState::Failed),
+            action("linux/arm64", ActionState::Queued),
+        ];
+        let order = vec!["linux/arm64".to_string(), "linux/s390x".to_string()];
+        let got: Vec<&str> = ordered_actions(&order, &actions)
+            .iter()
+            .map(|a| a.platform.as_str())
+            .collect();
+        assert_eq!(got, ["linux/arm64", "linux/s390x", "linux/amd64"]);
+    }
+
+    #[test]
+    fn job_json_uses_snake_case_names() {
+        let mut failed = action("linux/arm64", ActionState::InfraFailed);
+        failed.result = Some(v1::ExecutionResult {
+            outcome: v1::ExecutionOutcome::TimedOut as i32,
+            exit_code: 137,
+            emulated: true,
+            ..Default::default()
+        });
+        let job = JobStatus {
+            job_id: "j1".into(),
+            spec: Some(v1::JobSpec {
+                platforms: vec!["linux/arm64".into()],
+                ..Default::default()
+            }),
+            actions: vec![failed],
+            ..Default::default()
+        };
+        let v = job_json(&job);
+        assert_eq!(v["actions"][0]["state"], "infra_failed");
+        assert_eq!(v["actions"][0]["result"]["outcome"], "timed_out");
+        assert_eq!(v["actions"][0]["result"]["emulated"], true);
+        assert_eq!(v["spec"]["input_root"], Value::Null);
+        let table = actions_table(&["linux/arm64".into()], &job.actions).to_string();
+        assert!(
+            table.contains("infra failed") && table.contains("emulated"),
+            "{table}"
+        );
+    }
+}

@@ -1,0 +1,248 @@
+//! `cargo xtask farm ...`: the farm's command line for people and CI. Holds what every farm
+//! command shares: the connection options, the connected client, and the one place where a
+//! gRPC status becomes words.
+
+pub mod agents;
+pub mod args;
+pub mod cancel;
+pub mod display;
+pub mod job;
+pub mod run;
+pub mod status;
+pub mod token;
+pub mod upload;
+
+use crate::paths;
+use anyhow::Context;
+use archfarm_proto::tls::{self, Credentials, ServerTrust};
+use archfarm_proto::v1::admin_client::AdminClient;
+use archfarm_proto::v1::cas_client::CasClient;
+use archfarm_proto::v1::jobs_client::JobsClient;
+use archfarm_proto::MAX_MESSAGE_BYTES;
+use std::fmt;
+use std::path::PathBuf;
+use tonic::transport::Channel;
+
+/// The coordinator a farm command talks to unless told otherwise: the demo farm's.
+pub const DEFAULT_COORDINATOR: &str = "https://127.0.0.1:7443";
+
+/// Which coordinator to talk to and as whom.
+#[derive(clap::Args, Debug, Clone)]
+pub struct FarmOptions {
+    /// Coordinator URL.
+    #[arg(long, global = true, value_name = "URL", env = "ARCHFARM_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
+    pub coordinator: String,
+    /// Directory holding cert.pem, key.pem and ca.pem of a client or admin identity; the
+    /// default is the demo farm's admin.
+    #[arg(long, global = true, value_name = "DIR", env = "ARCHFARM_CREDENTIALS", default_value_os_t = paths::default_credentials_dir())]
+    pub credentials: PathBuf,
+}
+
+impl FarmOptions {
+    /// The demo farm started by `cargo xtask demo`.
+    pub fn demo() -> Self {
+        Self {
+            coordinator: DEFAULT_COORDINATOR.to_string(),
+            credentials: paths::default_credentials_dir(),
+        }
+    }
+}
+
+/// `cargo xtask farm [options] <command>`.
+#[derive(clap::Args, Debug)]
+pub struct FarmCli {
+    #[command(flatten)]
+    pub options: FarmOptions,
+    #[command(subcommand)]
+    pub command: FarmCommand,
+}
+
+/// The farm commands.
+#[derive(clap::Subcommand, Debug)]
+pub enum FarmCommand {
+    /// Agents per platform, queues, running actions and recent jobs.
+    Status(status::StatusArgs),
+    /// Run a command on one or more platforms and stream its output.
+    Run(run::RunArgs),
+    /// Join tokens for agents.
+    Token {
+        #[command(subcommand)]
+        command: token::TokenCommand,
+    },
+    /// Drain or revoke agents.
+    Agents {
+        #[command(subcommand)]
+        command: agents::AgentsCommand,
+    },
+    /// Cancel a job's unfinished actions.
+    Cancel(cancel::CancelArgs),
+    /// Show one job's actions.
+    Job(job::JobArgs),
+}
+
+/// Runs one farm command; returns the process exit code.
+pub async fn run_command(cli: FarmCli) -> anyhow::Result<u8> {
+    let mut client = FarmClient::connect(&cli.options).await?;
+    match cli.command {
+        FarmCommand::Status(args) => status::command(&mut client, &args).await,
+        FarmCommand::Run(args) => run::command(&mut client, &args).await,
+        FarmCommand::Token { command } => token::command(&mut client, &command).await,
+        FarmCommand::Agents { command } => agents::command(&mut client, &command).await,
+        FarmCommand::Cancel(args) => cancel::command(&mut client, &args).await,
+        FarmCommand::Job(args) => job::command(&mut client, &args).await,
+    }
+}
+
+/// A TLS connection to a coordinator with a client for each service a client may call.
+#[derive(Clone)]
+pub struct FarmClient {
+    /// How to connect again; None for a client made from a ready channel.
+    options: Option<FarmOptions>,
+    url: String,
+    /// Jobs service.
+    pub jobs: JobsClient<Channel>,
+    /// Content-addressed store.
+    pub cas: CasClient<Channel>,
+    /// Admin service (needs the admin role).
+    pub admin: AdminClient<Channel>,
+}
+
+impl FarmClient {
+    /// Loads the credentials and connects (mutual TLS, trusting only the farm CA).
+    pub async fn connect(options: &FarmOptions) -> anyhow::Result<Self> {
+        let dir = &options.credentials;
+        let creds = Credentials::load(dir).with_context(|| {
+            format!(
+                "failed to load the farm credentials in {} (pass --credentials DIR or set \
+                 ARCHFARM_CREDENTIALS; `cargo xtask demo` creates the default)",
+                dir.display()
+            )
+        })?;
+        let connected = tls::connect(
+            &options.coordinator,
+            &ServerTrust::Ca(creds.ca_pem.clone()),
+            Some(&creds.identity),
+        )
+        .await?;
+        let mut client = Self::from_channel(&options.coordinator, connected.channel);
+        client.options = Some(options.clone());
+        Ok(client)
+    }
+
+    /// A client over an already connected channel (tests use plain HTTP/2 on loopback).
+    /// [`FarmClient::reconnect`] then leaves reconnecting to the channel itself.
+    pub fn from_channel(url: &str, channel: Channel) -> Self {
+        Self {
+            options: None,
+            url: url.to_string(),
+            jobs: JobsClient::new(channel.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            cas: CasClient::new(channel.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            admin: AdminClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        }
+    }
+
+    /// Opens a fresh connection with the same options (after the coordinator went away).
+    pub async fn reconnect(&mut self) -> anyhow::Result<()> {
+        if let Some(options) = self.options.clone() {
+            *self = Self::connect(&options).await?;
+        }
+        Ok(())
+    }
+
+    /// The coordinator URL this client talks to.
+    pub fn coordinator_url(&self) -> &str {
+        &self.url
+    }
+}
+
+/// A failed RPC, displayed as `<code in words>: <message>`.
+#[derive(Debug)]
+pub struct RpcError(pub tonic::Status);
+
+impl RpcError {
+    /// The gRPC status code.
+    pub fn code(&self) -> tonic::Code {
+        self.0.code()
+    }
+}
+
+impl fmt::Display for RpcError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let words = code_words(self.0.code());
+        let message: Vec<&str> = self
+            .0
+            .message()
+            .lines()
+            .map(|l| l.trim().trim_end_matches(';'))
+            .filter(|l| !l.is_empty())
+            .collect();
+        if message.is_empty() {
+            write!(f, "{words}")
+        } else {
+            write!(f, "{words}: {}", message.join("; "))
+        }
+    }
+}
+
+impl std::error::Error for RpcError {}
+
+impl From<tonic::Status> for RpcError {
+    fn from(status: tonic::Status) -> Self {
+        Self(status)
+    }
+}
+
+/// Unwraps an RPC response, turning a status into a readable [`RpcError`]; add context with
+/// `anyhow::Context`: `rpc(client.jobs.submit(req).await).context("failed to submit the job")`.
+pub fn rpc<T>(result: Result<tonic::Response<T>, tonic::Status>) -> Result<T, RpcError> {
+    result.map(tonic::Response::into_inner).map_err(RpcError)
+}
+
+/// A gRPC status code as words for people.
+pub fn code_words(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "ok",
+        Code::Cancelled => "cancelled",
+        Code::Unknown => "unknown error",
+        Code::InvalidArgument => "invalid argument",
+        Code::DeadlineExceeded => "deadline exceeded",
+        Code::NotFound => "not found",
+        Code::AlreadyExists => "already exists",
+        Code::PermissionDenied => "permission denied",
+        Code::ResourceExhausted => "resource exhausted",
+        Code::FailedPrecondition => "failed precondition",
+        Code::Aborted => "aborted",
+        Code::OutOfRange => "out of range",
+        Code::Unimplemented => "not implemented",
+        Code::Internal => "internal error",
+        Code::Unavailable => "unavailable",
+        Code::DataLoss => "data loss",
+        Code::Unauthenticated => "unauthenticated",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_read_as_one_line_of_words() {
+        let e = RpcError(tonic::Status::invalid_argument(
+            "platform \"linux/mips\" is unknown;\nknown: linux/amd64",
+        ));
+        assert_eq!(
+            e.to_string(),
+            "invalid argument: platform \"linux/mips\" is unknown; known: linux/amd64"
+        );
+        let e = anyhow::Error::new(RpcError(tonic::Status::not_found("")))
+            .context("failed to get job j1");
+        assert_eq!(format!("{e:#}"), "failed to get job j1: not found");
+    }
+}

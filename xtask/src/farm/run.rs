@@ -1,0 +1,891 @@
+//! `cargo xtask farm run`: uploads the input tree, submits a job and follows it to the end:
+//! each action's output line by line behind its platform, state changes on stderr, a summary
+//! table and an exit code. It survives a coordinator restart (re-watching) and turns Ctrl-C
+//! into a cancel. `demo` and `bench` call the same [`run_job`].
+use super::args::{ensure_unique, parse_env_var, parse_label, EnvVarArg, LabelArg};
+use super::display::{action_state_name, format_ms, is_final, mode, outcome_name, words};
+use super::job::{actions_table, ordered_actions};
+use super::upload::{upload_dir, UploadReport};
+use super::{rpc, FarmClient, RpcError};
+use anyhow::{bail, Context};
+use archfarm_proto::v1::{
+    self, job_event, ActionLog, ActionState, ActionStatus, ExecutionOutcome, JobStatus, LogStream,
+};
+use archfarm_proto::Digest;
+use std::collections::HashMap;
+use std::future::Future;
+use std::io::Write;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+use tonic::Streaming;
+
+/// Per-action time limit unless `--timeout` says otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long to keep trying to watch a job again after the stream broke.
+pub const REWATCH_FOR: Duration = Duration::from_secs(120);
+/// A partial line longer than this is printed as a line of its own.
+const MAX_PARTIAL_LINE_BYTES: usize = 64 * 1024;
+
+/// `cargo xtask farm run --platform P... [options] -- CMD ARGS...`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Platform to run on, e.g. linux/arm64; repeat for more (one action each).
+    #[arg(long = "platform", value_name = "PLATFORM", required = true)]
+    pub platforms: Vec<String>,
+    /// Let agents that emulate a platform (qemu-user) run it; native agents are preferred.
+    #[arg(long)]
+    pub allow_emulation: bool,
+    /// Directory uploaded as the input root, the command's working tree.
+    #[arg(long, value_name = "DIR")]
+    pub input: Option<PathBuf>,
+    /// Environment variable for the command; repeatable.
+    #[arg(long = "env", value_name = "NAME=VALUE", value_parser = parse_env_var)]
+    pub env: Vec<EnvVarArg>,
+    /// Wall-clock limit per action, e.g. 90s, 10m, 1h.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// Label every agent must carry (key=value, or a bare key); repeatable.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    pub labels: Vec<LabelArg>,
+    /// Working directory relative to the input root.
+    #[arg(long, value_name = "REL")]
+    pub workdir: Option<String>,
+    /// Free text for status, e.g. the CI job's name.
+    #[arg(long)]
+    pub description: Option<String>,
+    /// The command and its arguments; {os}, {arch} and {variant} become the platform's parts.
+    #[arg(
+        value_name = "CMD",
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
+    pub command: Vec<String>,
+}
+
+impl RunArgs {
+    /// `farm run --platform P... -- CMD...` with every other option at its default.
+    pub fn new<P: Into<String>, C: Into<String>>(
+        platforms: impl IntoIterator<Item = P>,
+        command: impl IntoIterator<Item = C>,
+    ) -> Self {
+        Self {
+            platforms: platforms.into_iter().map(Into::into).collect(),
+            allow_emulation: false,
+            input: None,
+            env: Vec::new(),
+            timeout: DEFAULT_TIMEOUT,
+            labels: Vec::new(),
+            workdir: None,
+            description: None,
+            command: command.into_iter().map(Into::into).collect(),
+        }
+    }
+
+    /// The job to submit, once the input tree (if any) is uploaded as `input_root`.
+    pub fn job_spec(&self, input_root: Option<Digest>) -> anyhow::Result<v1::JobSpec> {
+        if self.command.is_empty() {
+            bail!("no command given; put it after `--`");
+        }
+        ensure_unique("--env", self.env.iter().map(|e| e.name.as_str()))?;
+        ensure_unique("--label", self.labels.iter().map(|l| l.key.as_str()))?;
+        let workdir = self.workdir.clone().unwrap_or_default();
+        if workdir.starts_with('/') {
+            bail!("--workdir {workdir:?} must be relative to the input root");
+        }
+        Ok(v1::JobSpec {
+            platforms: self.platforms.clone(),
+            argv: self.command.clone(),
+            env: self.env.iter().map(EnvVarArg::to_proto).collect(),
+            timeout_ms: u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX),
+            input_root: input_root.map(|d| d.to_proto()),
+            allow_emulation: self.allow_emulation,
+            required_labels: self.labels.iter().map(LabelArg::to_proto).collect(),
+            working_directory: workdir,
+            description: self.description.clone().unwrap_or_default(),
+        })
+    }
+}
+
+/// Whether a run prints what it sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunOutput {
+    /// Logs to stdout/stderr, progress and the summary table to stderr.
+    Print,
+    /// Nothing (benchmarks).
+    Quiet,
+}
+
+/// How long a run took, measured from just before Submit.
+#[derive(Debug, Clone, Copy)]
+pub struct RunTimings {
+    /// Until the first complete output line of any action arrived.
+    pub first_line: Option<Duration>,
+    /// Until the job finished (or the watch was given up).
+    pub total: Duration,
+}
+
+/// What a run ended with.
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    /// The job's id.
+    pub job_id: String,
+    /// The process exit code `farm run` uses (see [`job_exit_code`]); 130 when interrupted
+    /// twice.
+    pub exit_code: u8,
+    /// The job's final status; None when the watch was abandoned by a second Ctrl-C.
+    pub job: Option<JobStatus>,
+    /// What the input upload did, when there was an input.
+    pub upload: Option<UploadReport>,
+    /// Latencies.
+    pub timings: RunTimings,
+}
+
+/// `cargo xtask farm run`: runs the job and returns its exit code.
+pub async fn command(client: &mut FarmClient, args: &RunArgs) -> anyhow::Result<u8> {
+    Ok(run_job(client, args, RunOutput::Print).await?.exit_code)
+}
+
+/// Uploads the input, submits the job, follows it to the end and chooses the exit code.
+pub async fn run_job(
+    client: &mut FarmClient,
+    args: &RunArgs,
+    output: RunOutput,
+) -> anyhow::Result<RunOutcome> {
+    let print = output == RunOutput::Print;
+    args.job_spec(None)?; // refuse bad arguments before hashing anything
+    let upload = match &args.input {
+        Some(dir) => {
+            let report = upload_dir(client, dir).await?;
+            if print {
+                eprintln!("{}", report.summary());
+            }
+            Some(report)
+        }
+        None => None,
+    };
+    let spec = args.job_spec(upload.map(|u| u.root))?;
+    let started = Instant::now();
+    let job_id = rpc(client
+        .jobs
+        .submit(v1::SubmitRequest { spec: Some(spec) })
+        .await)
+    .context("failed to submit the job")?
+    .job_id;
+    if print {
+        eprintln!("job {job_id} submitted");
+    }
+    let mut stream = Some(
+        open_watch(client, &job_id)
+            .await
+            .with_context(|| format!("failed to watch job {job_id}"))?,
+    );
+    let mut watch = JobWatch::default();
+    let mut first_line = None;
+    let mut interrupts = 0u32;
+    let mut interrupt = next_interrupt();
+    let mut broken_since: Option<Instant> = None;
+    let mut warned_gap = false;
+
+    enum Step {
+        Event(Result<Option<v1::JobEvent>, tonic::Status>),
+        Resumed(anyhow::Result<Resumed>),
+        Interrupt,
+    }
+
+    let finished: JobStatus = loop {
+        let step = match stream.as_mut() {
+            Some(s) => tokio::select! {
+                m = s.message() => Step::Event(m),
+                () = &mut interrupt => Step::Interrupt,
+            },
+            None => {
+                let deadline = broken_since.unwrap_or_else(Instant::now) + REWATCH_FOR;
+                tokio::select! {
+                    r = rewatch(client, &job_id, deadline) => Step::Resumed(r),
+                    () = &mut interrupt => Step::Interrupt,
+                }
+            }
+        };
+        match step {
+            Step::Interrupt => {
+                interrupt = next_interrupt();
+                interrupts += 1;
+                if interrupts >= 2 {
+                    emit(watch.flush(), output);
+                    eprintln!("interrupted again; stopped watching job {job_id}");
+                    return Ok(RunOutcome {
+                        job_id,
+                        exit_code: 130,
+                        job: None,
+                        upload,
+                        timings: RunTimings {
+                            first_line,
+                            total: started.elapsed(),
+                        },
+                    });
+                }
+                eprintln!("cancelling job {job_id} (Ctrl-C again to stop watching)");
+                let reason = "cancelled by Ctrl-C in `farm run`";
+                let cancel = super::cancel::cancel_job(client, &job_id, reason);
+                match tokio::time::timeout(Duration::from_secs(10), cancel).await {
+                    Ok(Ok(n)) => eprintln!("cancelled {n} unfinished actions"),
+                    Ok(Err(e)) => eprintln!("{e:#}"),
+                    Err(_) => eprintln!("failed to cancel job {job_id}: no answer in 10s"),
+                }
+            }
+            Step::Event(Ok(Some(event))) => match event.kind {
+                Some(job_event::Kind::Action(status)) => emit(watch.on_status(status), output),
+                Some(job_event::Kind::Log(log)) => {
+                    let emits = watch.on_log(&log);
+                    if first_line.is_none() && emits.iter().any(Emit::is_output) {
+                        first_line = Some(started.elapsed());
+                    }
+                    emit(emits, output);
+                }
+                Some(job_event::Kind::Finished(job)) => {
+                    emit(watch.on_finished(&job), output);
+                    break job;
+                }
+                None => {}
+            },
+            Step::Event(broken) => {
+                let why = match broken {
+                    Err(status) => RpcError(status).to_string(),
+                    _ => "the coordinator ended the stream".to_string(),
+                };
+                stream = None;
+                broken_since = Some(Instant::now());
+                if print {
+                    if warned_gap {
+                        eprintln!("lost the watch of job {job_id} again ({why}); reconnecting");
+                    } else {
+                        warned_gap = true;
+                        eprintln!(
+                            "lost the watch of job {job_id} ({why}); reconnecting for up to {}; \
+                             output written meanwhile may be missing",
+                            format_ms(REWATCH_FOR.as_millis() as u64)
+                        );
+                    }
+                }
+            }
+            Step::Resumed(resumed) => match resumed? {
+                Resumed::Stream(s) => {
+                    if print {
+                        eprintln!("watching job {job_id} again");
+                    }
+                    stream = Some(s);
+                    broken_since = None;
+                }
+                Resumed::Finished(job) => {
+                    emit(watch.on_finished(&job), output);
+                    break job;
+                }
+            },
+        }
+    };
+    let total = started.elapsed();
+    let platforms = finished
+        .spec
+        .as_ref()
+        .map(|s| s.platforms.clone())
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| args.platforms.clone());
+    if print {
+        eprintln!("{}", actions_table(&platforms, &finished.actions));
+    }
+    Ok(RunOutcome {
+        exit_code: job_exit_code(&args.platforms, &finished.actions),
+        job_id,
+        job: Some(finished),
+        upload,
+        timings: RunTimings { first_line, total },
+    })
+}
+
+/// Resolves on the next Ctrl-C (never, if the signal cannot be watched).
+fn next_interrupt() -> Pin<Box<dyn Future<Output = ()> + Send>> {
+    Box::pin(async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    })
+}
+
+async fn open_watch(
+    client: &mut FarmClient,
+    job_id: &str,
+) -> Result<Streaming<v1::JobEvent>, RpcError> {
+    rpc(client
+        .jobs
+        .watch(v1::WatchRequest {
+            job_id: job_id.to_string(),
+        })
+        .await)
+}
+
+/// What re-watching found.
+enum Resumed {
+    /// A new event stream (it starts with every action's status again).
+    Stream(Streaming<v1::JobEvent>),
+    /// The job finished while we were away.
+    Finished(JobStatus),
+}
+
+/// Whether retrying cannot help.
+fn is_permanent(code: tonic::Code) -> bool {
+    use tonic::Code;
+    matches!(
+        code,
+        Code::NotFound
+            | Code::InvalidArgument
+            | Code::PermissionDenied
+            | Code::Unauthenticated
+            | Code::Unimplemented
+    )
+}
+
+/// Reconnects and watches the job again, with backoff, until `deadline`.
+async fn rewatch(
+    client: &mut FarmClient,
+    job_id: &str,
+    deadline: Instant,
+) -> anyhow::Result<Resumed> {
+    let mut delay = Duration::from_millis(250);
+    loop {
+        let error = match client.reconnect().await {
+            Err(e) => format!("{e:#}"),
+            Ok(()) => match super::job::get_job(client, job_id).await {
+                Ok(job) if job.finished => return Ok(Resumed::Finished(job)),
+                Ok(_) => match open_watch(client, job_id).await {
+                    Ok(s) => return Ok(Resumed::Stream(s)),
+                    Err(e) if is_permanent(e.code()) => {
+                        return Err(anyhow::Error::new(e)
+                            .context(format!("failed to watch job {job_id} again")))
+                    }
+                    Err(e) => e.to_string(),
+                },
+                Err(e) => {
+                    if let Some(rpc) = e.downcast_ref::<RpcError>() {
+                        if is_permanent(rpc.code()) {
+                            return Err(e);
+                        }
+                    }
+                    format!("{e:#}")
+                }
+            },
+        };
+        if Instant::now() + delay >= deadline {
+            bail!(
+                "failed to watch job {job_id} again within {}: {error}",
+                format_ms(REWATCH_FOR.as_millis() as u64)
+            );
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Something a watched job prints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Emit {
+    /// Prefixed lines of an action's standard output, for our stdout.
+    Stdout(Vec<u8>),
+    /// Prefixed lines of an action's standard error, for our stderr.
+    Stderr(Vec<u8>),
+    /// A progress line (state change), for our stderr.
+    Progress(String),
+}
+
+impl Emit {
+    /// Whether this is the command's output rather than ours.
+    pub fn is_output(&self) -> bool {
+        matches!(self, Emit::Stdout(_) | Emit::Stderr(_))
+    }
+}
+
+fn emit(emits: Vec<Emit>, output: RunOutput) {
+    if output == RunOutput::Quiet || emits.is_empty() {
+        return;
+    }
+    // Write errors (a closed pipe) must not stop the watch; the job still gets its verdict.
+    let mut stdout = std::io::stdout().lock();
+    let mut stderr = std::io::stderr().lock();
+    for e in emits {
+        let _ = match e {
+            Emit::Stdout(b) => stdout.write_all(&b).and_then(|()| stdout.flush()),
+            Emit::Stderr(b) => stderr.write_all(&b),
+            Emit::Progress(s) => writeln!(stderr, "{s}"),
+        };
+    }
+}
+
+/// Follows a job's events: prints each state change once, even when a re-watch sends every
+/// action's status again, and turns log chunks into prefixed lines.
+#[derive(Default)]
+pub struct JobWatch {
+    known: HashMap<String, ActionStatus>,
+    lines: LinePrefixer,
+}
+
+impl JobWatch {
+    /// An action's status arrived.
+    pub fn on_status(&mut self, status: ActionStatus) -> Vec<Emit> {
+        if let Some(prev) = self.known.get(&status.action_id) {
+            let same = prev.state == status.state
+                && (is_final(prev.state())
+                    || (prev.attempts == status.attempts && prev.agent_id == status.agent_id));
+            if same {
+                if !is_final(prev.state()) {
+                    self.known.insert(status.action_id.clone(), status);
+                }
+                return Vec::new();
+            }
+        }
+        let mut out = Vec::new();
+        if is_final(status.state()) {
+            out.extend(as_emits(self.lines.flush_action(&status.action_id)));
+        }
+        out.push(Emit::Progress(progress_line(&status)));
+        self.known.insert(status.action_id.clone(), status);
+        out
+    }
+
+    /// A log chunk arrived.
+    pub fn on_log(&mut self, log: &ActionLog) -> Vec<Emit> {
+        let stream = stream_of(log);
+        let lines = self.lines.push(
+            &log.action_id,
+            log.attempt,
+            stream,
+            &log.platform,
+            &log.data,
+        );
+        as_emits(vec![(stream, lines)])
+    }
+
+    /// The job finished: reports any final state not yet seen, then what is left of the logs.
+    pub fn on_finished(&mut self, job: &JobStatus) -> Vec<Emit> {
+        let platforms = job
+            .spec
+            .as_ref()
+            .map(|s| s.platforms.clone())
+            .unwrap_or_default();
+        let mut out = Vec::new();
+        for a in ordered_actions(&platforms, &job.actions) {
+            out.extend(self.on_status(a.clone()));
+        }
+        out.extend(self.flush());
+        out
+    }
+
+    /// Every partial line, completed.
+    pub fn flush(&mut self) -> Vec<Emit> {
+        as_emits(self.lines.flush_all())
+    }
+}
+
+fn stream_of(log: &ActionLog) -> LogStream {
+    match log.stream() {
+        LogStream::Stderr => LogStream::Stderr,
+        _ => LogStream::Stdout,
+    }
+}
+
+fn as_emits(chunks: Vec<(LogStream, Vec<u8>)>) -> Vec<Emit> {
+    chunks
+        .into_iter()
+        .filter(|(_, b)| !b.is_empty())
+        .map(|(s, b)| match s {
+            LogStream::Stderr => Emit::Stderr(b),
+            _ => Emit::Stdout(b),
+        })
+        .collect()
+}
+
+/// The stderr line for an action's new state, e.g.
+/// `[linux/arm64] running on agent a1 (emulated), attempt 1`.
+pub fn progress_line(a: &ActionStatus) -> String {
+    let p = &a.platform;
+    let reason = if a.reason.is_empty() {
+        a.result
+            .as_ref()
+            .map(|r| r.message.clone())
+            .filter(|m| !m.is_empty())
+            .unwrap_or_else(|| "no reason given".to_string())
+    } else {
+        a.reason.clone()
+    };
+    let agent = if a.agent_id.is_empty() {
+        "?"
+    } else {
+        &a.agent_id
+    };
+    match a.state() {
+        ActionState::Queued if a.attempts == 0 => format!("[{p}] queued"),
+        ActionState::Queued => {
+            let why = if a.reason.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", a.reason)
+            };
+            format!("[{p}] queued again after attempt {}{why}", a.attempts)
+        }
+        ActionState::Running => format!(
+            "[{p}] running on agent {agent} ({}), attempt {}",
+            mode(a.emulated),
+            a.attempts
+        ),
+        ActionState::Succeeded => match &a.result {
+            Some(r) => format!(
+                "[{p}] succeeded in {} on agent {} ({})",
+                format_ms(r.duration_ms),
+                if r.agent_id.is_empty() {
+                    agent
+                } else {
+                    &r.agent_id
+                },
+                mode(r.emulated)
+            ),
+            None => format!("[{p}] succeeded"),
+        },
+        ActionState::Failed => match &a.result {
+            Some(r) if r.outcome() == ExecutionOutcome::Exited => format!(
+                "[{p}] failed: exit code {} after {}",
+                r.exit_code,
+                format_ms(r.duration_ms)
+            ),
+            Some(r) => format!(
+                "[{p}] failed: {} after {}{}",
+                words(outcome_name(r.outcome())),
+                format_ms(r.duration_ms),
+                if r.message.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", r.message)
+                }
+            ),
+            None => format!("[{p}] failed: {reason}"),
+        },
+        ActionState::InfraFailed => {
+            format!(
+                "[{p}] infra failure after {} attempts: {reason}",
+                a.attempts
+            )
+        }
+        ActionState::Unschedulable => format!("[{p}] unschedulable: {reason}"),
+        ActionState::Cancelled => format!("[{p}] cancelled: {reason}"),
+        ActionState::Unspecified => format!("[{p}] {}", action_state_name(a.state())),
+    }
+}
+
+/// The exit code of `farm run`: 0 when every requested platform succeeded; else the first
+/// non-zero exit code of a FAILED action, in the order of `--platform`; else 1 (infra failure,
+/// unschedulable, cancelled, or a code that does not fit a process exit status).
+pub fn job_exit_code(platforms: &[String], actions: &[ActionStatus]) -> u8 {
+    let succeeded = |a: &ActionStatus| a.state() == ActionState::Succeeded;
+    let all_asked_ran = platforms
+        .iter()
+        .all(|p| actions.iter().any(|a| a.platform == *p));
+    if !actions.is_empty() && all_asked_ran && actions.iter().all(succeeded) {
+        return 0;
+    }
+    ordered_actions(platforms, actions)
+        .into_iter()
+        .filter(|a| a.state() == ActionState::Failed)
+        .filter_map(|a| a.result.as_ref().map(|r| r.exit_code))
+        .find(|code| *code != 0)
+        .map(|code| u8::try_from(code).unwrap_or(1))
+        .unwrap_or(1)
+}
+
+/// Splits each action's output streams into lines and puts `[platform] ` before each, keeping
+/// partial lines per action and stream until their newline (or the end) comes.
+#[derive(Default)]
+pub struct LinePrefixer {
+    partial: HashMap<(String, LogStream), Partial>,
+}
+
+struct Partial {
+    platform: String,
+    attempt: u32,
+    bytes: Vec<u8>,
+}
+
+fn push_line(out: &mut Vec<u8>, platform: &str, line: &[u8]) {
+    out.push(b'[');
+    out.extend_from_slice(platform.as_bytes());
+    out.push(b']');
+    if !line.is_empty() {
+        out.push(b' ');
+        out.extend_from_slice(line);
+    }
+    out.push(b'\n');
+}
+
+impl LinePrefixer {
+    /// Adds a chunk of an action's stream; returns the lines it completed, prefixed. Output of
+    /// a new attempt first completes the old attempt's partial line.
+    pub fn push(
+        &mut self,
+        action_id: &str,
+        attempt: u32,
+        stream: LogStream,
+        platform: &str,
+        data: &[u8],
+    ) -> Vec<u8> {
+        let mut out = Vec::new();
+        let p = self
+            .partial
+            .entry((action_id.to_string(), stream))
+            .or_insert_with(|| Partial {
+                platform: platform.to_string(),
+                attempt,
+                bytes: Vec::new(),
+            });
+        if p.attempt != attempt {
+            if !p.bytes.is_empty() {
+                push_line(&mut out, &p.platform, &p.bytes);
+                p.bytes.clear();
+            }
+            p.attempt = attempt;
+        }
+        let mut rest = data;
+        while let Some(newline) = rest.iter().position(|b| *b == b'\n') {
+            p.bytes.extend_from_slice(&rest[..newline]);
+            push_line(&mut out, &p.platform, &p.bytes);
+            p.bytes.clear();
+            rest = &rest[newline + 1..];
+        }
+        p.bytes.extend_from_slice(rest);
+        if p.bytes.len() >= MAX_PARTIAL_LINE_BYTES {
+            push_line(&mut out, &p.platform, &p.bytes);
+            p.bytes.clear();
+        }
+        out
+    }
+
+    /// Completes the partial lines of one action, stdout first.
+    pub fn flush_action(&mut self, action_id: &str) -> Vec<(LogStream, Vec<u8>)> {
+        let mut keys: Vec<(String, LogStream)> = self
+            .partial
+            .keys()
+            .filter(|(a, _)| a == action_id)
+            .cloned()
+            .collect();
+        keys.sort();
+        self.flush_keys(keys)
+    }
+
+    /// Completes every partial line, by action id then stream.
+    pub fn flush_all(&mut self) -> Vec<(LogStream, Vec<u8>)> {
+        let mut keys: Vec<(String, LogStream)> = self.partial.keys().cloned().collect();
+        keys.sort();
+        self.flush_keys(keys)
+    }
+
+    fn flush_keys(&mut self, keys: Vec<(String, LogStream)>) -> Vec<(LogStream, Vec<u8>)> {
+        let mut out = Vec::new();
+        for key in keys {
+            if let Some(p) = self.partial.remove(&key) {
+                if !p.bytes.is_empty() {
+                    let mut line = Vec::new();
+                    push_line(&mut line, &p.platform, &p.bytes);
+                    out.push((key.1, line));
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(platform: &str, state: ActionState, exit_code: Option<i32>) -> ActionStatus {
+        ActionStatus {
+            action_id: format!("j1/{platform}"),
+            platform: platform.to_string(),
+            state: state as i32,
+            attempts: 1,
+            agent_id: "a1".into(),
+            result: exit_code.map(|c| v1::ExecutionResult {
+                outcome: ExecutionOutcome::Exited as i32,
+                exit_code: c,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn platforms(p: &[&str]) -> Vec<String> {
+        p.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn exit_code_is_zero_only_when_every_platform_succeeded() {
+        let order = platforms(&["linux/arm64", "linux/s390x"]);
+        let ok = vec![
+            status("linux/arm64", ActionState::Succeeded, Some(0)),
+            status("linux/s390x", ActionState::Succeeded, Some(0)),
+        ];
+        assert_eq!(job_exit_code(&order, &ok), 0);
+        assert_eq!(job_exit_code(&order, &ok[..1]), 1, "a platform is missing");
+        assert_eq!(job_exit_code(&order, &[]), 1);
+    }
+
+    #[test]
+    fn exit_code_is_the_first_failure_in_platform_order() {
+        let order = platforms(&["linux/arm64", "linux/s390x", "linux/amd64"]);
+        let actions = vec![
+            status("linux/amd64", ActionState::Failed, Some(7)),
+            status("linux/s390x", ActionState::Failed, Some(3)),
+            status("linux/arm64", ActionState::InfraFailed, None),
+        ];
+        assert_eq!(job_exit_code(&order, &actions), 3);
+    }
+
+    #[test]
+    fn exit_code_is_one_for_infra_trouble_and_odd_codes() {
+        let order = platforms(&["linux/arm64", "linux/s390x"]);
+        let infra = vec![
+            status("linux/arm64", ActionState::Succeeded, Some(0)),
+            status("linux/s390x", ActionState::Unschedulable, None),
+        ];
+        assert_eq!(job_exit_code(&order, &infra), 1);
+        let cancelled = vec![
+            status("linux/arm64", ActionState::Cancelled, Some(143)),
+            status("linux/s390x", ActionState::Succeeded, Some(0)),
+        ];
+        assert_eq!(
+            job_exit_code(&order, &cancelled),
+            1,
+            "cancelled is not failed"
+        );
+        let odd = vec![
+            status("linux/arm64", ActionState::Failed, Some(300)),
+            status("linux/s390x", ActionState::Failed, Some(-1)),
+        ];
+        assert_eq!(job_exit_code(&order, &odd), 1);
+        let timed_out = vec![status("linux/arm64", ActionState::Failed, Some(0))];
+        assert_eq!(job_exit_code(&order[..1], &timed_out), 1);
+    }
+
+    #[test]
+    fn lines_are_prefixed_and_partial_lines_wait_for_their_end() {
+        let mut lp = LinePrefixer::default();
+        let out = lp.push("j/a", 1, LogStream::Stdout, "linux/arm64", b"hel");
+        assert!(out.is_empty());
+        let out = lp.push("j/b", 1, LogStream::Stdout, "linux/s390x", b"one\ntw");
+        assert_eq!(out, b"[linux/s390x] one\n");
+        let out = lp.push(
+            "j/a",
+            1,
+            LogStream::Stdout,
+            "linux/arm64",
+            b"lo\n\nbye\npart",
+        );
+        assert_eq!(
+            out,
+            b"[linux/arm64] hello\n[linux/arm64]\n[linux/arm64] bye\n"
+        );
+        let out = lp.push("j/a", 1, LogStream::Stderr, "linux/arm64", b"warn\n");
+        assert_eq!(out, b"[linux/arm64] warn\n");
+        assert_eq!(
+            lp.flush_action("j/a"),
+            vec![(LogStream::Stdout, b"[linux/arm64] part\n".to_vec())]
+        );
+        assert_eq!(
+            lp.flush_all(),
+            vec![(LogStream::Stdout, b"[linux/s390x] tw\n".to_vec())]
+        );
+        assert!(lp.flush_all().is_empty());
+    }
+
+    #[test]
+    fn a_new_attempt_completes_the_old_partial_line() {
+        let mut lp = LinePrefixer::default();
+        lp.push("j/a", 1, LogStream::Stdout, "linux/arm64", b"cut off");
+        let out = lp.push("j/a", 2, LogStream::Stdout, "linux/arm64", b"again\n");
+        assert_eq!(out, b"[linux/arm64] cut off\n[linux/arm64] again\n");
+    }
+
+    #[test]
+    fn endless_lines_are_broken_up() {
+        let mut lp = LinePrefixer::default();
+        let out = lp.push(
+            "j/a",
+            1,
+            LogStream::Stdout,
+            "p",
+            &vec![b'x'; MAX_PARTIAL_LINE_BYTES],
+        );
+        assert_eq!(out.len(), MAX_PARTIAL_LINE_BYTES + 5);
+    }
+
+    #[test]
+    fn a_resent_final_status_prints_once() {
+        let mut w = JobWatch::default();
+        let mut running = status("linux/arm64", ActionState::Running, None);
+        running.emulated = true;
+        assert_eq!(
+            w.on_status(running.clone()),
+            vec![Emit::Progress(
+                "[linux/arm64] running on agent a1 (emulated), attempt 1".into()
+            )]
+        );
+        assert!(w.on_status(running).is_empty(), "same state again");
+        w.on_log(&ActionLog {
+            action_id: "j1/linux/arm64".into(),
+            platform: "linux/arm64".into(),
+            stream: LogStream::Stdout as i32,
+            data: b"no newline".to_vec(),
+            attempt: 1,
+        });
+        let done = status("linux/arm64", ActionState::Failed, Some(2));
+        assert_eq!(
+            w.on_status(done.clone()),
+            vec![
+                Emit::Stdout(b"[linux/arm64] no newline\n".to_vec()),
+                Emit::Progress("[linux/arm64] failed: exit code 2 after 0ms".into()),
+            ]
+        );
+        let mut resent = done;
+        resent.reason = "worded differently after a restart".into();
+        assert!(w.on_status(resent.clone()).is_empty());
+        let job = JobStatus {
+            actions: vec![resent],
+            finished: true,
+            ..Default::default()
+        };
+        assert!(w.on_finished(&job).is_empty());
+    }
+
+    #[test]
+    fn unschedulable_says_why() {
+        let mut s = status("linux/s390x", ActionState::Unschedulable, None);
+        s.reason = "no agent serves linux/s390x".into();
+        assert_eq!(
+            progress_line(&s),
+            "[linux/s390x] unschedulable: no agent serves linux/s390x"
+        );
+    }
+
+    #[test]
+    fn bad_arguments_fail_before_anything_is_sent() {
+        let mut args = RunArgs::new(["linux/arm64"], ["true"]);
+        args.env = vec![parse_env_var("A=1").unwrap(), parse_env_var("A=2").unwrap()];
+        let e = args.job_spec(None).unwrap_err().to_string();
+        assert!(e.contains("\"A\" is given more than once"), "{e}");
+        let mut args = RunArgs::new(["linux/arm64"], ["true"]);
+        args.workdir = Some("/abs".into());
+        assert!(args.job_spec(None).is_err());
+        let spec = RunArgs::new(["linux/arm64"], ["go", "test"])
+            .job_spec(None)
+            .unwrap();
+        assert_eq!(spec.timeout_ms, 600_000);
+        assert_eq!(spec.argv, ["go", "test"]);
+    }
+}

@@ -1,0 +1,401 @@
+//! `cargo xtask farm status`: what the farm has and does — agents per platform (always saying
+//! native or emulated), queues, running actions and recent jobs' verdicts — as tables for
+//! people or as a stable JSON document for scripts.
+use super::display::{
+    agent_state_name, format_ago, format_duration, format_gib, format_ms, format_verdict, mode,
+    now_unix_ms,
+};
+use super::job::{action_json, format_labels, labels_json};
+use super::{rpc, FarmClient};
+use anyhow::Context;
+use archfarm_proto::v1::{self, FarmStatusResponse};
+use comfy_table::{presets, ContentArrangement, Table};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+/// `cargo xtask farm status [--json]`.
+#[derive(clap::Args, Debug)]
+pub struct StatusArgs {
+    /// Print a JSON document instead of tables.
+    #[arg(long)]
+    pub json: bool,
+    /// How many recent jobs to show.
+    #[arg(long, default_value_t = 10)]
+    pub recent_jobs: u32,
+}
+
+/// Prints the farm's status.
+pub async fn command(client: &mut FarmClient, args: &StatusArgs) -> anyhow::Result<u8> {
+    let status = farm_status(client, args.recent_jobs).await?;
+    if args.json {
+        println!("{:#}", status_json(&status));
+    } else {
+        print!("{}", render_status(&status, now_unix_ms()));
+    }
+    Ok(0)
+}
+
+/// Jobs.FarmStatus.
+pub async fn farm_status(
+    client: &mut FarmClient,
+    recent_jobs: u32,
+) -> anyhow::Result<FarmStatusResponse> {
+    rpc(client
+        .jobs
+        .farm_status(v1::FarmStatusRequest { recent_jobs })
+        .await)
+    .context("failed to get the farm status")
+}
+
+fn table(header: Vec<&str>) -> Table {
+    let mut t = Table::new();
+    t.load_preset(presets::UTF8_FULL_CONDENSED)
+        .set_content_arrangement(ContentArrangement::Dynamic)
+        .set_header(header);
+    t
+}
+
+/// The status as text: a header line, then per platform a table of the agents that offer it,
+/// then queues, running actions and recent jobs.
+pub fn render_status(s: &FarmStatusResponse, now_unix_ms: u64) -> String {
+    let mut out = String::new();
+    let count = |state: v1::AgentState| s.agents.iter().filter(|a| a.state() == state).count();
+    let _ = writeln!(
+        out,
+        "coordinator up {}; {} agents: {} ready, {} busy, {} draining, {} lost, {} revoked; {} stale results refused",
+        format_duration(Duration::from_millis(
+            now_unix_ms.saturating_sub(s.coordinator_started_unix_ms)
+        )),
+        s.agents.len(),
+        count(v1::AgentState::Ready),
+        count(v1::AgentState::Busy),
+        count(v1::AgentState::Draining),
+        count(v1::AgentState::Lost),
+        count(v1::AgentState::Revoked),
+        s.stale_results_refused,
+    );
+
+    // Agents grouped by the platforms they offer; natives first within a platform.
+    let mut by_platform: BTreeMap<&str, Vec<(&v1::AgentStatus, bool)>> = BTreeMap::new();
+    for a in &s.agents {
+        for offer in &a.platforms {
+            by_platform
+                .entry(offer.platform.as_str())
+                .or_default()
+                .push((a, offer.emulated));
+        }
+    }
+    if by_platform.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nno agents; make a join token with `cargo xtask farm token create`"
+        );
+    }
+    for (platform, mut agents) in by_platform {
+        agents.sort_by(|a, b| (a.1, &a.0.agent_id).cmp(&(b.1, &b.0.agent_id)));
+        let natives = agents.iter().filter(|(_, e)| !e).count();
+        let _ = writeln!(
+            out,
+            "\n{platform}: {natives} native, {} emulated",
+            agents.len() - natives
+        );
+        let mut t = table(vec![
+            "agent",
+            "hostname",
+            "mode",
+            "state",
+            "slots",
+            "heartbeat",
+            "cores",
+            "memory",
+            "load",
+            "labels",
+        ]);
+        for (a, emulated) in agents {
+            t.add_row(vec![
+                a.agent_id.clone(),
+                a.hostname.clone(),
+                mode(emulated).to_uppercase(),
+                agent_state_name(a.state()).to_string(),
+                format!("{}/{}", a.slots_used, a.slots),
+                format_ago(now_unix_ms, a.last_seen_unix_ms),
+                a.cores.to_string(),
+                format_gib(a.memory_bytes),
+                format!("{:.2}", a.load_1m),
+                format_labels(&a.labels),
+            ]);
+        }
+        let _ = writeln!(out, "{t}");
+    }
+
+    let _ = writeln!(out, "\nqueues");
+    if s.queues.is_empty() {
+        let _ = writeln!(out, "nothing queued or running");
+    } else {
+        let mut t = table(vec!["platform", "queued", "running", "oldest wait"]);
+        let mut queues: Vec<&v1::PlatformQueue> = s.queues.iter().collect();
+        queues.sort_by(|a, b| a.platform.cmp(&b.platform));
+        for q in queues {
+            t.add_row(vec![
+                q.platform.clone(),
+                q.queued.to_string(),
+                q.running.to_string(),
+                if q.queued == 0 {
+                    "-".to_string()
+                } else {
+                    format_ms(q.oldest_wait_ms)
+                },
+            ]);
+        }
+        let _ = writeln!(out, "{t}");
+    }
+
+    let _ = writeln!(out, "\nrunning actions");
+    if s.running.is_empty() {
+        let _ = writeln!(out, "none");
+    } else {
+        let mut t = table(vec![
+            "action",
+            "platform",
+            "agent",
+            "mode",
+            "attempt",
+            "running for",
+        ]);
+        for a in &s.running {
+            t.add_row(vec![
+                a.action_id.clone(),
+                a.platform.clone(),
+                a.agent_id.clone(),
+                mode(a.emulated).to_string(),
+                a.attempts.to_string(),
+                running_for(a, now_unix_ms),
+            ]);
+        }
+        let _ = writeln!(out, "{t}");
+    }
+
+    let _ = writeln!(out, "\nrecent jobs");
+    if s.recent_jobs.is_empty() {
+        let _ = writeln!(out, "none");
+    } else {
+        let mut t = table(vec![
+            "job",
+            "submitter",
+            "description",
+            "submitted",
+            "state",
+            "verdict",
+        ]);
+        for j in &s.recent_jobs {
+            t.add_row(vec![
+                j.job_id.clone(),
+                j.submitter.clone(),
+                j.description.clone(),
+                format_ago(now_unix_ms, j.submitted_unix_ms),
+                if j.finished { "finished" } else { "running" }.to_string(),
+                format_verdict(&j.states),
+            ]);
+        }
+        let _ = writeln!(out, "{t}");
+    }
+    out
+}
+
+/// How long a running action has run. ActionStatus has no start time of its own, so this uses
+/// the result's start when the coordinator fills one in, else the time since it was queued.
+fn running_for(a: &v1::ActionStatus, now_unix_ms: u64) -> String {
+    let started = a
+        .result
+        .as_ref()
+        .map(|r| r.started_unix_ms)
+        .filter(|t| *t > 0);
+    match started {
+        Some(t) => format_ms(now_unix_ms.saturating_sub(t)),
+        None if a.queued_unix_ms > 0 => format!(
+            "{} (since queued)",
+            format_ms(now_unix_ms.saturating_sub(a.queued_unix_ms))
+        ),
+        None => "?".to_string(),
+    }
+}
+
+/// The status as a JSON document with snake_case fields mirroring the proto:
+/// `coordinator_started_unix_ms`, `stale_results_refused`, `agents`, `queues`, `running`,
+/// `recent_jobs`. States are lower-case names (`ready`, `infra_failed`); labels are objects.
+pub fn status_json(s: &FarmStatusResponse) -> Value {
+    let agents: Vec<Value> = s
+        .agents
+        .iter()
+        .map(|a| {
+            json!({
+                "agent_id": a.agent_id,
+                "hostname": a.hostname,
+                "platforms": a.platforms.iter().map(|p| json!({
+                    "platform": p.platform,
+                    "emulated": p.emulated,
+                })).collect::<Vec<_>>(),
+                "labels": labels_json(&a.labels),
+                "state": agent_state_name(a.state()),
+                "slots_used": a.slots_used,
+                "slots": a.slots,
+                "last_seen_unix_ms": a.last_seen_unix_ms,
+                "cores": a.cores,
+                "memory_bytes": a.memory_bytes,
+                "kernel": a.kernel,
+                "free_disk_bytes": a.free_disk_bytes,
+                "load_1m": a.load_1m,
+                "running_actions": a.running_actions,
+            })
+        })
+        .collect();
+    let queues: Vec<Value> = s
+        .queues
+        .iter()
+        .map(|q| {
+            json!({
+                "platform": q.platform,
+                "queued": q.queued,
+                "running": q.running,
+                "oldest_wait_ms": q.oldest_wait_ms,
+            })
+        })
+        .collect();
+    let recent_jobs: Vec<Value> = s
+        .recent_jobs
+        .iter()
+        .map(|j| {
+            json!({
+                "job_id": j.job_id,
+                "submitter": j.submitter,
+                "description": j.description,
+                "submitted_unix_ms": j.submitted_unix_ms,
+                "finished": j.finished,
+                "states": Value::Object(j.states.iter().map(|(k, v)| (k.clone(), json!(v))).collect()),
+            })
+        })
+        .collect();
+    json!({
+        "coordinator_started_unix_ms": s.coordinator_started_unix_ms,
+        "stale_results_refused": s.stale_results_refused,
+        "agents": agents,
+        "queues": queues,
+        "running": s.running.iter().map(action_json).collect::<Vec<_>>(),
+        "recent_jobs": recent_jobs,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> FarmStatusResponse {
+        let now = 1_000_000_000;
+        FarmStatusResponse {
+            agents: vec![
+                v1::AgentStatus {
+                    agent_id: "a-arm".into(),
+                    hostname: "box1".into(),
+                    platforms: vec![
+                        v1::PlatformOffer {
+                            platform: "linux/arm64".into(),
+                            emulated: false,
+                        },
+                        v1::PlatformOffer {
+                            platform: "linux/arm/v7".into(),
+                            emulated: true,
+                        },
+                    ],
+                    labels: vec![v1::Label {
+                        key: "lab".into(),
+                        value: "osu".into(),
+                    }],
+                    state: v1::AgentState::Busy as i32,
+                    slots_used: 2,
+                    slots: 2,
+                    last_seen_unix_ms: now - 3_000,
+                    cores: 8,
+                    memory_bytes: 16 << 30,
+                    load_1m: 1.5,
+                    ..Default::default()
+                },
+                v1::AgentStatus {
+                    agent_id: "a-emu".into(),
+                    hostname: "x86".into(),
+                    platforms: vec![v1::PlatformOffer {
+                        platform: "linux/arm64".into(),
+                        emulated: true,
+                    }],
+                    state: v1::AgentState::Ready as i32,
+                    slots: 2,
+                    last_seen_unix_ms: now - 1_000,
+                    ..Default::default()
+                },
+            ],
+            queues: vec![v1::PlatformQueue {
+                platform: "linux/arm64".into(),
+                queued: 3,
+                running: 2,
+                oldest_wait_ms: 12_000,
+            }],
+            running: vec![v1::ActionStatus {
+                action_id: "j1/linux/arm64".into(),
+                platform: "linux/arm64".into(),
+                state: v1::ActionState::Running as i32,
+                attempts: 1,
+                agent_id: "a-arm".into(),
+                queued_unix_ms: now - 65_000,
+                ..Default::default()
+            }],
+            recent_jobs: vec![v1::JobSummary {
+                job_id: "j1".into(),
+                states: [("succeeded".to_string(), 4), ("failed".to_string(), 1)]
+                    .into_iter()
+                    .collect(),
+                ..Default::default()
+            }],
+            coordinator_started_unix_ms: now - 180_000,
+            stale_results_refused: 0,
+        }
+    }
+
+    #[test]
+    fn human_form_groups_agents_by_platform_and_says_native_or_emulated() {
+        let text = render_status(&sample(), 1_000_000_000);
+        assert!(
+            text.contains("coordinator up 3m; 2 agents: 1 ready, 1 busy"),
+            "{text}"
+        );
+        assert!(text.contains("linux/arm64: 1 native, 1 emulated"), "{text}");
+        assert!(
+            text.contains("linux/arm/v7: 0 native, 1 emulated"),
+            "{text}"
+        );
+        assert!(
+            text.contains("NATIVE") && text.contains("EMULATED"),
+            "{text}"
+        );
+        assert!(
+            text.contains("3s ago") && text.contains("16.0 GiB"),
+            "{text}"
+        );
+        assert!(text.contains("4 succeeded, 1 failed"), "{text}");
+        assert!(text.contains("1m 5s (since queued)"), "{text}");
+        let native = text.find("a-arm").unwrap();
+        let emulated = text.find("a-emu").unwrap();
+        assert!(native < emulated, "natives come first:\n{text}");
+    }
+
+    #[test]
+    fn json_form_is_snake_case_with_state_names() {
+        let v = status_json(&sample());
+        assert_eq!(v["agents"][0]["state"], "busy");
+        assert_eq!(v["agents"][0]["labels"]["lab"], "osu");
+        assert_eq!(v["agents"][1]["platforms"][0]["emulated"], true);
+        assert_eq!(v["queues"][0]["oldest_wait_ms"], 12_000);
+        assert_eq!(v["running"][0]["state"], "running");
+        assert_eq!(v["recent_jobs"][0]["states"]["succeeded"], 4);
+    }
+}
