@@ -44,7 +44,9 @@ impl RemoteCas {
 
     async fn client(&self) -> anyhow::Result<v1::cas_client::CasClient<Channel>> {
         let mut rx = self.channel.clone();
+        // `biased`: a connected channel is used even while stopping (final uploads).
         let channel = tokio::select! {
+            biased;
             r = tokio::time::timeout(CONNECT_WAIT, rx.wait_for(Option::is_some)) => match r {
                 Ok(Ok(c)) => c.clone(),
                 Ok(Err(_)) => bail!("the agent is stopping"),

@@ -115,10 +115,10 @@ impl AgentState {
         self.inner().pending.len()
     }
 
-    /// Cancels every running action.
-    pub fn cancel_all(&self, reason: &str) {
+    /// Stops every running action as an infrastructure failure (the agent is going away).
+    pub fn abandon_all(&self, reason: &str) {
         for control in self.inner().running.values() {
-            control.cancel(reason);
+            control.abandon(reason);
         }
     }
 
@@ -202,7 +202,7 @@ async fn run_execution(state: Arc<AgentState>, assign: v1::Assign, control: Arc<
     )
     .await;
     let outcome = v1::ExecutionOutcome::try_from(result.outcome)
-        .map(|o| o.as_str_name())
+        .map(|o| o.as_str_name().trim_start_matches("EXECUTION_OUTCOME_"))
         .unwrap_or("?");
     if result.outcome == v1::ExecutionOutcome::InfraError as i32 {
         tracing::warn!(
@@ -292,7 +292,13 @@ fn handle_assign(state: &Arc<AgentState>, assign: v1::Assign) {
         return;
     }
     if state.shutdown.is_cancelled() {
-        refuse(state, &mut inner, &assign, "the agent is shutting down");
+        // Refusing would requeue it at once, often back to this agent, burning an attempt
+        // each round; unanswered, its lease lapses once this agent is gone.
+        tracing::info!(
+            "ignoring action {} (fence {}): the agent is shutting down",
+            assign.action_id,
+            assign.fence
+        );
         return;
     }
     if inner.running.len() >= state.slots as usize {
@@ -355,6 +361,16 @@ fn handle_message(state: &Arc<AgentState>, msg: v1::CoordinatorMessage) {
                 );
             } else if ack.accepted {
                 tracing::debug!("result of {} (fence {}) recorded", ack.action_id, ack.fence);
+            } else if removed
+                .and_then(|c| c.result)
+                .is_some_and(|r| r.outcome == v1::ExecutionOutcome::Cancelled as i32)
+            {
+                tracing::info!(
+                    "the coordinator did not record the result of cancelled {} (fence {}): {}",
+                    ack.action_id,
+                    ack.fence,
+                    ack.reason
+                );
             } else {
                 tracing::warn!(
                     "the coordinator refused the result of {} (fence {}): {}",
@@ -368,6 +384,18 @@ fn handle_message(state: &Arc<AgentState>, msg: v1::CoordinatorMessage) {
         None => tracing::debug!("ignoring an empty coordinator message"),
     }
 }
+
+/// A gRPC status from the coordinator, printed briefly ("Unavailable: ...").
+#[derive(Debug)]
+struct RpcError(tonic::Status);
+
+impl std::fmt::Display for RpcError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}: {}", self.0.code(), self.0.message())
+    }
+}
+
+impl std::error::Error for RpcError {}
 
 /// How a session ended without an error.
 enum SessionEnd {
@@ -434,11 +462,13 @@ async fn serve_session(
     let response = client
         .session(ReceiverStream::new(rx))
         .await
+        .map_err(RpcError)
         .context("failed to open the session")?;
     let mut inbound = response.into_inner();
     let first = tokio::time::timeout(WELCOME_TIMEOUT, inbound.message())
         .await
         .context("the coordinator sent no Welcome")?
+        .map_err(RpcError)
         .context("failed to read the Welcome")?;
     let welcome = match first.and_then(|m| m.kind) {
         Some(In::Welcome(w)) => w,
@@ -483,7 +513,7 @@ async fn serve_session(
             msg = inbound.message() => match msg {
                 Ok(Some(m)) => handle_message(state, m),
                 Ok(None) => return Ok(SessionEnd::Closed),
-                Err(status) => return Err(status.into()),
+                Err(status) => return Err(RpcError(status).into()),
             },
         }
     }
@@ -514,9 +544,9 @@ pub async fn run_sessions(
             Ok(SessionEnd::Stopped) => return,
             Ok(SessionEnd::Closed) => "the coordinator closed the session".to_string(),
             Err(e) => {
-                let revoked = e.downcast_ref::<tonic::Status>().is_some_and(|s| {
+                let revoked = e.downcast_ref::<RpcError>().is_some_and(|s| {
                     matches!(
-                        s.code(),
+                        s.0.code(),
                         tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
                     )
                 });

@@ -54,15 +54,43 @@ pub struct ExecutorSettings {
 pub struct ActionControl {
     token: CancellationToken,
     reason: Mutex<Option<String>>,
+    abandoned: std::sync::atomic::AtomicBool,
 }
 
 impl ActionControl {
-    /// Asks the action to stop (the first reason given is kept).
+    /// Asks the action to stop because the coordinator cancelled it (outcome CANCELLED; the
+    /// first reason given is kept).
     pub fn cancel(&self, reason: &str) {
         if let Ok(mut r) = self.reason.lock() {
             r.get_or_insert_with(|| reason.to_string());
         }
         self.token.cancel();
+    }
+
+    /// Stops the action because the agent goes away: not the command's fault, so the outcome
+    /// is INFRA_ERROR and the coordinator runs it again elsewhere.
+    pub fn abandon(&self, reason: &str) {
+        self.abandoned
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.cancel(reason);
+    }
+
+    /// The message a stopped action reports; `when` is e.g. " before it started".
+    fn stopped_message(&self, when: &str) -> String {
+        if self.abandoned.load(std::sync::atomic::Ordering::SeqCst) {
+            format!("stopped{when}: {}", self.reason())
+        } else {
+            format!("cancelled{when}: {}", self.reason())
+        }
+    }
+
+    /// The outcome a stopped action reports.
+    fn stopped_outcome(&self) -> v1::ExecutionOutcome {
+        if self.abandoned.load(std::sync::atomic::Ordering::SeqCst) {
+            v1::ExecutionOutcome::InfraError
+        } else {
+            v1::ExecutionOutcome::Cancelled
+        }
     }
 
     fn reason(&self) -> String {
@@ -273,9 +301,9 @@ async fn run_in<S: BlobStore, L: LogSink>(
         r = prepare => r?,
         () = control.token.cancelled() => {
             return Ok(Finished {
-                outcome: v1::ExecutionOutcome::Cancelled,
+                outcome: control.stopped_outcome(),
                 exit_code: -1,
-                message: format!("cancelled before it started: {}", control.reason()),
+                message: control.stopped_message(" before it started"),
                 stdout: Vec::new(),
                 stderr: Vec::new(),
                 started: SystemTime::now(),
@@ -413,9 +441,9 @@ async fn run_in<S: BlobStore, L: LogSink>(
             ),
         ),
         Ending::Cancelled(status) => (
-            v1::ExecutionOutcome::Cancelled,
+            control.stopped_outcome(),
             status.code().unwrap_or(-1),
-            format!("cancelled: {}", control.reason()),
+            control.stopped_message(""),
         ),
     };
     Ok(Finished {
@@ -826,6 +854,24 @@ mod tests {
         assert!(r.message.contains("test"), "{}", r.message);
         assert!(t.elapsed() < Duration::from_secs(10));
         assert!(group_members(pgid).is_empty(), "{:?}", group_members(pgid));
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_action_is_an_infra_error() {
+        let f = fixture();
+        let a = assign(&["sh", "-c", "sleep 100"], 60_000);
+        let control = ActionControl::default();
+        let stopper = async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            control.abandon("agent stopping");
+        };
+        let logs = Collect::default();
+        let (r, ()) = tokio::join!(
+            execute(&f.settings, &f.store, &logs, &a, "a", &control),
+            stopper
+        );
+        assert_eq!(outcome(&r), v1::ExecutionOutcome::InfraError, "{r:?}");
+        assert!(r.message.contains("agent stopping"), "{}", r.message);
     }
 
     #[tokio::test]

@@ -96,7 +96,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             shutdown.cancelled().await;
             let running = state.running_count();
             tracing::info!("stopping: cancelling {running} running actions");
-            state.cancel_all("the agent is shutting down");
+            state.abandon_all("the agent shut down while it ran");
             state.tracker().close();
             let limit = kill_grace + Duration::from_secs(15);
             if tokio::time::timeout(limit, state.tracker().wait())
