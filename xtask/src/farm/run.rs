@@ -14,6 +14,7 @@ use archfarm_proto::v1::{
 use archfarm_proto::Digest;
 use std::collections::HashMap;
 use std::future::Future;
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io::Write;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -181,6 +182,14 @@ pub async fn run_job(
             .await
             .with_context(|| format!("failed to watch job {job_id}"))?,
     );
+    // When the coordinator process started: a re-watch of the same process replays the job's
+    // history (which must not print twice), a restarted one does not. Asked in the background
+    // so that it costs the run no latency.
+    let mut probe = Some({
+        let mut c = client.clone();
+        tokio::spawn(async move { coordinator_started_unix_ms(&mut c).await })
+    });
+    let mut coordinator_started: Option<u64> = None;
     let mut watch = JobWatch::default();
     let mut first_line = None;
     let mut interrupts = 0u32;
@@ -235,21 +244,16 @@ pub async fn run_job(
                     Err(_) => eprintln!("failed to cancel job {job_id}: no answer in 10s"),
                 }
             }
-            Step::Event(Ok(Some(event))) => match event.kind {
-                Some(job_event::Kind::Action(status)) => emit(watch.on_status(status), output),
-                Some(job_event::Kind::Log(log)) => {
-                    let emits = watch.on_log(&log);
-                    if first_line.is_none() && emits.iter().any(Emit::is_output) {
-                        first_line = Some(started.elapsed());
-                    }
-                    emit(emits, output);
+            Step::Event(Ok(Some(event))) => {
+                let (emits, finished) = watch.on_event(event);
+                if first_line.is_none() && emits.iter().any(Emit::is_output) {
+                    first_line = Some(started.elapsed());
                 }
-                Some(job_event::Kind::Finished(job)) => {
-                    emit(watch.on_finished(&job), output);
+                emit(emits, output);
+                if let Some(job) = finished {
                     break job;
                 }
-                None => {}
-            },
+            }
             Step::Event(broken) => {
                 let why = match broken {
                     Err(status) => RpcError(status).to_string(),
@@ -271,7 +275,13 @@ pub async fn run_job(
                 }
             }
             Step::Resumed(resumed) => match resumed? {
-                Resumed::Stream(s) => {
+                Resumed::Stream(s, now_started) => {
+                    if let Some(p) = probe.take() {
+                        coordinator_started = p.await.ok().flatten();
+                    }
+                    let same = coordinator_started.is_some() && coordinator_started == now_started;
+                    coordinator_started = now_started;
+                    watch.resumed(same);
                     if print {
                         eprintln!("watching job {job_id} again");
                     }
@@ -325,10 +335,19 @@ async fn open_watch(
         .await)
 }
 
+/// When the coordinator process started, if it says.
+async fn coordinator_started_unix_ms(client: &mut FarmClient) -> Option<u64> {
+    super::status::farm_status(client, 1)
+        .await
+        .ok()
+        .map(|s| s.coordinator_started_unix_ms)
+        .filter(|t| *t > 0)
+}
+
 /// What re-watching found.
 enum Resumed {
-    /// A new event stream (it starts with every action's status again).
-    Stream(Streaming<v1::JobEvent>),
+    /// A new event stream, and when the coordinator serving it started.
+    Stream(Streaming<v1::JobEvent>, Option<u64>),
     /// The job finished while we were away.
     Finished(JobStatus),
 }
@@ -359,7 +378,10 @@ async fn rewatch(
             Ok(()) => match super::job::get_job(client, job_id).await {
                 Ok(job) if job.finished => return Ok(Resumed::Finished(job)),
                 Ok(_) => match open_watch(client, job_id).await {
-                    Ok(s) => return Ok(Resumed::Stream(s)),
+                    Ok(s) => {
+                        let started = coordinator_started_unix_ms(client).await;
+                        return Ok(Resumed::Stream(s, started));
+                    }
                     Err(e) if is_permanent(e.code()) => {
                         return Err(anyhow::Error::new(e)
                             .context(format!("failed to watch job {job_id} again")))
@@ -422,14 +444,41 @@ fn emit(emits: Vec<Emit>, output: RunOutput) {
 }
 
 /// Follows a job's events: prints each state change once, even when a re-watch sends every
-/// action's status again, and turns log chunks into prefixed lines.
+/// action's status or the job's whole history again, and turns log chunks into prefixed lines.
 #[derive(Default)]
 pub struct JobWatch {
     known: HashMap<String, ActionStatus>,
     lines: LinePrefixer,
+    replay: ReplayFilter,
 }
 
 impl JobWatch {
+    /// An event arrived; returns what to print and, for `finished`, the job's final status.
+    pub fn on_event(&mut self, event: v1::JobEvent) -> (Vec<Emit>, Option<JobStatus>) {
+        match event.kind {
+            Some(job_event::Kind::Action(status)) => {
+                if self.replay.is_replay(event_hash(1, &status), false) {
+                    return (Vec::new(), None);
+                }
+                (self.on_status(status), None)
+            }
+            Some(job_event::Kind::Log(log)) => {
+                if self.replay.is_replay(event_hash(2, &log), true) {
+                    return (Vec::new(), None);
+                }
+                (self.on_log(&log), None)
+            }
+            Some(job_event::Kind::Finished(job)) => (self.on_finished(&job), Some(job)),
+            None => (Vec::new(), None),
+        }
+    }
+
+    /// A new watch stream replaces a broken one; `same_coordinator` when the coordinator
+    /// process did not change (it then replays the job's history first).
+    pub fn resumed(&mut self, same_coordinator: bool) {
+        self.replay.resumed(same_coordinator);
+    }
+
     /// An action's status arrived.
     pub fn on_status(&mut self, status: ActionStatus) -> Vec<Emit> {
         if let Some(prev) = self.known.get(&status.action_id) {
@@ -483,6 +532,79 @@ impl JobWatch {
     /// Every partial line, completed.
     pub fn flush(&mut self) -> Vec<Emit> {
         as_emits(self.lines.flush_all())
+    }
+}
+
+fn event_hash<T: Hash>(kind: u8, value: &T) -> u64 {
+    let mut h = DefaultHasher::new();
+    kind.hash(&mut h);
+    value.hash(&mut h);
+    h.finish()
+}
+
+/// Recognises the events a re-watch sends again. A watch of a running job on the same
+/// coordinator process starts with the job's history in order; the history keeps every state
+/// change but may have dropped the oldest log chunks. So the replay is a subsequence of what
+/// this client saw (since the coordinator last started) that skips only log events: it is
+/// matched event by event, and the first event that does not match ends it. A restarted
+/// coordinator sends the current statuses instead, which [`JobWatch::on_status`] deduplicates.
+#[derive(Default)]
+pub struct ReplayFilter {
+    /// Hash of every event seen and whether it was a log chunk.
+    seen: Vec<(u64, bool)>,
+    /// Where the events of the current coordinator process begin in `seen`.
+    epoch_start: usize,
+    matching: ReplayMatch,
+}
+
+#[derive(Default, Clone, Copy)]
+enum ReplayMatch {
+    /// Not in a replay.
+    #[default]
+    Off,
+    /// A replay may start with the next event, anywhere in this process's events.
+    Searching,
+    /// In a replay; the next event should be at or after this index.
+    At(usize),
+}
+
+impl ReplayFilter {
+    /// A new stream began (see [`JobWatch::resumed`]).
+    pub fn resumed(&mut self, same_coordinator: bool) {
+        if same_coordinator {
+            self.matching = ReplayMatch::Searching;
+        } else {
+            self.epoch_start = self.seen.len();
+            self.matching = ReplayMatch::Off;
+        }
+    }
+
+    /// Whether an event is a replay of one seen before; records it when it is new.
+    pub fn is_replay(&mut self, hash: u64, is_log: bool) -> bool {
+        match self.matching {
+            ReplayMatch::Off => {}
+            ReplayMatch::Searching => {
+                let since = &self.seen[self.epoch_start..];
+                if let Some(i) = since.iter().position(|(h, _)| *h == hash) {
+                    self.matching = ReplayMatch::At(self.epoch_start + i + 1);
+                    return true;
+                }
+            }
+            ReplayMatch::At(next) => {
+                for (i, (h, was_log)) in self.seen.iter().enumerate().skip(next) {
+                    if *h == hash {
+                        self.matching = ReplayMatch::At(i + 1);
+                        return true;
+                    }
+                    if !was_log {
+                        break; // a state change is never dropped from the history
+                    }
+                }
+            }
+        }
+        self.matching = ReplayMatch::Off;
+        self.seen.push((hash, is_log));
+        false
     }
 }
 
@@ -861,6 +983,80 @@ mod tests {
             ..Default::default()
         };
         assert!(w.on_finished(&job).is_empty());
+    }
+
+    fn status_event(state: ActionState) -> v1::JobEvent {
+        v1::JobEvent {
+            kind: Some(job_event::Kind::Action(status("linux/arm64", state, None))),
+        }
+    }
+
+    fn log_event(data: &str) -> v1::JobEvent {
+        v1::JobEvent {
+            kind: Some(job_event::Kind::Log(ActionLog {
+                action_id: "j1/linux/arm64".into(),
+                platform: "linux/arm64".into(),
+                stream: LogStream::Stdout as i32,
+                data: data.as_bytes().to_vec(),
+                attempt: 1,
+            })),
+        }
+    }
+
+    /// Feeds events; returns what was printed, one string per emit.
+    fn feed(w: &mut JobWatch, events: Vec<v1::JobEvent>) -> Vec<String> {
+        events
+            .into_iter()
+            .flat_map(|e| w.on_event(e).0)
+            .map(|e| match e {
+                Emit::Stdout(b) | Emit::Stderr(b) => String::from_utf8_lossy(&b).into_owned(),
+                Emit::Progress(p) => p,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_replayed_history_prints_nothing_twice() {
+        let history = || {
+            vec![
+                status_event(ActionState::Queued),
+                status_event(ActionState::Running),
+                log_event("tick\n"),
+                log_event("tick\n"),
+            ]
+        };
+        let mut w = JobWatch::default();
+        assert_eq!(feed(&mut w, history()).len(), 4);
+        w.resumed(true);
+        let mut replay = history();
+        replay.push(log_event("tock\n"));
+        assert_eq!(feed(&mut w, replay), ["[linux/arm64] tock\n"]);
+        // The history dropped the oldest log chunk this time.
+        w.resumed(true);
+        let mut trimmed = history();
+        trimmed.remove(2);
+        trimmed.push(log_event("tock\n"));
+        trimmed.push(log_event("tick\n"));
+        assert_eq!(feed(&mut w, trimmed), ["[linux/arm64] tick\n"]);
+    }
+
+    #[test]
+    fn a_restarted_coordinator_sends_statuses_and_new_output_only() {
+        let mut w = JobWatch::default();
+        feed(
+            &mut w,
+            vec![status_event(ActionState::Running), log_event("tick\n")],
+        );
+        w.resumed(false);
+        let after_restart = vec![
+            status_event(ActionState::Running), // the stored status: nothing new
+            log_event("tick\n"),                // new output that looks like old output
+        ];
+        assert_eq!(feed(&mut w, after_restart), ["[linux/arm64] tick\n"]);
+        // Then the same process again: its history is what it published since it started.
+        w.resumed(true);
+        let replay = vec![log_event("tick\n"), log_event("done\n")];
+        assert_eq!(feed(&mut w, replay), ["[linux/arm64] done\n"]);
     }
 
     #[test]
