@@ -1,1 +1,418 @@
-//! e2e harness
+//! End-to-end harness: starts a real coordinator and real agents as processes on loopback with
+//! real TLS, drives them through the `xtask farm` command line and gRPC, and prints every
+//! process's log when a test fails.
+use anyhow::{bail, Context};
+use archfarm_proto::tls::{connect, Credentials, ServerTrust};
+use archfarm_proto::v1;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+
+/// The directory holding the workspace's built binaries (target/debug).
+pub fn bin_dir() -> PathBuf {
+    // tests run from target/debug/deps/<test>-<hash>
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir").to_path_buf();
+    for b in ["archfarm-coordinator", "archfarm-agent", "xtask"] {
+        assert!(
+            dir.join(b).exists(),
+            "{} is missing: run `cargo build --workspace --bins` first (cargo xtask ci does)",
+            dir.join(b).display()
+        );
+    }
+    dir
+}
+
+/// A process the harness started, with its log file.
+pub struct Proc {
+    /// Name for logs.
+    pub name: String,
+    /// The child.
+    pub child: Option<Child>,
+    /// Where stdout and stderr go.
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Its pid.
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(-1)
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig);
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits for exit up to `timeout`; returns the exit status code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    self.child = None;
+                    return Some(st.code().unwrap_or(-1));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// A whole farm on loopback.
+pub struct Farm {
+    /// Root of everything this farm writes.
+    pub dir: tempfile::TempDir,
+    /// The coordinator's port.
+    pub port: u16,
+    /// The coordinator.
+    pub coordinator: Proc,
+    /// Extra coordinator flags (kept for restarts).
+    pub coordinator_args: Vec<String>,
+    /// Agents by name.
+    pub agents: Vec<Proc>,
+    /// CLI invocations, for failure output.
+    pub cli_log: std::cell::RefCell<Vec<String>>,
+    bins: PathBuf,
+    runtime: tokio::runtime::Runtime,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+impl Farm {
+    /// Starts a coordinator with extra flags, e.g. `--lease-s 4`.
+    pub fn start(extra: &[&str]) -> Self {
+        let bins = bin_dir();
+        let dir = tempfile::Builder::new().prefix("archfarm-e2e-").tempdir().expect("tempdir");
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let mut farm = Self {
+            port: free_port(),
+            coordinator: Proc {
+                name: "coordinator".into(),
+                child: None,
+                log: dir.path().join("coordinator.log"),
+            },
+            coordinator_args: extra.iter().map(|s| s.to_string()).collect(),
+            agents: Vec::new(),
+            cli_log: Default::default(),
+            dir,
+            bins,
+            runtime,
+        };
+        farm.start_coordinator();
+        farm
+    }
+
+    /// The coordinator URL.
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    /// The admin credentials directory.
+    pub fn admin_dir(&self) -> PathBuf {
+        self.dir.path().join("coordinator/admin")
+    }
+
+    fn open_log(path: &Path) -> (Stdio, Stdio) {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .expect("log file");
+        (Stdio::from(f.try_clone().expect("clone")), Stdio::from(f))
+    }
+
+    /// (Re)starts the coordinator on the same port and data dir; waits until it answers.
+    pub fn start_coordinator(&mut self) {
+        let (out, err) = Self::open_log(&self.coordinator.log);
+        let child = Command::new(self.bins.join("archfarm-coordinator"))
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--data-dir")
+            .arg(self.dir.path().join("coordinator"))
+            .args(&self.coordinator_args)
+            .env("RUST_LOG", "info")
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("spawn coordinator");
+        self.coordinator.child = Some(child);
+        self.wait_for("the coordinator to answer", Duration::from_secs(30), |f| {
+            f.admin_dir().join("ca.pem").exists() && f.status().is_ok()
+        });
+    }
+
+    /// Runs a future on the harness's runtime.
+    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.runtime.block_on(f)
+    }
+
+    /// A channel with the given credentials directory (None: no client certificate).
+    pub fn channel(&self, creds: Option<&Path>) -> anyhow::Result<Channel> {
+        let ca = std::fs::read_to_string(self.admin_dir().join("ca.pem"))?;
+        let url = self.url();
+        self.block_on(async move {
+            match creds {
+                Some(dir) => {
+                    let c = Credentials::load(dir)?;
+                    Ok(connect(&url, &ServerTrust::Ca(c.ca_pem.clone()), Some(&c.identity)).await?.channel)
+                }
+                None => Ok(connect(&url, &ServerTrust::Ca(ca), None).await?.channel),
+            }
+        })
+    }
+
+    /// Farm status as the admin sees it.
+    pub fn status(&self) -> anyhow::Result<v1::FarmStatusResponse> {
+        let ch = self.channel(Some(&self.admin_dir()))?;
+        self.block_on(async move {
+            let mut c = v1::jobs_client::JobsClient::new(ch);
+            Ok(c.farm_status(v1::FarmStatusRequest { recent_jobs: 50 }).await?.into_inner())
+        })
+    }
+
+    /// A job's status.
+    pub fn job(&self, id: &str) -> anyhow::Result<v1::JobStatus> {
+        let ch = self.channel(Some(&self.admin_dir()))?;
+        let id = id.to_string();
+        self.block_on(async move {
+            let mut c = v1::jobs_client::JobsClient::new(ch);
+            Ok(c.get_job(v1::GetJobRequest { job_id: id }).await?.into_inner())
+        })
+    }
+
+    /// Creates a join token through the command line; returns (token, ca hash).
+    pub fn token(&self, extra: &[&str]) -> (String, String) {
+        let mut args = vec!["farm", "token", "create", "--json"];
+        args.extend_from_slice(extra);
+        let out = self.cli(&args);
+        assert!(out.status.success(), "token create failed: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("token json");
+        (
+            v["token"].as_str().expect("token").to_string(),
+            v["ca_hash"].as_str().expect("ca_hash").to_string(),
+        )
+    }
+
+    /// Starts an agent named `name` with a fresh token; `extra` are more agent flags.
+    pub fn add_agent(&mut self, name: &str, extra: &[&str]) -> usize {
+        let (token, hash) = self.token(&[]);
+        self.spawn_agent(name, &token, &hash, extra)
+    }
+
+    /// Starts an agent process with the given token and CA hash.
+    pub fn spawn_agent(&mut self, name: &str, token: &str, ca_hash: &str, extra: &[&str]) -> usize {
+        let log = self.dir.path().join(format!("agent-{name}.log"));
+        let (out, err) = Self::open_log(&log);
+        let child = Command::new(self.bins.join("archfarm-agent"))
+            .arg("--coordinator")
+            .arg(self.url())
+            .arg("--data-dir")
+            .arg(self.dir.path().join(format!("agent-{name}")))
+            .args(["--token", token, "--ca-hash", ca_hash])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("spawn agent");
+        self.agents.push(Proc {
+            name: format!("agent-{name}"),
+            child: Some(child),
+            log,
+        });
+        self.agents.len() - 1
+    }
+
+    /// Restarts agent `i` with its stored credentials (no token).
+    pub fn restart_agent(&mut self, i: usize, extra: &[&str]) {
+        let name = self.agents[i].name.clone();
+        let (out, err) = Self::open_log(&self.agents[i].log);
+        let child = Command::new(self.bins.join("archfarm-agent"))
+            .arg("--coordinator")
+            .arg(self.url())
+            .arg("--data-dir")
+            .arg(self.dir.path().join(&name))
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("spawn agent");
+        self.agents[i].child = Some(child);
+    }
+
+    /// Waits until `n` agents are ready.
+    pub fn wait_ready_agents(&self, n: usize) {
+        self.wait_for(&format!("{n} ready agents"), Duration::from_secs(60), |f| {
+            f.status().is_ok_and(|s| {
+                s.agents
+                    .iter()
+                    .filter(|a| a.state == v1::AgentState::Ready as i32)
+                    .count()
+                    >= n
+            })
+        });
+    }
+
+    /// Polls `cond` every 100 ms until it holds or `timeout` passes (then panics, with logs).
+    pub fn wait_for(&self, what: &str, timeout: Duration, mut cond: impl FnMut(&Self) -> bool) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if cond(self) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("timed out after {timeout:?} waiting for {what}");
+    }
+
+    /// Runs `xtask` with the farm's coordinator and admin credentials.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_with(args, &self.admin_dir())
+    }
+
+    /// Runs `xtask` with the given credentials.
+    pub fn cli_with(&self, args: &[&str], creds: &Path) -> Output {
+        let out = self.cli_command(args, creds).output().expect("run xtask");
+        self.cli_log.borrow_mut().push(format!(
+            "$ xtask {}\n[exit {:?}]\n--- stdout\n{}--- stderr\n{}",
+            args.join(" "),
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+        out
+    }
+
+    /// The `xtask` command, not started.
+    pub fn cli_command(&self, args: &[&str], creds: &Path) -> Command {
+        let mut c = Command::new(self.bins.join("xtask"));
+        c.args(args)
+            .env("ARCHFARM_COORDINATOR", self.url())
+            .env("ARCHFARM_CREDENTIALS", creds);
+        c
+    }
+
+    /// Lines of the coordinator and agent logs at ERROR level.
+    pub fn error_lines(&self) -> Vec<String> {
+        std::iter::once(&self.coordinator)
+            .chain(self.agents.iter())
+            .flat_map(|p| {
+                p.log_text()
+                    .lines()
+                    .filter(|l| l.contains(" ERROR "))
+                    .map(|l| format!("{}: {l}", p.name))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// Fails if any process logged an ERROR not matching one of `expected`.
+    pub fn assert_no_unexpected_errors(&self, expected: &[&str]) {
+        let bad: Vec<String> = self
+            .error_lines()
+            .into_iter()
+            .filter(|l| !expected.iter().any(|e| l.contains(e)))
+            .collect();
+        assert!(bad.is_empty(), "unexpected ERROR lines:\n{}", bad.join("\n"));
+    }
+}
+
+impl Drop for Farm {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("===== farm logs ({}) =====", self.dir.path().display());
+            for p in std::iter::once(&self.coordinator).chain(self.agents.iter()) {
+                eprintln!("----- {} -----\n{}", p.name, p.log_text());
+            }
+            for c in self.cli_log.borrow().iter() {
+                eprintln!("----- cli -----\n{c}");
+            }
+        }
+        for a in &mut self.agents {
+            a.kill();
+        }
+        self.coordinator.kill();
+    }
+}
+
+/// Cross-compiles a tiny Go program that prints its GOARCH for each arch into
+/// `out/linux/<arch>/hello`. Needs `go` (Debian's golang-go).
+pub fn build_hello(out: &Path, arches: &[&str]) -> anyhow::Result<()> {
+    let src = out.join("src");
+    std::fs::create_dir_all(&src)?;
+    std::fs::write(
+        src.join("main.go"),
+        "package main\n\nimport (\n\t\"fmt\"\n\t\"runtime\"\n)\n\nfunc main() {\n\tfmt.Printf(\"hello from %s/%s\\n\", runtime.GOOS, runtime.GOARCH)\n}\n",
+    )?;
+    let input = out.join("input");
+    for arch in arches {
+        let dest = input.join("linux").join(arch);
+        std::fs::create_dir_all(&dest)?;
+        let st = Command::new("go")
+            .args(["build", "-o"])
+            .arg(dest.join("hello"))
+            .arg("main.go")
+            .current_dir(&src)
+            .env("CGO_ENABLED", "0")
+            .env("GOOS", "linux")
+            .env("GOARCH", arch)
+            .env("GO111MODULE", "off")
+            .env("GOCACHE", out.join("gocache"))
+            .env("GOPATH", out.join("gopath"))
+            .status()
+            .context("failed to run go (install golang-go)")?;
+        if !st.success() {
+            bail!("go build for {arch} failed");
+        }
+    }
+    Ok(())
+}
+
+/// The qemu-user program for a Go arch.
+pub fn qemu_for(arch: &str) -> String {
+    let q = match arch {
+        "arm64" => "aarch64",
+        other => other,
+    };
+    format!("/usr/bin/qemu-{q}-static")
+}
+
+/// Whether any process's command line contains `needle`.
+pub fn process_running(needle: &str) -> bool {
+    let Ok(rd) = std::fs::read_dir("/proc") else { return false };
+    rd.flatten().any(|e| {
+        std::fs::read(e.path().join("cmdline"))
+            .map(|b| {
+                let s = String::from_utf8_lossy(&b).replace('\0', " ");
+                // The CLI that submitted the command carries it in its own argv.
+                s.contains(needle) && !s.contains("xtask")
+            })
+            .unwrap_or(false)
+    })
+}

@@ -1,0 +1,365 @@
+//! The core loop end to end: join, roles, run, emulation, lost agents, restarts, cancel and
+//! bad input, with real processes and real TLS on loopback.
+use archfarm_proto::v1;
+use archfarm_tests::*;
+use nix::sys::signal::Signal;
+use std::time::Duration;
+use tonic::Code;
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn job_id_from(stderr: &str) -> String {
+    stderr
+        .split_whitespace()
+        .find(|w| w.starts_with("j-"))
+        .map(|w| w.trim_matches(|c: char| !c.is_ascii_alphanumeric() && c != '-').to_string())
+        .unwrap_or_else(|| panic!("no job id in {stderr}"))
+}
+
+#[test]
+fn tokens_join_agents_and_bad_tokens_register_nothing() {
+    let mut farm = Farm::start(&[]);
+    let (token, hash) = farm.token(&["--labels", "lab=e2e", "--single-use"]);
+    assert!(token.len() == 23 && token.as_bytes()[6] == b'.', "{token}");
+    farm.spawn_agent("good", &token, &hash, &[]);
+    farm.wait_ready_agents(1);
+    let s = farm.status().unwrap();
+    assert_eq!(s.agents.len(), 1);
+    let a = &s.agents[0];
+    assert_eq!(a.platforms[0].platform, "linux/amd64");
+    assert!(!a.platforms[0].emulated);
+    assert!(a.labels.iter().any(|l| l.key == "lab" && l.value == "e2e"), "{:?}", a.labels);
+
+    // The same single-use token again, a made-up token, an expired one: refused, nothing joins.
+    let (short, _) = farm.token(&["--ttl", "1s"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    for (name, bad, expect) in [
+        ("reused", token.as_str(), "already used"),
+        ("madeup", "abcdef.0123456789abcdef", "not known"),
+        ("expired", short.as_str(), "expired"),
+        ("garbled", "nonsense", "malformed join token"),
+    ] {
+        let i = farm.spawn_agent(name, bad, &hash, &[]);
+        let code = farm.agents[i].wait_exit(Duration::from_secs(20));
+        assert!(matches!(code, Some(c) if c != 0), "{name}: agent exit {code:?}");
+        let log = farm.agents[i].log_text();
+        assert!(log.contains(expect), "{name}: agent log lacks {expect:?}:\n{log}");
+    }
+    // A wrong CA pin is refused before any token is sent.
+    let (t2, _) = farm.token(&[]);
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    let i = farm.spawn_agent("wrongpin", &t2, &wrong, &[]);
+    assert!(matches!(farm.agents[i].wait_exit(Duration::from_secs(30)), Some(c) if c != 0) || {
+        farm.agents[i].kill();
+        true
+    });
+    assert!(farm.agents[i].log_text().contains("does not match the pin"), "{}", farm.agents[i].log_text());
+    assert_eq!(farm.status().unwrap().agents.len(), 1, "refused agents must not be registered");
+    farm.assert_no_unexpected_errors(&["agent-"]);
+}
+
+#[test]
+fn roles_are_checked_on_every_call() {
+    let mut farm = Farm::start(&[]);
+    farm.add_agent("a", &[]);
+    farm.wait_ready_agents(1);
+    let agent_creds = farm.dir.path().join("agent-a/credentials");
+    let spec = v1::JobSpec {
+        platforms: vec!["linux/amd64".into()],
+        argv: vec!["true".into()],
+        timeout_ms: 60_000,
+        ..Default::default()
+    };
+    // No client certificate.
+    let ch = farm.channel(None).unwrap();
+    let s = spec.clone();
+    let e = farm
+        .block_on(async move { v1::jobs_client::JobsClient::new(ch).submit(v1::SubmitRequest { spec: Some(s) }).await })
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    // An agent certificate can neither submit nor administer.
+    let ch = farm.channel(Some(&agent_creds)).unwrap();
+    let s = spec.clone();
+    let c2 = ch.clone();
+    let e = farm
+        .block_on(async move { v1::jobs_client::JobsClient::new(c2).submit(v1::SubmitRequest { spec: Some(s) }).await })
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let e = farm
+        .block_on(async move {
+            v1::admin_client::AdminClient::new(ch)
+                .create_token(v1::CreateTokenRequest::default())
+                .await
+        })
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    // The CLI says so readably.
+    let out = farm.cli_with(&["farm", "status"], &agent_creds);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("permission denied"), "{}", stderr(&out));
+}
+
+#[test]
+fn run_streams_both_streams_and_returns_the_exit_code() {
+    let mut farm = Farm::start(&[]);
+    farm.add_agent("a", &[]);
+    farm.wait_ready_agents(1);
+    let out = farm.cli(&[
+        "farm",
+        "run",
+        "--platform",
+        "linux/amd64",
+        "--",
+        "sh",
+        "-c",
+        "echo out; echo err >&2; exit 3",
+    ]);
+    assert_eq!(out.status.code(), Some(3), "stdout:\n{}\nstderr:\n{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).contains("[linux/amd64] out"), "{}", stdout(&out));
+    assert!(stderr(&out).contains("[linux/amd64] err"), "{}", stderr(&out));
+    let ok = farm.cli(&["farm", "run", "--platform", "linux/amd64", "--", "true"]);
+    assert_eq!(ok.status.code(), Some(0), "{}", stderr(&ok));
+    farm.assert_no_unexpected_errors(&[]);
+}
+
+#[test]
+fn foreign_binaries_run_on_emulated_agents_only_when_allowed() {
+    let arches = ["arm64", "ppc64le", "s390x", "riscv64"];
+    let mut farm = Farm::start(&["--unschedulable-grace-s", "2"]);
+    build_hello(&farm.dir.path().join("hello"), &arches).expect("go cross-compile");
+    for arch in arches {
+        let emulate = format!("linux/{arch}={}", qemu_for(arch));
+        farm.add_agent(arch, &["--no-native", "--emulate", &emulate]);
+    }
+    farm.wait_ready_agents(4);
+    let input = farm.dir.path().join("hello/input");
+    let input = input.to_str().unwrap();
+    let mut args = vec!["farm", "run", "--allow-emulation", "--input", input];
+    for arch in &arches {
+        args.push("--platform");
+        args.push(Box::leak(format!("linux/{arch}").into_boxed_str()));
+    }
+    args.extend(["--", "./{os}/{arch}/hello"]);
+    let out = farm.cli(&args);
+    assert_eq!(out.status.code(), Some(0), "stdout:\n{}\nstderr:\n{}", stdout(&out), stderr(&out));
+    for arch in arches {
+        assert!(
+            stdout(&out).contains(&format!("[linux/{arch}] hello from linux/{arch}")),
+            "{arch}: {}",
+            stdout(&out)
+        );
+    }
+    assert!(stdout(&out).to_lowercase().contains("emulated") || stderr(&out).to_lowercase().contains("emulated"));
+    let job = farm.job(&job_id_from(&stderr(&out))).unwrap();
+    for a in &job.actions {
+        let r = a.result.as_ref().unwrap();
+        assert!(r.emulated && a.emulated, "{} must be marked emulated", a.platform);
+    }
+    // Without --allow-emulation: unschedulable, with a reason, exit 1.
+    let no: Vec<&str> = args.iter().copied().filter(|a| *a != "--allow-emulation").collect();
+    let out = farm.cli(&no);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let text = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(text.contains("unschedulable"), "{text}");
+    assert!(text.contains("does not allow emulation"), "{text}");
+    farm.assert_no_unexpected_errors(&[]);
+}
+
+#[test]
+fn a_killed_agents_work_moves_and_late_results_are_refused() {
+    let mut farm = Farm::start(&["--lease-s", "4", "--heartbeat-s", "1"]);
+    let a = farm.add_agent("a", &["--slots", "1"]);
+    farm.wait_ready_agents(1);
+    let b = farm.add_agent("b", &["--slots", "1"]);
+    farm.wait_ready_agents(2);
+    let admin = farm.admin_dir();
+    // SIGKILL whichever agent runs the action.
+    let run = |farm: &Farm, marker: &str| {
+        farm.cli_command(
+            &["farm", "run", "--platform", "linux/amd64", "--", "sh", "-c", &format!("sleep 3; echo {marker}")],
+            &admin,
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+    };
+    let client = run(&farm, "first");
+    let mut holder = String::new();
+    farm.wait_for("the action to start", Duration::from_secs(20), |f| {
+        f.status().is_ok_and(|s| {
+            s.running.first().map(|r| holder = r.agent_id.clone()).is_some()
+        })
+    });
+    // Find the process of the holder by its data dir's agent.json.
+    let victim = [a, b]
+        .into_iter()
+        .find(|i| {
+            std::fs::read_to_string(farm.dir.path().join(format!("{}/agent.json", farm.agents[*i].name)))
+                .is_ok_and(|s| s.contains(&holder))
+        })
+        .expect("holder agent process");
+    farm.agents[victim].kill();
+    let out = client.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("first"));
+    let job = farm.job(&job_id_from(&stderr(&out))).unwrap();
+    let act = &job.actions[0];
+    assert_eq!(act.state, v1::ActionState::Succeeded as i32);
+    assert_eq!(act.attempts, 2, "one lost attempt, one good one");
+    assert_ne!(act.result.as_ref().unwrap().agent_id, holder, "recorded from the surviving agent");
+
+    // Late result: freeze the agent running an action until its lease lapses, then thaw it.
+    let survivor = if victim == a { b } else { a };
+    farm.restart_agent(victim, &["--slots", "1"]);
+    farm.wait_ready_agents(2);
+    let client = run(&farm, "second");
+    let mut holder = String::new();
+    farm.wait_for("the action to start", Duration::from_secs(20), |f| {
+        f.status().is_ok_and(|s| s.running.first().map(|r| holder = r.agent_id.clone()).is_some())
+    });
+    let frozen = [victim, survivor]
+        .into_iter()
+        .find(|i| {
+            std::fs::read_to_string(farm.dir.path().join(format!("{}/agent.json", farm.agents[*i].name)))
+                .is_ok_and(|s| s.contains(&holder))
+        })
+        .unwrap();
+    farm.agents[frozen].signal(Signal::SIGSTOP);
+    let out = client.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    farm.agents[frozen].signal(Signal::SIGCONT);
+    farm.wait_for("the stale result to be refused", Duration::from_secs(30), |f| {
+        f.status().is_ok_and(|s| s.stale_results_refused >= 1)
+    });
+    let job = farm.job(&job_id_from(&stderr(&out))).unwrap();
+    assert_eq!(job.actions[0].attempts, 2);
+    assert_ne!(job.actions[0].result.as_ref().unwrap().agent_id, holder);
+}
+
+#[test]
+fn a_coordinator_killed_mid_flight_loses_nothing() {
+    let mut farm = Farm::start(&["--lease-s", "6", "--heartbeat-s", "1"]);
+    farm.add_agent("a", &["--slots", "1"]);
+    farm.wait_ready_agents(1);
+    let done = farm.cli(&["farm", "run", "--platform", "linux/amd64", "--", "echo", "finished-before"]);
+    assert!(done.status.success(), "{}", stderr(&done));
+    let done_id = job_id_from(&stderr(&done));
+    let admin = farm.admin_dir();
+    let spawn = |farm: &Farm, cmd: &str| {
+        farm.cli_command(&["farm", "run", "--platform", "linux/amd64", "--", "sh", "-c", cmd], &admin)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let running = spawn(&farm, "sleep 4; echo ran-through");
+    farm.wait_for("one running", Duration::from_secs(20), |f| f.status().is_ok_and(|s| s.running.len() == 1));
+    let queued = spawn(&farm, "echo was-queued");
+    farm.wait_for("one queued", Duration::from_secs(20), |f| {
+        f.status().is_ok_and(|s| s.queues.iter().map(|q| q.queued).sum::<u32>() == 1)
+    });
+    let before = farm.status().unwrap();
+    let ids: Vec<String> = before.recent_jobs.iter().map(|j| j.job_id.clone()).collect();
+    farm.coordinator.signal(Signal::SIGKILL);
+    farm.coordinator.wait_exit(Duration::from_secs(5));
+    farm.start_coordinator();
+    // The clients reconnect by themselves; both jobs finish.
+    let r = running.wait_with_output().unwrap();
+    let q = queued.wait_with_output().unwrap();
+    assert!(r.status.success(), "running job: {}", stderr(&r));
+    assert!(q.status.success(), "queued job: {}", stderr(&q));
+    let after = farm.status().unwrap();
+    for id in &ids {
+        let j = farm.job(id).unwrap();
+        assert!(j.finished, "{id} finished");
+        assert_eq!(j.actions[0].state, v1::ActionState::Succeeded as i32, "{id}");
+    }
+    assert!(ids.contains(&done_id));
+    assert!(after.agents.iter().all(|a| a.state == v1::AgentState::Ready as i32), "agents reconnected: {:?}", after.agents);
+    let running_job = farm.job(&ids[1]).unwrap();
+    assert_eq!(running_job.actions[0].attempts, 1, "the running action was re-claimed, not re-run");
+}
+
+#[test]
+fn cancel_kills_the_whole_process_tree() {
+    let mut farm = Farm::start(&[]);
+    farm.add_agent("a", &[]);
+    farm.wait_ready_agents(1);
+    let marker = "987654.321";
+    let admin = farm.admin_dir();
+    let client = farm
+        .cli_command(
+            &["farm", "run", "--platform", "linux/amd64", "--", "sh", "-c", &format!("sleep {marker} & sleep {marker}; wait")],
+            &admin,
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    farm.wait_for("the sleeps to start", Duration::from_secs(20), |_| process_running(marker));
+    let s = farm.status().unwrap();
+    let job = s.running[0].action_id.split('/').next().unwrap().to_string();
+    let out = farm.cli(&["farm", "cancel", &job]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let c = client.wait_with_output().unwrap();
+    assert_eq!(c.status.code(), Some(1), "cancelled job exits 1: {}", stderr(&c));
+    farm.wait_for("the process tree to die", Duration::from_secs(15), |_| !process_running(marker));
+    assert_eq!(farm.job(&job).unwrap().actions[0].state, v1::ActionState::Cancelled as i32);
+}
+
+#[test]
+fn bad_input_gets_precise_statuses_and_the_server_stays_up() {
+    let farm = Farm::start(&[]);
+    let base = v1::JobSpec {
+        platforms: vec!["linux/amd64".into()],
+        argv: vec!["true".into()],
+        timeout_ms: 60_000,
+        ..Default::default()
+    };
+    let mut cases: Vec<(&str, v1::JobSpec, Code, &str)> = Vec::new();
+    let mut s = base.clone();
+    s.argv.clear();
+    cases.push(("empty argv", s, Code::InvalidArgument, "argv"));
+    let mut s = base.clone();
+    s.platforms = vec!["linux/mips".into()];
+    cases.push(("unknown platform", s, Code::InvalidArgument, "unknown platform"));
+    let mut s = base.clone();
+    s.timeout_ms = 0;
+    cases.push(("zero timeout", s, Code::InvalidArgument, "timeout_ms"));
+    let mut s = base.clone();
+    s.timeout_ms = u64::MAX;
+    cases.push(("absurd timeout", s, Code::InvalidArgument, "timeout_ms"));
+    let mut s = base.clone();
+    s.platforms.push("linux/amd64".into());
+    cases.push(("duplicate platform", s, Code::InvalidArgument, "given twice"));
+    let mut s = base.clone();
+    s.env = vec![v1::EnvVar { name: "HUGE".into(), value: "x".repeat(200_000) }];
+    cases.push(("oversized env", s, Code::InvalidArgument, "env"));
+    let mut s = base.clone();
+    s.input_root = Some(archfarm_proto::Digest::of(b"nothing uploaded").to_proto());
+    cases.push(("input root not uploaded", s, Code::FailedPrecondition, "upload"));
+    let ch = farm.channel(Some(&farm.admin_dir())).unwrap();
+    for (what, spec, code, text) in cases {
+        let c = ch.clone();
+        let e = farm
+            .block_on(async move { v1::jobs_client::JobsClient::new(c).submit(v1::SubmitRequest { spec: Some(spec) }).await })
+            .unwrap_err();
+        assert_eq!(e.code(), code, "{what}: {e:?}");
+        assert!(e.message().contains(text), "{what}: {}", e.message());
+    }
+    // The CLI turns them into readable messages.
+    let out = farm.cli(&["farm", "run", "--platform", "linux/mips", "--", "true"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("unknown platform \"linux/mips\""), "{}", stderr(&out));
+    let out = farm.cli(&["farm", "run", "--platform", "linux/amd64", "--platform", "linux/amd64", "--", "true"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("given twice"), "{}", stderr(&out));
+    assert!(farm.status().is_ok(), "the server is still up");
+    farm.assert_no_unexpected_errors(&[]);
+}
