@@ -239,7 +239,10 @@ pub async fn run_job(
                 let reason = "cancelled by Ctrl-C in `farm run`";
                 let cancel = super::cancel::cancel_job(client, &job_id, reason);
                 match tokio::time::timeout(Duration::from_secs(10), cancel).await {
-                    Ok(Ok(n)) => eprintln!("cancelled {n} unfinished actions"),
+                    Ok(Ok(n)) => eprintln!(
+                        "cancelled {n} unfinished action{}",
+                        if n == 1 { "" } else { "s" }
+                    ),
                     Ok(Err(e)) => eprintln!("{e:#}"),
                     Err(_) => eprintln!("failed to cancel job {job_id}: no answer in 10s"),
                 }
@@ -295,6 +298,9 @@ pub async fn run_job(
             },
         }
     };
+    if print_recorded_outputs(client, &mut watch, &finished, output).await && first_line.is_none() {
+        first_line = Some(started.elapsed());
+    }
     let total = started.elapsed();
     let platforms = finished
         .spec
@@ -450,6 +456,8 @@ pub struct JobWatch {
     known: HashMap<String, ActionStatus>,
     lines: LinePrefixer,
     replay: ReplayFilter,
+    /// Log bytes received per action and stream.
+    received: HashMap<(String, LogStream), u64>,
 }
 
 impl JobWatch {
@@ -504,6 +512,10 @@ impl JobWatch {
     /// A log chunk arrived.
     pub fn on_log(&mut self, log: &ActionLog) -> Vec<Emit> {
         let stream = stream_of(log);
+        *self
+            .received
+            .entry((log.action_id.clone(), stream))
+            .or_default() += log.data.len() as u64;
         let lines = self.lines.push(
             &log.action_id,
             log.attempt,
@@ -533,6 +545,117 @@ impl JobWatch {
     pub fn flush(&mut self) -> Vec<Emit> {
         as_emits(self.lines.flush_all())
     }
+
+    /// The recorded outputs of finished actions of which no live byte arrived (the job ended
+    /// before the watch began, the output fell into a coordinator restart, or the result came
+    /// from the action cache): they are read from the CAS instead.
+    pub fn unseen_outputs(&self, job: &JobStatus) -> Vec<UnseenOutput> {
+        let platforms = job
+            .spec
+            .as_ref()
+            .map(|s| s.platforms.clone())
+            .unwrap_or_default();
+        let mut unseen = Vec::new();
+        for a in ordered_actions(&platforms, &job.actions) {
+            let Some(result) = &a.result else { continue };
+            for (stream, digest) in [
+                (LogStream::Stdout, &result.stdout_digest),
+                (LogStream::Stderr, &result.stderr_digest),
+            ] {
+                let Some(digest) = digest.as_ref().and_then(|d| Digest::from_proto(d).ok()) else {
+                    continue;
+                };
+                let received = self
+                    .received
+                    .get(&(a.action_id.clone(), stream))
+                    .copied()
+                    .unwrap_or(0);
+                if digest.size_bytes() > 0 && received == 0 {
+                    unseen.push(UnseenOutput {
+                        action_id: a.action_id.clone(),
+                        platform: a.platform.clone(),
+                        stream,
+                        digest,
+                    });
+                }
+            }
+        }
+        unseen
+    }
+
+    /// Prints a whole recorded output as prefixed lines.
+    pub fn recorded_output(&mut self, output: &UnseenOutput, data: &[u8]) -> Vec<Emit> {
+        let key = format!("{} (recorded)", output.action_id);
+        let mut chunks = vec![(
+            output.stream,
+            self.lines
+                .push(&key, 0, output.stream, &output.platform, data),
+        )];
+        chunks.extend(self.lines.flush_action(&key));
+        as_emits(chunks)
+    }
+}
+
+/// An action's output stream that was recorded but not seen live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnseenOutput {
+    /// The action.
+    pub action_id: String,
+    /// Its platform, for the line prefix.
+    pub platform: String,
+    /// Which stream.
+    pub stream: LogStream,
+    /// The blob holding it.
+    pub digest: Digest,
+}
+
+/// Largest recorded output read back from the CAS in one BatchRead.
+const MAX_RECORDED_OUTPUT_BYTES: u64 = 32 << 20;
+
+/// Reads and prints the recorded outputs the watch did not stream. Failures are reported and
+/// otherwise ignored: the job's verdict does not depend on them.
+async fn print_recorded_outputs(
+    client: &mut FarmClient,
+    watch: &mut JobWatch,
+    job: &JobStatus,
+    output: RunOutput,
+) -> bool {
+    let mut printed = false;
+    for unseen in watch.unseen_outputs(job) {
+        if unseen.digest.size_bytes() > MAX_RECORDED_OUTPUT_BYTES {
+            if output == RunOutput::Print {
+                eprintln!(
+                    "[{}] {} MiB of output not shown; it is blob {}",
+                    unseen.platform,
+                    super::display::mib(unseen.digest.size_bytes()),
+                    unseen.digest
+                );
+            }
+            continue;
+        }
+        let read = rpc(client
+            .cas
+            .batch_read(v1::BatchReadRequest {
+                digests: vec![unseen.digest.to_proto()],
+            })
+            .await)
+        .with_context(|| format!("failed to read the recorded output of {}", unseen.action_id));
+        match read {
+            Ok(response) => {
+                for blob in response.blobs {
+                    if Digest::of(&blob.data) != unseen.digest {
+                        continue;
+                    }
+                    let emits = watch.recorded_output(&unseen, &blob.data);
+                    printed |= emits.iter().any(Emit::is_output);
+                    emit(emits, output);
+                }
+            }
+            Err(e) if output == RunOutput::Print => eprintln!("{e:#}"),
+            Err(_) => {}
+        }
+    }
+    printed
 }
 
 fn event_hash<T: Hash>(kind: u8, value: &T) -> u64 {
@@ -644,6 +767,12 @@ pub fn progress_line(a: &ActionStatus) -> String {
     } else {
         &a.agent_id
     };
+    // "[p] cancelled: cancelled: ..." says it twice when the reason names the state itself.
+    let state_word = words(action_state_name(a.state()));
+    let reason = reason
+        .strip_prefix(&format!("{state_word}: "))
+        .map(str::to_string)
+        .unwrap_or(reason);
     match a.state() {
         ActionState::Queued if a.attempts == 0 => format!("[{p}] queued"),
         ActionState::Queued => {
@@ -1060,6 +1189,40 @@ mod tests {
     }
 
     #[test]
+    fn outputs_not_streamed_are_read_back() {
+        let mut w = JobWatch::default();
+        feed(&mut w, vec![log_event("live\n")]);
+        let mut done = status("linux/arm64", ActionState::Succeeded, Some(0));
+        if let Some(r) = done.result.as_mut() {
+            r.stdout_digest = Some(Digest::of(b"live\n").to_proto());
+            r.stderr_digest = Some(Digest::of(b"warning\n").to_proto());
+        }
+        let mut empty = status("linux/s390x", ActionState::Succeeded, Some(0));
+        if let Some(r) = empty.result.as_mut() {
+            r.stdout_digest = Some(Digest::empty().to_proto());
+        }
+        let job = JobStatus {
+            actions: vec![done, empty],
+            ..Default::default()
+        };
+        let unseen = w.unseen_outputs(&job);
+        assert_eq!(unseen.len(), 1, "{unseen:?}");
+        assert_eq!(unseen[0].stream, LogStream::Stderr);
+        let printed: Vec<u8> = w
+            .recorded_output(&unseen[0], b"warning\nno newline")
+            .into_iter()
+            .flat_map(|e| match e {
+                Emit::Stderr(b) => b,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            String::from_utf8_lossy(&printed),
+            "[linux/arm64] warning\n[linux/arm64] no newline\n"
+        );
+    }
+
+    #[test]
     fn unschedulable_says_why() {
         let mut s = status("linux/s390x", ActionState::Unschedulable, None);
         s.reason = "no agent serves linux/s390x".into();
@@ -1067,6 +1230,9 @@ mod tests {
             progress_line(&s),
             "[linux/s390x] unschedulable: no agent serves linux/s390x"
         );
+        let mut c = status("linux/s390x", ActionState::Cancelled, None);
+        c.reason = "cancelled: by Ctrl-C".into();
+        assert_eq!(progress_line(&c), "[linux/s390x] cancelled: by Ctrl-C");
     }
 
     #[test]
