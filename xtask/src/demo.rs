@@ -12,10 +12,11 @@ use archfarm_proto::Platform;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use std::ffi::OsString;
+use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Where the demo coordinator listens (matches [`DEFAULT_COORDINATOR`]).
@@ -108,7 +109,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
     build_binaries()?;
     std::fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
 
-    let coordinator_pid = spawn_detached(
+    let mut coordinator = spawn_detached(
         &dir,
         "coordinator",
         &paths::debug_binary("archfarm-coordinator"),
@@ -119,9 +120,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
             dir.join("coordinator").into(),
         ],
     )?;
-    eprintln!("started the coordinator (pid {coordinator_pid}) on {DEFAULT_COORDINATOR}");
+    eprintln!(
+        "started the coordinator (pid {}) on {DEFAULT_COORDINATOR}",
+        coordinator.id()
+    );
     let options = FarmOptions::demo();
-    let mut client = wait_for_coordinator(&dir, coordinator_pid, &options).await?;
+    let mut client = wait_for_coordinator(&dir, &mut coordinator, &options).await?;
 
     let join = token::create_token(
         &mut client,
@@ -133,15 +137,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
     .await?;
     let mut agents = Vec::new();
     for agent in DEMO_AGENTS {
-        let pid = spawn_detached(
+        let child = spawn_detached(
             &dir,
             &format!("agent-{}", agent.name),
             &paths::debug_binary("archfarm-agent"),
             &agent_args(&dir, &agent, &join),
         )?;
-        agents.push((agent, pid));
+        agents.push((agent, child));
     }
-    wait_for_agents(&dir, &mut client, &agents).await?;
+    wait_for_agents(&dir, &mut client, &mut agents).await?;
 
     let input = build_hello(&dir)?;
     let mut job = RunArgs::new(
@@ -313,21 +317,32 @@ fn remove_state(dir: &Path) -> anyhow::Result<()> {
 }
 
 /// Starts `program` in its own process group with output to `<dir>/<name>.log` and its pid in
-/// `<dir>/<name>.pid`, so it outlives this process and `--stop` can find it.
+/// `<dir>/<name>.pid`, so it outlives this process and `--stop` can find it. Dropping the
+/// returned handle leaves the process running.
 fn spawn_detached(
     dir: &Path,
     name: &str,
     program: &Path,
     args: &[OsString],
-) -> anyhow::Result<u32> {
+) -> anyhow::Result<Child> {
     let log_path = dir.join(format!("{name}.log"));
-    let log = std::fs::File::create(&log_path)
-        .with_context(|| format!("failed to create {}", log_path.display()))?;
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("failed to open {}", log_path.display()))?;
+    writeln!(
+        log,
+        "===== {} {name} starts =====",
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+    )
+    .with_context(|| format!("failed to write {}", log_path.display()))?;
     let log_err = log
         .try_clone()
         .with_context(|| format!("failed to open {}", log_path.display()))?;
     let child = Command::new(program)
         .args(args)
+        .env("NO_COLOR", "1") // plain logs in the files
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log_err)
@@ -338,11 +353,21 @@ fn spawn_detached(
     let pid_path = dir.join(format!("{name}.pid"));
     std::fs::write(&pid_path, format!("{pid}\n"))
         .with_context(|| format!("failed to write {}", pid_path.display()))?;
-    Ok(pid)
+    Ok(child)
+}
+
+/// How a process this run started ended, if it did.
+fn exited(child: &mut Child) -> Option<String> {
+    match child.try_wait() {
+        Ok(Some(status)) => Some(status.to_string()),
+        Ok(None) => None,
+        Err(e) => Some(format!("unknown ({e})")),
+    }
 }
 
 /// Whether `pid` is a live (not zombie) archfarm process, so that a recycled pid is never
-/// signalled.
+/// signalled. (Right after a spawn the command line may still be empty: use it only for
+/// processes found through pid files.)
 fn is_farm_process(pid: u32) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return false;
@@ -429,7 +454,7 @@ fn log_tail(path: &Path, n: usize) -> String {
 /// Waits until the coordinator has written its admin credentials and answers FarmStatus.
 async fn wait_for_coordinator(
     dir: &Path,
-    pid: u32,
+    coordinator: &mut Child,
     options: &FarmOptions,
 ) -> anyhow::Result<FarmClient> {
     let log = dir.join("coordinator.log");
@@ -437,9 +462,9 @@ async fn wait_for_coordinator(
     let deadline = Instant::now() + START_TIMEOUT;
     let mut last_error = format!("{} does not exist yet", ca.display());
     loop {
-        if !is_farm_process(pid) {
+        if let Some(status) = exited(coordinator) {
             bail!(
-                "failed to start the coordinator: it exited\n{}",
+                "failed to start the coordinator: it exited with {status}\n{}",
                 log_tail(&log, 30)
             );
         }
@@ -496,14 +521,14 @@ pub fn missing_agents(status: &FarmStatusResponse) -> Vec<&'static str> {
 async fn wait_for_agents(
     dir: &Path,
     client: &mut FarmClient,
-    agents: &[(DemoAgent, u32)],
+    agents: &mut [(DemoAgent, Child)],
 ) -> anyhow::Result<()> {
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
-        for (agent, pid) in agents {
-            if !is_farm_process(*pid) {
+        for (agent, child) in agents.iter_mut() {
+            if let Some(status) = exited(child) {
                 bail!(
-                    "failed to start agent-{}: it exited\n{}",
+                    "failed to start agent-{}: it exited with {status}\n{}",
                     agent.name,
                     log_tail(&dir.join(format!("agent-{}.log", agent.name)), 30)
                 );
