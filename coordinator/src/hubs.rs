@@ -106,6 +106,12 @@ impl Hubs {
         }
     }
 
+    /// Subscribes to a job's hub only if it is open (the job is active or recently finished).
+    pub fn subscribe_existing(&mut self, job: &JobId) -> Option<Subscription> {
+        self.prune();
+        self.hubs.contains_key(job).then(|| self.subscribe(job))
+    }
+
     fn prune(&mut self) {
         self.hubs.retain(|_, h| {
             h.finished_at

@@ -13,7 +13,11 @@ use tonic::transport::Channel;
 pub fn bin_dir() -> PathBuf {
     // tests run from target/debug/deps/<test>-<hash>
     let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir").to_path_buf();
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf();
     for b in ["archfarm-coordinator", "archfarm-agent", "xtask"] {
         assert!(
             dir.join(b).exists(),
@@ -103,7 +107,10 @@ impl Farm {
     /// Starts a coordinator with extra flags, e.g. `--lease-s 4`.
     pub fn start(extra: &[&str]) -> Self {
         let bins = bin_dir();
-        let dir = tempfile::Builder::new().prefix("archfarm-e2e-").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("archfarm-e2e-")
+            .tempdir()
+            .expect("tempdir");
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -179,7 +186,11 @@ impl Farm {
             match creds {
                 Some(dir) => {
                     let c = Credentials::load(dir)?;
-                    Ok(connect(&url, &ServerTrust::Ca(c.ca_pem.clone()), Some(&c.identity)).await?.channel)
+                    Ok(
+                        connect(&url, &ServerTrust::Ca(c.ca_pem.clone()), Some(&c.identity))
+                            .await?
+                            .channel,
+                    )
                 }
                 None => Ok(connect(&url, &ServerTrust::Ca(ca), None).await?.channel),
             }
@@ -191,7 +202,9 @@ impl Farm {
         let ch = self.channel(Some(&self.admin_dir()))?;
         self.block_on(async move {
             let mut c = v1::jobs_client::JobsClient::new(ch);
-            Ok(c.farm_status(v1::FarmStatusRequest { recent_jobs: 50 }).await?.into_inner())
+            Ok(c.farm_status(v1::FarmStatusRequest { recent_jobs: 50 })
+                .await?
+                .into_inner())
         })
     }
 
@@ -201,7 +214,9 @@ impl Farm {
         let id = id.to_string();
         self.block_on(async move {
             let mut c = v1::jobs_client::JobsClient::new(ch);
-            Ok(c.get_job(v1::GetJobRequest { job_id: id }).await?.into_inner())
+            Ok(c.get_job(v1::GetJobRequest { job_id: id })
+                .await?
+                .into_inner())
         })
     }
 
@@ -210,7 +225,11 @@ impl Farm {
         let mut args = vec!["farm", "token", "create", "--json"];
         args.extend_from_slice(extra);
         let out = self.cli(&args);
-        assert!(out.status.success(), "token create failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "token create failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("token json");
         (
             v["token"].as_str().expect("token").to_string(),
@@ -339,7 +358,11 @@ impl Farm {
             .into_iter()
             .filter(|l| !expected.iter().any(|e| l.contains(e)))
             .collect();
-        assert!(bad.is_empty(), "unexpected ERROR lines:\n{}", bad.join("\n"));
+        assert!(
+            bad.is_empty(),
+            "unexpected ERROR lines:\n{}",
+            bad.join("\n")
+        );
     }
 }
 
@@ -405,7 +428,9 @@ pub fn qemu_for(arch: &str) -> String {
 
 /// Whether any process's command line contains `needle`.
 pub fn process_running(needle: &str) -> bool {
-    let Ok(rd) = std::fs::read_dir("/proc") else { return false };
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return false;
+    };
     rd.flatten().any(|e| {
         std::fs::read(e.path().join("cmdline"))
             .map(|b| {

@@ -17,7 +17,10 @@ fn job_id_from(stderr: &str) -> String {
     stderr
         .split_whitespace()
         .find(|w| w.starts_with("j-"))
-        .map(|w| w.trim_matches(|c: char| !c.is_ascii_alphanumeric() && c != '-').to_string())
+        .map(|w| {
+            w.trim_matches(|c: char| !c.is_ascii_alphanumeric() && c != '-')
+                .to_string()
+        })
         .unwrap_or_else(|| panic!("no job id in {stderr}"))
 }
 
@@ -33,7 +36,11 @@ fn tokens_join_agents_and_bad_tokens_register_nothing() {
     let a = &s.agents[0];
     assert_eq!(a.platforms[0].platform, "linux/amd64");
     assert!(!a.platforms[0].emulated);
-    assert!(a.labels.iter().any(|l| l.key == "lab" && l.value == "e2e"), "{:?}", a.labels);
+    assert!(
+        a.labels.iter().any(|l| l.key == "lab" && l.value == "e2e"),
+        "{:?}",
+        a.labels
+    );
 
     // The same single-use token again, a made-up token, an expired one: refused, nothing joins.
     let (short, _) = farm.token(&["--ttl", "1s"]);
@@ -46,20 +53,36 @@ fn tokens_join_agents_and_bad_tokens_register_nothing() {
     ] {
         let i = farm.spawn_agent(name, bad, &hash, &[]);
         let code = farm.agents[i].wait_exit(Duration::from_secs(20));
-        assert!(matches!(code, Some(c) if c != 0), "{name}: agent exit {code:?}");
+        assert!(
+            matches!(code, Some(c) if c != 0),
+            "{name}: agent exit {code:?}"
+        );
         let log = farm.agents[i].log_text();
-        assert!(log.contains(expect), "{name}: agent log lacks {expect:?}:\n{log}");
+        assert!(
+            log.contains(expect),
+            "{name}: agent log lacks {expect:?}:\n{log}"
+        );
     }
     // A wrong CA pin is refused before any token is sent.
     let (t2, _) = farm.token(&[]);
     let wrong = format!("sha256:{}", "0".repeat(64));
     let i = farm.spawn_agent("wrongpin", &t2, &wrong, &[]);
-    assert!(matches!(farm.agents[i].wait_exit(Duration::from_secs(30)), Some(c) if c != 0) || {
-        farm.agents[i].kill();
-        true
-    });
-    assert!(farm.agents[i].log_text().contains("does not match the pin"), "{}", farm.agents[i].log_text());
-    assert_eq!(farm.status().unwrap().agents.len(), 1, "refused agents must not be registered");
+    assert!(
+        matches!(farm.agents[i].wait_exit(Duration::from_secs(30)), Some(c) if c != 0) || {
+            farm.agents[i].kill();
+            true
+        }
+    );
+    assert!(
+        farm.agents[i].log_text().contains("does not match the pin"),
+        "{}",
+        farm.agents[i].log_text()
+    );
+    assert_eq!(
+        farm.status().unwrap().agents.len(),
+        1,
+        "refused agents must not be registered"
+    );
     farm.assert_no_unexpected_errors(&["agent-"]);
 }
 
@@ -79,7 +102,11 @@ fn roles_are_checked_on_every_call() {
     let ch = farm.channel(None).unwrap();
     let s = spec.clone();
     let e = farm
-        .block_on(async move { v1::jobs_client::JobsClient::new(ch).submit(v1::SubmitRequest { spec: Some(s) }).await })
+        .block_on(async move {
+            v1::jobs_client::JobsClient::new(ch)
+                .submit(v1::SubmitRequest { spec: Some(s) })
+                .await
+        })
         .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
     // An agent certificate can neither submit nor administer.
@@ -87,7 +114,11 @@ fn roles_are_checked_on_every_call() {
     let s = spec.clone();
     let c2 = ch.clone();
     let e = farm
-        .block_on(async move { v1::jobs_client::JobsClient::new(c2).submit(v1::SubmitRequest { spec: Some(s) }).await })
+        .block_on(async move {
+            v1::jobs_client::JobsClient::new(c2)
+                .submit(v1::SubmitRequest { spec: Some(s) })
+                .await
+        })
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     let e = farm
@@ -101,7 +132,11 @@ fn roles_are_checked_on_every_call() {
     // The CLI says so readably.
     let out = farm.cli_with(&["farm", "status"], &agent_creds);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("permission denied"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("permission denied"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -119,9 +154,23 @@ fn run_streams_both_streams_and_returns_the_exit_code() {
         "-c",
         "echo out; echo err >&2; exit 3",
     ]);
-    assert_eq!(out.status.code(), Some(3), "stdout:\n{}\nstderr:\n{}", stdout(&out), stderr(&out));
-    assert!(stdout(&out).contains("[linux/amd64] out"), "{}", stdout(&out));
-    assert!(stderr(&out).contains("[linux/amd64] err"), "{}", stderr(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "stdout:\n{}\nstderr:\n{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(
+        stdout(&out).contains("[linux/amd64] out"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        stderr(&out).contains("[linux/amd64] err"),
+        "{}",
+        stderr(&out)
+    );
     let ok = farm.cli(&["farm", "run", "--platform", "linux/amd64", "--", "true"]);
     assert_eq!(ok.status.code(), Some(0), "{}", stderr(&ok));
     farm.assert_no_unexpected_errors(&[]);
@@ -146,7 +195,13 @@ fn foreign_binaries_run_on_emulated_agents_only_when_allowed() {
     }
     args.extend(["--", "./{os}/{arch}/hello"]);
     let out = farm.cli(&args);
-    assert_eq!(out.status.code(), Some(0), "stdout:\n{}\nstderr:\n{}", stdout(&out), stderr(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout:\n{}\nstderr:\n{}",
+        stdout(&out),
+        stderr(&out)
+    );
     for arch in arches {
         assert!(
             stdout(&out).contains(&format!("[linux/{arch}] hello from linux/{arch}")),
@@ -154,14 +209,25 @@ fn foreign_binaries_run_on_emulated_agents_only_when_allowed() {
             stdout(&out)
         );
     }
-    assert!(stdout(&out).to_lowercase().contains("emulated") || stderr(&out).to_lowercase().contains("emulated"));
+    assert!(
+        stdout(&out).to_lowercase().contains("emulated")
+            || stderr(&out).to_lowercase().contains("emulated")
+    );
     let job = farm.job(&job_id_from(&stderr(&out))).unwrap();
     for a in &job.actions {
         let r = a.result.as_ref().unwrap();
-        assert!(r.emulated && a.emulated, "{} must be marked emulated", a.platform);
+        assert!(
+            r.emulated && a.emulated,
+            "{} must be marked emulated",
+            a.platform
+        );
     }
     // Without --allow-emulation: unschedulable, with a reason, exit 1.
-    let no: Vec<&str> = args.iter().copied().filter(|a| *a != "--allow-emulation").collect();
+    let no: Vec<&str> = args
+        .iter()
+        .copied()
+        .filter(|a| *a != "--allow-emulation")
+        .collect();
     let out = farm.cli(&no);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let text = format!("{}{}", stdout(&out), stderr(&out));
@@ -181,7 +247,16 @@ fn a_killed_agents_work_moves_and_late_results_are_refused() {
     // SIGKILL whichever agent runs the action.
     let run = |farm: &Farm, marker: &str| {
         farm.cli_command(
-            &["farm", "run", "--platform", "linux/amd64", "--", "sh", "-c", &format!("sleep 3; echo {marker}")],
+            &[
+                "farm",
+                "run",
+                "--platform",
+                "linux/amd64",
+                "--",
+                "sh",
+                "-c",
+                &format!("sleep 3; echo {marker}"),
+            ],
             &admin,
         )
         .stdout(std::process::Stdio::piped())
@@ -193,15 +268,22 @@ fn a_killed_agents_work_moves_and_late_results_are_refused() {
     let mut holder = String::new();
     farm.wait_for("the action to start", Duration::from_secs(20), |f| {
         f.status().is_ok_and(|s| {
-            s.running.first().map(|r| holder = r.agent_id.clone()).is_some()
+            s.running
+                .first()
+                .map(|r| holder = r.agent_id.clone())
+                .is_some()
         })
     });
     // Find the process of the holder by its data dir's agent.json.
     let victim = [a, b]
         .into_iter()
         .find(|i| {
-            std::fs::read_to_string(farm.dir.path().join(format!("{}/agent.json", farm.agents[*i].name)))
-                .is_ok_and(|s| s.contains(&holder))
+            std::fs::read_to_string(
+                farm.dir
+                    .path()
+                    .join(format!("{}/agent.json", farm.agents[*i].name)),
+            )
+            .is_ok_and(|s| s.contains(&holder))
         })
         .expect("holder agent process");
     farm.agents[victim].kill();
@@ -212,7 +294,11 @@ fn a_killed_agents_work_moves_and_late_results_are_refused() {
     let act = &job.actions[0];
     assert_eq!(act.state, v1::ActionState::Succeeded as i32);
     assert_eq!(act.attempts, 2, "one lost attempt, one good one");
-    assert_ne!(act.result.as_ref().unwrap().agent_id, holder, "recorded from the surviving agent");
+    assert_ne!(
+        act.result.as_ref().unwrap().agent_id,
+        holder,
+        "recorded from the surviving agent"
+    );
 
     // Late result: freeze the agent running an action until its lease lapses, then thaw it.
     let survivor = if victim == a { b } else { a };
@@ -221,22 +307,33 @@ fn a_killed_agents_work_moves_and_late_results_are_refused() {
     let client = run(&farm, "second");
     let mut holder = String::new();
     farm.wait_for("the action to start", Duration::from_secs(20), |f| {
-        f.status().is_ok_and(|s| s.running.first().map(|r| holder = r.agent_id.clone()).is_some())
+        f.status().is_ok_and(|s| {
+            s.running
+                .first()
+                .map(|r| holder = r.agent_id.clone())
+                .is_some()
+        })
     });
     let frozen = [victim, survivor]
         .into_iter()
         .find(|i| {
-            std::fs::read_to_string(farm.dir.path().join(format!("{}/agent.json", farm.agents[*i].name)))
-                .is_ok_and(|s| s.contains(&holder))
+            std::fs::read_to_string(
+                farm.dir
+                    .path()
+                    .join(format!("{}/agent.json", farm.agents[*i].name)),
+            )
+            .is_ok_and(|s| s.contains(&holder))
         })
         .unwrap();
     farm.agents[frozen].signal(Signal::SIGSTOP);
     let out = client.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     farm.agents[frozen].signal(Signal::SIGCONT);
-    farm.wait_for("the stale result to be refused", Duration::from_secs(30), |f| {
-        f.status().is_ok_and(|s| s.stale_results_refused >= 1)
-    });
+    farm.wait_for(
+        "the stale result to be refused",
+        Duration::from_secs(30),
+        |f| f.status().is_ok_and(|s| s.stale_results_refused >= 1),
+    );
     let job = farm.job(&job_id_from(&stderr(&out))).unwrap();
     assert_eq!(job.actions[0].attempts, 2);
     assert_ne!(job.actions[0].result.as_ref().unwrap().agent_id, holder);
@@ -247,25 +344,52 @@ fn a_coordinator_killed_mid_flight_loses_nothing() {
     let mut farm = Farm::start(&["--lease-s", "6", "--heartbeat-s", "1"]);
     farm.add_agent("a", &["--slots", "1"]);
     farm.wait_ready_agents(1);
-    let done = farm.cli(&["farm", "run", "--platform", "linux/amd64", "--", "echo", "finished-before"]);
+    let done = farm.cli(&[
+        "farm",
+        "run",
+        "--platform",
+        "linux/amd64",
+        "--",
+        "echo",
+        "finished-before",
+    ]);
     assert!(done.status.success(), "{}", stderr(&done));
     let done_id = job_id_from(&stderr(&done));
     let admin = farm.admin_dir();
     let spawn = |farm: &Farm, cmd: &str| {
-        farm.cli_command(&["farm", "run", "--platform", "linux/amd64", "--", "sh", "-c", cmd], &admin)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap()
+        farm.cli_command(
+            &[
+                "farm",
+                "run",
+                "--platform",
+                "linux/amd64",
+                "--",
+                "sh",
+                "-c",
+                cmd,
+            ],
+            &admin,
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
     };
     let running = spawn(&farm, "sleep 4; echo ran-through");
-    farm.wait_for("one running", Duration::from_secs(20), |f| f.status().is_ok_and(|s| s.running.len() == 1));
+    farm.wait_for("one running", Duration::from_secs(20), |f| {
+        f.status().is_ok_and(|s| s.running.len() == 1)
+    });
     let queued = spawn(&farm, "echo was-queued");
     farm.wait_for("one queued", Duration::from_secs(20), |f| {
-        f.status().is_ok_and(|s| s.queues.iter().map(|q| q.queued).sum::<u32>() == 1)
+        f.status()
+            .is_ok_and(|s| s.queues.iter().map(|q| q.queued).sum::<u32>() == 1)
     });
     let before = farm.status().unwrap();
-    let ids: Vec<String> = before.recent_jobs.iter().map(|j| j.job_id.clone()).collect();
+    let ids: Vec<String> = before
+        .recent_jobs
+        .iter()
+        .map(|j| j.job_id.clone())
+        .collect();
     farm.coordinator.signal(Signal::SIGKILL);
     farm.coordinator.wait_exit(Duration::from_secs(5));
     farm.start_coordinator();
@@ -278,12 +402,26 @@ fn a_coordinator_killed_mid_flight_loses_nothing() {
     for id in &ids {
         let j = farm.job(id).unwrap();
         assert!(j.finished, "{id} finished");
-        assert_eq!(j.actions[0].state, v1::ActionState::Succeeded as i32, "{id}");
+        assert_eq!(
+            j.actions[0].state,
+            v1::ActionState::Succeeded as i32,
+            "{id}"
+        );
     }
     assert!(ids.contains(&done_id));
-    assert!(after.agents.iter().all(|a| a.state == v1::AgentState::Ready as i32), "agents reconnected: {:?}", after.agents);
+    assert!(
+        after
+            .agents
+            .iter()
+            .all(|a| a.state == v1::AgentState::Ready as i32),
+        "agents reconnected: {:?}",
+        after.agents
+    );
     let running_job = farm.job(&ids[1]).unwrap();
-    assert_eq!(running_job.actions[0].attempts, 1, "the running action was re-claimed, not re-run");
+    assert_eq!(
+        running_job.actions[0].attempts, 1,
+        "the running action was re-claimed, not re-run"
+    );
 }
 
 #[test]
@@ -295,22 +433,48 @@ fn cancel_kills_the_whole_process_tree() {
     let admin = farm.admin_dir();
     let client = farm
         .cli_command(
-            &["farm", "run", "--platform", "linux/amd64", "--", "sh", "-c", &format!("sleep {marker} & sleep {marker}; wait")],
+            &[
+                "farm",
+                "run",
+                "--platform",
+                "linux/amd64",
+                "--",
+                "sh",
+                "-c",
+                &format!("sleep {marker} & sleep {marker}; wait"),
+            ],
             &admin,
         )
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    farm.wait_for("the sleeps to start", Duration::from_secs(20), |_| process_running(marker));
+    farm.wait_for("the sleeps to start", Duration::from_secs(20), |_| {
+        process_running(marker)
+    });
     let s = farm.status().unwrap();
-    let job = s.running[0].action_id.split('/').next().unwrap().to_string();
+    let job = s.running[0]
+        .action_id
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
     let out = farm.cli(&["farm", "cancel", &job]);
     assert!(out.status.success(), "{}", stderr(&out));
     let c = client.wait_with_output().unwrap();
-    assert_eq!(c.status.code(), Some(1), "cancelled job exits 1: {}", stderr(&c));
-    farm.wait_for("the process tree to die", Duration::from_secs(15), |_| !process_running(marker));
-    assert_eq!(farm.job(&job).unwrap().actions[0].state, v1::ActionState::Cancelled as i32);
+    assert_eq!(
+        c.status.code(),
+        Some(1),
+        "cancelled job exits 1: {}",
+        stderr(&c)
+    );
+    farm.wait_for("the process tree to die", Duration::from_secs(15), |_| {
+        !process_running(marker)
+    });
+    assert_eq!(
+        farm.job(&job).unwrap().actions[0].state,
+        v1::ActionState::Cancelled as i32
+    );
 }
 
 #[test]
@@ -328,7 +492,12 @@ fn bad_input_gets_precise_statuses_and_the_server_stays_up() {
     cases.push(("empty argv", s, Code::InvalidArgument, "argv"));
     let mut s = base.clone();
     s.platforms = vec!["linux/mips".into()];
-    cases.push(("unknown platform", s, Code::InvalidArgument, "unknown platform"));
+    cases.push((
+        "unknown platform",
+        s,
+        Code::InvalidArgument,
+        "unknown platform",
+    ));
     let mut s = base.clone();
     s.timeout_ms = 0;
     cases.push(("zero timeout", s, Code::InvalidArgument, "timeout_ms"));
@@ -337,18 +506,35 @@ fn bad_input_gets_precise_statuses_and_the_server_stays_up() {
     cases.push(("absurd timeout", s, Code::InvalidArgument, "timeout_ms"));
     let mut s = base.clone();
     s.platforms.push("linux/amd64".into());
-    cases.push(("duplicate platform", s, Code::InvalidArgument, "given twice"));
+    cases.push((
+        "duplicate platform",
+        s,
+        Code::InvalidArgument,
+        "given twice",
+    ));
     let mut s = base.clone();
-    s.env = vec![v1::EnvVar { name: "HUGE".into(), value: "x".repeat(200_000) }];
+    s.env = vec![v1::EnvVar {
+        name: "HUGE".into(),
+        value: "x".repeat(200_000),
+    }];
     cases.push(("oversized env", s, Code::InvalidArgument, "env"));
     let mut s = base.clone();
     s.input_root = Some(archfarm_proto::Digest::of(b"nothing uploaded").to_proto());
-    cases.push(("input root not uploaded", s, Code::FailedPrecondition, "upload"));
+    cases.push((
+        "input root not uploaded",
+        s,
+        Code::FailedPrecondition,
+        "upload",
+    ));
     let ch = farm.channel(Some(&farm.admin_dir())).unwrap();
     for (what, spec, code, text) in cases {
         let c = ch.clone();
         let e = farm
-            .block_on(async move { v1::jobs_client::JobsClient::new(c).submit(v1::SubmitRequest { spec: Some(spec) }).await })
+            .block_on(async move {
+                v1::jobs_client::JobsClient::new(c)
+                    .submit(v1::SubmitRequest { spec: Some(spec) })
+                    .await
+            })
             .unwrap_err();
         assert_eq!(e.code(), code, "{what}: {e:?}");
         assert!(e.message().contains(text), "{what}: {}", e.message());
@@ -356,8 +542,21 @@ fn bad_input_gets_precise_statuses_and_the_server_stays_up() {
     // The CLI turns them into readable messages.
     let out = farm.cli(&["farm", "run", "--platform", "linux/mips", "--", "true"]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("unknown platform \"linux/mips\""), "{}", stderr(&out));
-    let out = farm.cli(&["farm", "run", "--platform", "linux/amd64", "--platform", "linux/amd64", "--", "true"]);
+    assert!(
+        stderr(&out).contains("unknown platform \"linux/mips\""),
+        "{}",
+        stderr(&out)
+    );
+    let out = farm.cli(&[
+        "farm",
+        "run",
+        "--platform",
+        "linux/amd64",
+        "--platform",
+        "linux/amd64",
+        "--",
+        "true",
+    ]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("given twice"), "{}", stderr(&out));
     assert!(farm.status().is_ok(), "the server is still up");

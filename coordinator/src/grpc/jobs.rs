@@ -241,26 +241,31 @@ impl Jobs for JobsService {
         let id = JobId(req.into_inner().job_id);
         let (job, actions) = load_job(&shared, &id)?;
         let (tx, rx) = mpsc::channel(1024);
-        if job.finished {
-            let mut events: Vec<v1::JobEvent> = actions
-                .iter()
-                .map(|a| v1::JobEvent {
-                    kind: Some(v1::job_event::Kind::Action(action_status(a))),
-                })
-                .collect();
-            events.push(v1::JobEvent {
-                kind: Some(v1::job_event::Kind::Finished(job_status(&job, &actions))),
-            });
-            tokio::spawn(async move {
-                for e in events {
-                    if tx.send(Ok(e)).await.is_err() {
-                        break;
+        let existing = shared.farm()?.hubs().subscribe_existing(&id);
+        let sub = match existing {
+            Some(sub) => sub,
+            None if job.finished => {
+                // Long finished: the stored states and results (output is in the CAS).
+                let mut events: Vec<v1::JobEvent> = actions
+                    .iter()
+                    .map(|a| v1::JobEvent {
+                        kind: Some(v1::job_event::Kind::Action(action_status(a))),
+                    })
+                    .collect();
+                events.push(v1::JobEvent {
+                    kind: Some(v1::job_event::Kind::Finished(job_status(&job, &actions))),
+                });
+                tokio::spawn(async move {
+                    for e in events {
+                        if tx.send(Ok(e)).await.is_err() {
+                            break;
+                        }
                     }
-                }
-            });
-            return Ok(Response::new(Box::pin(ReceiverStream::new(rx))));
-        }
-        let sub = shared.farm()?.hubs().subscribe(&id);
+                });
+                return Ok(Response::new(Box::pin(ReceiverStream::new(rx))));
+            }
+            None => shared.farm()?.hubs().subscribe(&id),
+        };
         // After a restart the hub is new: start from the stored state.
         let mut first: Vec<JobUpdate> = sub.history.iter().map(|(_, u)| u.clone()).collect();
         if first.is_empty() {
