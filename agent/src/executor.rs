@@ -133,6 +133,8 @@ pub fn bare_result(
         started_unix_ms: unix_ms(SystemTime::now()),
         duration_ms: 0,
         peak_memory_bytes: 0,
+        output_files: vec![],
+        output_directories: vec![],
     }
 }
 

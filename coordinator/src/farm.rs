@@ -3,11 +3,13 @@
 //!
 //! Every method takes `now_unix_ms`, so leases, requeues and unschedulable grace are tested
 //! with injected time. Every change is written through to the store before it is announced.
+use crate::cas::Cas;
 use crate::hubs::{Hubs, JobUpdate};
 use crate::model::*;
 use crate::scheduler::{self, AgentView, Requirement};
 use crate::store::Store;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 use tokio::sync::mpsc;
 
 /// Timing and limits of the farm.
@@ -135,6 +137,7 @@ pub enum FarmError {
 pub struct Farm {
     cfg: FarmConfig,
     store: Store,
+    cas: Arc<Cas>,
     agents: BTreeMap<AgentId, AgentLive>,
     active: BTreeMap<ActionId, ActionRecord>,
     /// Job id -> its actions still active.
@@ -148,9 +151,10 @@ pub struct Farm {
 impl Farm {
     /// Reads the farm back from the store. Leases of running actions are honoured for a
     /// full lease period from now, so their agents can reconnect and re-claim them.
-    pub fn load(store: Store, cfg: FarmConfig, now: u64) -> anyhow::Result<Self> {
+    pub fn load(store: Store, cas: Arc<Cas>, cfg: FarmConfig, now: u64) -> anyhow::Result<Self> {
         let mut farm = Self {
             cfg,
+            cas,
             agents: BTreeMap::new(),
             active: BTreeMap::new(),
             active_by_job: HashMap::new(),
@@ -812,9 +816,10 @@ mod tests {
     impl Harness {
         fn new() -> Self {
             let dir = tempfile::tempdir().unwrap();
-            let store = Store::open(dir.path()).unwrap();
+            let store = Store::open(&dir.path().join("state")).unwrap();
+            let cas = Arc::new(Cas::open(&dir.path().join("cas")).unwrap());
             Self {
-                farm: Farm::load(store, FarmConfig::default(), 0).unwrap(),
+                farm: Farm::load(store, cas, FarmConfig::default(), 0).unwrap(),
                 _dir: dir,
                 rx: HashMap::new(),
                 conns: HashMap::new(),
@@ -865,6 +870,7 @@ mod tests {
                             required_labels: Labels::new(),
                             timeout_ms: 60_000,
                             allow_emulation,
+                            output_paths: vec![],
                         },
                         state: ActionState::Queued,
                         attempts: 0,
@@ -874,6 +880,9 @@ mod tests {
                         reason: String::new(),
                         result: None,
                         unservable_since_unix_ms: None,
+                        action_digest: String::new(),
+                        cached: false,
+                        started_unix_ms: 0,
                     }
                 })
                 .collect();
@@ -1091,7 +1100,8 @@ mod tests {
             let mut h = Harness::new();
             h._dir = dir;
             h.farm = Farm::load(
-                Store::open(h._dir.path()).unwrap(),
+                Store::open(&h._dir.path().join("state")).unwrap(),
+                Arc::new(Cas::open(&h._dir.path().join("cas")).unwrap()),
                 FarmConfig::default(),
                 0,
             )
@@ -1104,7 +1114,8 @@ mod tests {
             drop(h.farm);
             // Reload at 100 s: the lease is honoured for a full period from now.
             let mut farm = Farm::load(
-                Store::open(store_dir.path()).unwrap(),
+                Store::open(&store_dir.path().join("state")).unwrap(),
+                Arc::new(Cas::open(&store_dir.path().join("cas")).unwrap()),
                 FarmConfig::default(),
                 100_000,
             )

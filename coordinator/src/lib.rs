@@ -45,8 +45,8 @@ pub fn open(config: &Config) -> anyhow::Result<SharedRef> {
         creds.store(&admin)?;
         tracing::info!(dir = %admin.display(), "created admin credentials");
     }
-    let cas = cas::Cas::open(&dir.join("cas"))?;
-    let farm = farm::Farm::load(store.clone(), farm_config, now_unix_ms())?;
+    let cas = Arc::new(cas::Cas::open(&dir.join("cas"))?);
+    let farm = farm::Farm::load(store.clone(), cas.clone(), farm_config, now_unix_ms())?;
     Ok(Arc::new(Shared {
         farm: Mutex::new(farm),
         store,

@@ -166,6 +166,9 @@ pub struct ActionSpec {
     pub timeout_ms: u64,
     /// Emulated agents allowed.
     pub allow_emulation: bool,
+    /// Declared outputs, sorted.
+    #[serde(default)]
+    pub output_paths: Vec<String>,
 }
 
 /// Lifecycle of an action.
@@ -257,6 +260,15 @@ pub struct ActionRecord {
     pub result: Option<ResultRecord>,
     /// Unix ms since when no agent could serve it.
     pub unservable_since_unix_ms: Option<u64>,
+    /// Hex blake3 of its ActionKey (the action cache key).
+    #[serde(default)]
+    pub action_digest: String,
+    /// The result came from the action cache.
+    #[serde(default)]
+    pub cached: bool,
+    /// Unix ms the current or last lease started.
+    #[serde(default)]
+    pub started_unix_ms: u64,
 }
 
 /// A submitted job.

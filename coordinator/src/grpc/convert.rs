@@ -36,6 +36,7 @@ pub fn action_to_proto(spec: &ActionSpec) -> v1::Action {
         required_labels: labels_to_proto(&spec.required_labels),
         timeout_ms: spec.timeout_ms,
         allow_emulation: spec.allow_emulation,
+        output_paths: spec.output_paths.clone(),
     }
 }
 
@@ -71,6 +72,9 @@ pub fn action_status(a: &ActionRecord) -> v1::ActionStatus {
             .as_ref()
             .and_then(|r| v1::ExecutionResult::decode(r.encoded.as_slice()).ok()),
         queued_unix_ms: a.queued_unix_ms,
+        cached: a.cached,
+        action_digest: a.action_digest.clone(),
+        started_unix_ms: a.started_unix_ms,
     }
 }
 

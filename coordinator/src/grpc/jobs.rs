@@ -207,6 +207,7 @@ impl Jobs for JobsService {
                     required_labels: valid.labels.clone(),
                     timeout_ms: spec.timeout_ms,
                     allow_emulation: spec.allow_emulation,
+                    output_paths: vec![],
                 },
                 state: ActionState::Queued,
                 attempts: 0,
@@ -216,6 +217,9 @@ impl Jobs for JobsService {
                 reason: String::new(),
                 result: None,
                 unservable_since_unix_ms: None,
+                action_digest: String::new(),
+                cached: false,
+                started_unix_ms: 0,
             })
             .collect();
         let job = JobRecord {
@@ -417,6 +421,7 @@ impl Jobs for JobsService {
                 recent_jobs: vec![],
                 coordinator_started_unix_ms: farm.started_unix_ms(),
                 stale_results_refused: farm.stale_results_refused(),
+                cas: None,
             }
         };
         for job in self.0.store.recent_jobs(n).map_err(internal)? {

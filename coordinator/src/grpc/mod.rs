@@ -22,7 +22,7 @@ pub struct Shared {
     /// The durable store (also inside the farm; reads go here directly).
     pub store: Store,
     /// Blobs.
-    pub cas: Cas,
+    pub cas: Arc<Cas>,
     /// The CA.
     pub pki: Pki,
     /// Wall clock in Unix ms (injected in tests).

@@ -105,6 +105,8 @@ impl RunArgs {
             required_labels: self.labels.iter().map(LabelArg::to_proto).collect(),
             working_directory: workdir,
             description: self.description.clone().unwrap_or_default(),
+            output_paths: vec![],
+            no_cache: false,
         })
     }
 }
@@ -658,10 +660,10 @@ async fn print_recorded_outputs(
     printed
 }
 
-fn event_hash<T: Hash>(kind: u8, value: &T) -> u64 {
+fn event_hash<T: prost::Message>(kind: u8, value: &T) -> u64 {
     let mut h = DefaultHasher::new();
     kind.hash(&mut h);
-    value.hash(&mut h);
+    value.encode_to_vec().hash(&mut h);
     h.finish()
 }
 
