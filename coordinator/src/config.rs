@@ -31,9 +31,22 @@ pub struct Config {
     /// Attempts per action before it fails as an infra failure.
     #[arg(long, default_value_t = 3)]
     pub max_attempts: u32,
+    /// Size budget of the blob store in bytes; least recently used blobs that no queued or
+    /// running action needs are evicted above it.
+    #[arg(long, default_value_t = crate::cas::DEFAULT_BUDGET_BYTES)]
+    pub cas_budget_bytes: u64,
 }
 
 impl Config {
+    /// Checks and returns the blob store's size budget.
+    pub fn cas_budget_bytes(&self) -> anyhow::Result<u64> {
+        anyhow::ensure!(
+            self.cas_budget_bytes > 0,
+            "--cas-budget-bytes must be above 0"
+        );
+        Ok(self.cas_budget_bytes)
+    }
+
     /// Checks the values and derives the farm's timing.
     pub fn farm_config(&self) -> anyhow::Result<FarmConfig> {
         anyhow::ensure!(self.heartbeat_s >= 1, "--heartbeat-s must be at least 1");
@@ -57,5 +70,30 @@ impl Config {
             unschedulable_grace_ms: self.unschedulable_grace_s * 1000,
             max_attempts: self.max_attempts,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn cas_budget_defaults_to_20_gib_and_must_be_above_zero() {
+        let parse = |extra: &[&str]| {
+            Config::try_parse_from(
+                ["archfarm-coordinator", "--data-dir", "/tmp/x"]
+                    .iter()
+                    .chain(extra),
+            )
+        };
+        assert_eq!(parse(&[]).unwrap().cas_budget_bytes().unwrap(), 20 << 30);
+        let c = parse(&["--cas-budget-bytes", "1000"]).unwrap();
+        assert_eq!(c.cas_budget_bytes().unwrap(), 1000);
+        assert!(parse(&["--cas-budget-bytes", "0"])
+            .unwrap()
+            .cas_budget_bytes()
+            .is_err());
+        assert!(parse(&["--cas-budget-bytes", "20GiB"]).is_err());
     }
 }

@@ -28,6 +28,7 @@ pub fn open(config: &Config) -> anyhow::Result<SharedRef> {
     let dir = &config.data_dir;
     std::fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
     let farm_config = config.farm_config()?;
+    let cas_budget_bytes = config.cas_budget_bytes()?;
     let (pki, _) = pki::Pki::load_or_create(dir, &config.advertise)?;
     let store = store::Store::open(&dir.join("state"))?;
     let admin = pki::admin_dir(dir);
@@ -45,7 +46,10 @@ pub fn open(config: &Config) -> anyhow::Result<SharedRef> {
         creds.store(&admin)?;
         tracing::info!(dir = %admin.display(), "created admin credentials");
     }
-    let cas = Arc::new(cas::Cas::open(&dir.join("cas"))?);
+    let cas = Arc::new(cas::Cas::open_with_budget(
+        &dir.join("cas"),
+        cas_budget_bytes,
+    )?);
     let farm = farm::Farm::load(store.clone(), cas.clone(), farm_config, now_unix_ms())?;
     Ok(Arc::new(Shared {
         farm: Mutex::new(farm),
