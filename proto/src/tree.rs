@@ -223,6 +223,21 @@ pub struct LocalTree {
     pub directories: HashMap<Digest, Vec<u8>>,
     /// One local path for each file blob.
     pub files: HashMap<Digest, PathBuf>,
+    /// What the walk found, counting files with equal contents once each.
+    pub stats: TreeStats,
+}
+
+/// Counts of what a tree was built from.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TreeStats {
+    /// Regular files, each path counted.
+    pub files: u64,
+    /// Their bytes, each path counted.
+    pub file_bytes: u64,
+    /// Directories, the root included.
+    pub directories: u64,
+    /// Symbolic links.
+    pub symlinks: u64,
 }
 
 impl Default for Digest {
@@ -255,87 +270,218 @@ impl LocalTree {
     }
 }
 
-/// Hashes a file with blake3 (memory-mapped reads for large files are blake3's job).
-pub fn hash_file(path: &Path) -> std::io::Result<Digest> {
-    let mut hasher = blake3::Hasher::new();
-    hasher.update_mmap(path)?;
-    let size = std::fs::metadata(path)?.len();
-    Ok(Digest::from_hasher(&hasher, size))
+/// Files up to this size are read into memory and hashed on the calling thread; bigger ones
+/// are memory-mapped and hashed by blake3's own rayon tasks as well.
+pub const SMALL_FILE_BYTES: u64 = 1 << 20;
+
+/// Hashes a file with blake3; returns its digest and whether it has an executable bit. The
+/// size is the count of bytes hashed, so a file that grows meanwhile still gets a true digest.
+pub fn hash_file_with_mode(path: &Path) -> std::io::Result<(Digest, bool)> {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let mut file = std::fs::File::open(path)?;
+    let meta = file.metadata()?;
+    let executable = meta.permissions().mode() & 0o111 != 0;
+    let digest = if meta.len() <= SMALL_FILE_BYTES {
+        let mut buf = Vec::with_capacity(meta.len() as usize + 1);
+        file.read_to_end(&mut buf)?;
+        Digest::of(&buf)
+    } else {
+        drop(file);
+        let mut hasher = blake3::Hasher::new();
+        hasher.update_mmap_rayon(path)?;
+        Digest::from_hasher(&hasher, hasher.count())
+    };
+    Ok((digest, executable))
 }
 
-/// Builds the Merkle tree of `root`: skips `.git`, follows no symlink (they are recorded as
-/// symlinks), hashes files in parallel.
-pub fn build_local_tree(root: &Path) -> anyhow::Result<LocalTree> {
+/// Hashes a file with blake3.
+pub fn hash_file(path: &Path) -> std::io::Result<Digest> {
+    hash_file_with_mode(path).map(|(d, _)| d)
+}
+
+/// How a directory is turned into a tree.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct BuildOptions {
+    /// Leave out what `.farmignore` files (gitignore syntax; one in any directory applies to
+    /// that directory and below) name. Clients want this for input trees; the agent does not
+    /// for the outputs it uploads.
+    pub honour_farmignore: bool,
+}
+
+/// The ignore-file name clients honour in their input trees.
+pub const FARMIGNORE: &str = ".farmignore";
+
+/// One entry the walk found below the root.
+enum Found {
+    Dir,
+    File,
+    Symlink(String),
+}
+
+/// Walks `root` (a symlink as the root itself is followed): `.git` is always skipped, and with
+/// `honour_farmignore` what `.farmignore` names; nothing else (hidden files, .gitignore) is.
+/// Returns each entry's path with what it is, parents before children. Special files (fifos,
+/// sockets, devices) are left out.
+fn walk_local(root: &Path, options: &BuildOptions) -> anyhow::Result<Vec<(PathBuf, Found)>> {
     use anyhow::Context;
-    #[derive(Default)]
-    struct Node {
-        files: BTreeMap<String, (PathBuf, bool)>,
-        dirs: BTreeMap<String, PathBuf>,
-        links: BTreeMap<String, String>,
-    }
-    // First pass: list everything.
-    let mut nodes: BTreeMap<PathBuf, Node> = BTreeMap::new();
-    nodes.insert(root.to_path_buf(), Node::default());
-    let walker = walkdir::WalkDir::new(root)
+    let mut builder = ignore::WalkBuilder::new(root);
+    builder
+        .standard_filters(false)
         .follow_links(false)
-        .min_depth(1)
-        .into_iter()
         .filter_entry(|e| e.file_name() != ".git");
-    for entry in walker {
+    if options.honour_farmignore {
+        builder.add_custom_ignore_filename(FARMIGNORE);
+    }
+    let mut found = Vec::new();
+    for entry in builder.build() {
         let entry = entry.with_context(|| format!("failed to walk {}", root.display()))?;
-        let path = entry.path().to_path_buf();
-        let parent = path.parent().unwrap_or(root).to_path_buf();
-        let name = entry
-            .file_name()
-            .to_str()
-            .with_context(|| format!("{} is not valid UTF-8", path.display()))?
-            .to_string();
-        let ft = entry.file_type();
-        let node = nodes.entry(parent).or_default();
-        if ft.is_dir() {
-            node.dirs.insert(name, path.clone());
-            nodes.entry(path).or_default();
+        if let Some(e) = entry.error() {
+            anyhow::bail!(
+                "failed to read an ignore file under {}: {e}",
+                root.display()
+            );
+        }
+        if entry.depth() == 0 {
+            continue;
+        }
+        let path = entry.path();
+        let Some(ft) = entry.file_type() else {
+            continue;
+        };
+        let what = if ft.is_dir() {
+            Found::Dir
         } else if ft.is_symlink() {
-            let target = std::fs::read_link(&path)
+            let target = std::fs::read_link(path)
                 .with_context(|| format!("failed to read link {}", path.display()))?;
             let target = target
                 .to_str()
                 .with_context(|| format!("link target of {} is not UTF-8", path.display()))?;
-            node.links.insert(name, target.to_string());
+            Found::Symlink(target.to_string())
         } else if ft.is_file() {
-            use std::os::unix::fs::PermissionsExt;
-            let exec = entry.metadata()?.permissions().mode() & 0o111 != 0;
-            node.files.insert(name, (path, exec));
+            Found::File
+        } else {
+            continue;
+        };
+        found.push((entry.into_path(), what));
+    }
+    Ok(found)
+}
+
+/// The root to walk: `root` itself, or what it points to when it is a symlink.
+fn resolve_root(root: &Path) -> anyhow::Result<PathBuf> {
+    use anyhow::Context;
+    let meta = std::fs::symlink_metadata(root)
+        .with_context(|| format!("failed to read {}", root.display()))?;
+    let resolved = if meta.file_type().is_symlink() {
+        std::fs::canonicalize(root)
+            .with_context(|| format!("failed to resolve the symlink {}", root.display()))?
+    } else {
+        root.to_path_buf()
+    };
+    anyhow::ensure!(
+        resolved.is_dir(),
+        "{} is not a directory",
+        resolved.display()
+    );
+    Ok(resolved)
+}
+
+/// The regular files a tree of `root` would hold, each path once, in walk order.
+pub fn list_files(root: &Path, options: &BuildOptions) -> anyhow::Result<Vec<PathBuf>> {
+    let root = resolve_root(root)?;
+    Ok(walk_local(&root, options)?
+        .into_iter()
+        .filter(|(_, f)| matches!(f, Found::File))
+        .map(|(p, _)| p)
+        .collect())
+}
+
+/// Builds the Merkle tree of `root` without ignore files: skips `.git`, follows no symlink
+/// (they are recorded as symlinks), hashes files in parallel. The agent uses it for outputs.
+pub fn build_local_tree(root: &Path) -> anyhow::Result<LocalTree> {
+    build_tree(root, &BuildOptions::default())
+}
+
+/// Builds a client's input tree: like [`build_local_tree`], but honouring `.farmignore`.
+pub fn build_input_tree(root: &Path) -> anyhow::Result<LocalTree> {
+    build_tree(
+        root,
+        &BuildOptions {
+            honour_farmignore: true,
+        },
+    )
+}
+
+/// Builds the Merkle tree of `root` (a symlink as the root is followed; below it no symlink
+/// is): lists the entries, hashes the files in parallel on the current rayon pool, then encodes
+/// the Directory messages bottom-up.
+pub fn build_tree(root: &Path, options: &BuildOptions) -> anyhow::Result<LocalTree> {
+    use anyhow::Context;
+    #[derive(Default)]
+    struct Node {
+        files: BTreeMap<String, usize>,
+        dirs: BTreeMap<String, PathBuf>,
+        links: BTreeMap<String, String>,
+    }
+    let root = resolve_root(root)?;
+    // First pass: list everything.
+    let mut nodes: BTreeMap<PathBuf, Node> = BTreeMap::new();
+    nodes.insert(root.clone(), Node::default());
+    let mut file_paths: Vec<PathBuf> = Vec::new();
+    let mut stats = TreeStats {
+        directories: 1,
+        ..TreeStats::default()
+    };
+    for (path, what) in walk_local(&root, options)? {
+        let parent = path.parent().unwrap_or(&root).to_path_buf();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .with_context(|| format!("{} is not valid UTF-8", path.display()))?
+            .to_string();
+        let node = nodes.entry(parent).or_default();
+        match what {
+            Found::Dir => {
+                node.dirs.insert(name, path.clone());
+                nodes.entry(path).or_default();
+                stats.directories += 1;
+            }
+            Found::Symlink(target) => {
+                node.links.insert(name, target);
+                stats.symlinks += 1;
+            }
+            Found::File => {
+                node.files.insert(name, file_paths.len());
+                file_paths.push(path);
+            }
         }
     }
     // Second pass: hash every file in parallel.
-    let all_files: Vec<PathBuf> = nodes
-        .values()
-        .flat_map(|n| n.files.values().map(|(p, _)| p.clone()))
-        .collect();
-    let hashed: HashMap<PathBuf, Digest> = all_files
+    let hashed: Vec<(Digest, bool)> = file_paths
         .par_iter()
-        .map(|p| {
-            hash_file(p)
-                .with_context(|| format!("failed to hash {}", p.display()))
-                .map(|d| (p.clone(), d))
-        })
+        .map(|p| hash_file_with_mode(p).with_context(|| format!("failed to hash {}", p.display())))
         .collect::<anyhow::Result<_>>()?;
+    stats.files = hashed.len() as u64;
+    stats.file_bytes = hashed.iter().map(|(d, _)| d.size_bytes()).sum();
     // Third pass: build directories bottom-up (deepest paths first).
-    let mut tree = LocalTree::default();
+    let mut tree = LocalTree {
+        stats,
+        ..LocalTree::default()
+    };
     let mut dir_digests: HashMap<PathBuf, Digest> = HashMap::new();
     let mut paths: Vec<&PathBuf> = nodes.keys().collect();
     paths.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     for path in paths {
         let node = &nodes[path];
         let mut dir = v1::Directory::default();
-        for (name, (p, exec)) in &node.files {
-            let d = hashed[p];
-            tree.files.entry(d).or_insert_with(|| p.clone());
+        for (name, &i) in &node.files {
+            let (d, exec) = hashed[i];
+            tree.files.entry(d).or_insert_with(|| file_paths[i].clone());
             dir.files.push(v1::FileNode {
                 name: name.clone(),
                 digest: Some(d.to_proto()),
-                executable: *exec,
+                executable: exec,
             });
         }
         for (name, p) in &node.dirs {
@@ -355,7 +501,7 @@ pub fn build_local_tree(root: &Path) -> anyhow::Result<LocalTree> {
         tree.directories.insert(d, bytes);
         dir_digests.insert(path.clone(), d);
     }
-    tree.root = dir_digests[&root.to_path_buf()];
+    tree.root = dir_digests[&root];
     Ok(tree)
 }
 
@@ -476,5 +622,254 @@ mod tests {
         assert_eq!((dirs.len(), files.len()), (3, 2));
         std::fs::write(b.path().join("sub/deeper/y"), "3").unwrap();
         assert_ne!(build_local_tree(b.path()).unwrap().root, ta.root);
+    }
+}
+
+#[cfg(test)]
+mod build_tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn write(root: &Path, rel: &str, data: &str) {
+        let p = root.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, data).unwrap();
+    }
+
+    /// Paths of the files a tree names, with their digests, by walking its Directory messages.
+    fn tree_files(tree: &LocalTree) -> BTreeMap<String, Digest> {
+        let mut out = BTreeMap::new();
+        let mut stack = vec![(tree.root, String::new())];
+        while let Some((d, prefix)) = stack.pop() {
+            let dir = v1::Directory::decode(tree.directories[&d].as_slice()).unwrap();
+            for f in &dir.files {
+                let digest = Digest::from_proto_required(f.digest.as_ref()).unwrap();
+                out.insert(format!("{prefix}{}", f.name), digest);
+            }
+            for s in &dir.directories {
+                let digest = Digest::from_proto_required(s.digest.as_ref()).unwrap();
+                stack.push((digest, format!("{prefix}{}/", s.name)));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn farmignore_leaves_out_what_it_names_and_only_for_input_trees() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        write(root, ".farmignore", "*.o\n/build/\n!keep.o\n");
+        write(root, "main.go", "package main");
+        write(root, "x.o", "object");
+        write(root, "keep.o", "kept");
+        write(root, "build/out", "artifact");
+        write(root, "sub/build/out", "not anchored: kept");
+        write(root, "sub/y.o", "object");
+        write(root, ".hidden", "hidden files are inputs");
+        write(root, ".gitignore", "main.go\n");
+        write(root, ".git/config", "never an input");
+        let input = build_input_tree(root).unwrap();
+        let names: Vec<String> = tree_files(&input).into_keys().collect();
+        assert_eq!(
+            names,
+            [
+                ".farmignore",
+                ".gitignore",
+                ".hidden",
+                "keep.o",
+                "main.go",
+                "sub/build/out"
+            ]
+        );
+        assert_eq!(input.stats.files, 6);
+        let everything = build_local_tree(root).unwrap();
+        assert_eq!(tree_files(&everything).len(), 10 - 1, "all but .git");
+        let listed = list_files(
+            root,
+            &BuildOptions {
+                honour_farmignore: true,
+            },
+        )
+        .unwrap();
+        assert_eq!(listed.len(), 6);
+    }
+
+    #[test]
+    fn a_bad_farmignore_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), ".farmignore", "[z-a]\n");
+        write(dir.path(), "a", "x");
+        let e = build_input_tree(dir.path()).unwrap_err();
+        assert!(format!("{e:#}").contains("ignore file"), "{e:#}");
+    }
+
+    #[test]
+    fn symlinks_stay_symlinks_and_a_symlinked_root_is_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        write(&real, "bin/tool", "#!/bin/sh\n");
+        std::fs::set_permissions(
+            real.join("bin/tool"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("bin/tool", real.join("tool")).unwrap();
+        std::os::unix::fs::symlink("bin", real.join("bindir")).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let via_link = build_input_tree(&link).unwrap();
+        let direct = build_input_tree(&real).unwrap();
+        assert_eq!(via_link.root, direct.root);
+        let root = v1::Directory::decode(direct.directories[&direct.root].as_slice()).unwrap();
+        let links: Vec<(&str, &str)> = root
+            .symlinks
+            .iter()
+            .map(|s| (s.name.as_str(), s.target.as_str()))
+            .collect();
+        assert_eq!(links, [("bindir", "bin"), ("tool", "bin/tool")]);
+        assert_eq!(direct.stats.symlinks, 2);
+        let bin_digest = Digest::from_proto_required(root.directories[0].digest.as_ref()).unwrap();
+        let bin = v1::Directory::decode(direct.directories[&bin_digest].as_slice()).unwrap();
+        assert!(bin.files[0].executable);
+    }
+
+    #[test]
+    fn big_files_hash_like_small_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..3 * SMALL_FILE_BYTES + 17)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+        let p = dir.path().join("big");
+        std::fs::write(&p, &data).unwrap();
+        assert_eq!(hash_file(&p).unwrap(), Digest::of(&data));
+    }
+
+    fn name() -> impl Strategy<Value = String> {
+        "[a-zA-Z0-9_.-]{1,8}".prop_filter("not . or ..", |n| n != "." && n != "..")
+    }
+
+    fn digest() -> impl Strategy<Value = v1::Digest> {
+        (any::<[u8; 32]>(), any::<u64>()).prop_map(|(h, s)| Digest::from_parts(h, s).to_proto())
+    }
+
+    /// A valid Directory: unique sorted names spread over the three lists.
+    fn directory() -> impl Strategy<Value = v1::Directory> {
+        proptest::collection::btree_set(name(), 0..24).prop_flat_map(|names| {
+            let names: Vec<String> = names.into_iter().collect();
+            let n = names.len();
+            (
+                Just(names),
+                proptest::collection::vec(0u8..3, n),
+                proptest::collection::vec(digest(), n),
+                proptest::collection::vec(any::<bool>(), n),
+                proptest::collection::vec("[a-z]{1,4}(/[a-z]{1,4}){0,2}", n),
+            )
+                .prop_map(|(names, kinds, digests, execs, targets)| {
+                    let mut dir = v1::Directory::default();
+                    for (i, name) in names.into_iter().enumerate() {
+                        match kinds[i] {
+                            0 => dir.files.push(v1::FileNode {
+                                name,
+                                digest: Some(digests[i].clone()),
+                                executable: execs[i],
+                            }),
+                            1 => dir.directories.push(v1::DirectoryNode {
+                                name,
+                                digest: Some(digests[i].clone()),
+                            }),
+                            _ => dir.symlinks.push(v1::SymlinkNode {
+                                name,
+                                target: targets[i].clone(),
+                            }),
+                        }
+                    }
+                    dir
+                })
+        })
+    }
+
+    /// Files of a small tree: relative path -> (contents, executable). Paths never make a file
+    /// and a directory of the same name.
+    fn file_set() -> impl Strategy<Value = BTreeMap<String, (Vec<u8>, bool)>> {
+        let path = proptest::collection::vec("[a-c]{1,2}", 1..4).prop_map(|parts| {
+            // Directories get a "d" prefix, files an "f" prefix: no clashes between the two.
+            let (file, dirs) = parts.split_last().expect("at least one part");
+            let mut p: Vec<String> = dirs.iter().map(|d| format!("d{d}")).collect();
+            p.push(format!("f{file}"));
+            p.join("/")
+        });
+        proptest::collection::btree_map(
+            path,
+            (proptest::collection::vec(any::<u8>(), 0..64), any::<bool>()),
+            1..16,
+        )
+    }
+
+    fn create(root: &Path, files: &[(String, (Vec<u8>, bool))]) {
+        for (rel, (data, exec)) in files {
+            let p = root.join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, data).unwrap();
+            let mode = if *exec { 0o755 } else { 0o644 };
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+    }
+
+    fn build_with_threads(root: &Path, threads: usize) -> LocalTree {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(|| build_input_tree(root))
+            .unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn the_canonical_encoding_round_trips(dir in directory()) {
+            validate_directory(".", 0, &dir).unwrap();
+            let bytes = encode_directory(&dir);
+            let decoded = v1::Directory::decode(bytes.as_slice()).unwrap();
+            prop_assert_eq!(&decoded, &dir);
+            prop_assert_eq!(encode_directory(&decoded), bytes);
+            prop_assert_eq!(directory_digest(&decoded), directory_digest(&dir));
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        #[test]
+        fn the_same_files_give_the_same_root_whatever_the_order_and_threads(
+            (files, shuffled) in file_set().prop_flat_map(|f| {
+                let v: Vec<(String, (Vec<u8>, bool))> = f.clone().into_iter().collect();
+                (Just(f), Just(v).prop_shuffle())
+            })
+        ) {
+            let a = tempfile::tempdir().unwrap();
+            let b = tempfile::tempdir().unwrap();
+            let in_order: Vec<(String, (Vec<u8>, bool))> = files.clone().into_iter().collect();
+            create(a.path(), &in_order);
+            create(b.path(), &shuffled);
+            let ta = build_with_threads(a.path(), 1);
+            let tb = build_with_threads(b.path(), 3);
+            prop_assert_eq!(ta.root, tb.root);
+            // The tree names exactly the files written, with their contents' digests.
+            let want: BTreeMap<String, Digest> = files
+                .iter()
+                .map(|(p, (data, _))| (p.clone(), Digest::of(data)))
+                .collect();
+            prop_assert_eq!(tree_files(&ta), want.clone());
+            let (dirs, found) = walk_tree(ta.root, |d| ta.directories.get(d).cloned()).unwrap();
+            let want_digests: HashSet<Digest> = want.values().copied().collect();
+            prop_assert_eq!(&found, &want_digests);
+            let file_keys: HashSet<Digest> = ta.files.keys().copied().collect();
+            prop_assert_eq!(&file_keys, &want_digests);
+            prop_assert_eq!(dirs.len(), ta.directories.len());
+            prop_assert_eq!(ta.stats.files, files.len() as u64);
+        }
     }
 }

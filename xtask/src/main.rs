@@ -17,7 +17,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Use a farm: status, run, token, agents, cancel, job.
-    Farm(xtask::farm::FarmCli),
+    Farm(Box<xtask::farm::FarmCli>),
     /// What CI runs: fmt --check, clippy, build, test.
     Ci(xtask::ci::CiArgs),
     /// Start a local farm (coordinator and five agents, four of them emulated) and run a job.
@@ -29,7 +29,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Farm(farm) => xtask::block_on(xtask::farm::run_command(farm)),
+        Command::Farm(farm) => xtask::block_on(xtask::farm::run_command(*farm)),
         Command::Ci(args) => xtask::ci::run(&args),
         Command::Demo(args) => xtask::block_on(xtask::demo::run(args)),
         Command::Bench(args) => xtask::block_on(xtask::bench::run(args)),

@@ -1,6 +1,7 @@
 //! `farm run` against an in-process fake coordinator (plain HTTP/2 on loopback): the input
-//! upload sends only missing blobs, the watch runs to `finished`, the exit code follows the
-//! actions, and a broken watch stream is resumed.
+//! upload sends only missing blobs (big ones streamed), the watch runs to `finished`, the exit
+//! code follows the actions, a broken watch stream is resumed, outputs are downloaded and the
+//! JSON report says what happened.
 
 // The fake's helpers are not #[test] functions; a panic there is a bug in the test.
 #![allow(clippy::unwrap_used)]
@@ -23,6 +24,8 @@ type Script = Vec<Result<JobEvent, Status>>;
 struct FakeFarm {
     blobs: Mutex<HashMap<Digest, Vec<u8>>>,
     uploads: Mutex<usize>,
+    /// Blobs that came in through Cas.Write, and the messages they took.
+    streamed: Mutex<Vec<(Digest, usize)>>,
     submitted: Mutex<Vec<v1::JobSpec>>,
     /// One event script per Watch call, in order.
     watches: Mutex<VecDeque<Script>>,
@@ -69,9 +72,69 @@ impl Cas for Fake {
 
     async fn batch_read(
         &self,
-        _: Request<v1::BatchReadRequest>,
+        request: Request<v1::BatchReadRequest>,
     ) -> Result<Response<v1::BatchReadResponse>, Status> {
-        Err(Status::unimplemented("not in the fake"))
+        let blobs = self.0.blobs.lock().unwrap();
+        let mut out = Vec::new();
+        for d in request.into_inner().digests {
+            let digest = Digest::from_proto(&d).unwrap();
+            let data = blobs
+                .get(&digest)
+                .ok_or_else(|| Status::not_found(format!("{digest}")))?;
+            out.push(v1::Blob {
+                digest: Some(d),
+                data: data.clone(),
+            });
+        }
+        Ok(Response::new(v1::BatchReadResponse { blobs: out }))
+    }
+
+    async fn write(
+        &self,
+        request: Request<tonic::Streaming<v1::WriteRequest>>,
+    ) -> Result<Response<v1::WriteResponse>, Status> {
+        let mut stream = request.into_inner();
+        let mut digest = None;
+        let mut data = Vec::new();
+        let mut messages = 0;
+        while let Some(m) = stream.message().await? {
+            messages += 1;
+            if digest.is_none() {
+                digest = Some(Digest::from_proto_required(m.digest.as_ref()).unwrap());
+            }
+            assert!(m.data.len() <= 1 << 20, "chunks of at most 1 MiB");
+            data.extend_from_slice(&m.data);
+        }
+        let d = digest.ok_or_else(|| Status::invalid_argument("no digest"))?;
+        if Digest::of(&data) != d {
+            return Err(Status::invalid_argument(format!("{d} does not match")));
+        }
+        self.0.streamed.lock().unwrap().push((d, messages));
+        let stored = self.0.blobs.lock().unwrap().insert(d, data).is_none();
+        Ok(Response::new(v1::WriteResponse { stored }))
+    }
+
+    type ReadStream =
+        Pin<Box<dyn tokio_stream::Stream<Item = Result<v1::ReadResponse, Status>> + Send>>;
+
+    async fn read(
+        &self,
+        request: Request<v1::ReadRequest>,
+    ) -> Result<Response<Self::ReadStream>, Status> {
+        let d = Digest::from_proto_required(request.into_inner().digest.as_ref()).unwrap();
+        let data = self
+            .0
+            .blobs
+            .lock()
+            .unwrap()
+            .get(&d)
+            .cloned()
+            .ok_or_else(|| Status::not_found(format!("{d}")))?;
+        let chunks: Vec<Result<v1::ReadResponse, Status>> = data
+            .chunks(1 << 20)
+            .map(|c| Ok(v1::ReadResponse { data: c.to_vec() }))
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
     }
 }
 
@@ -234,7 +297,8 @@ async fn uploads_only_missing_blobs_and_follows_the_job_to_success() {
     assert_eq!(outcome.exit_code, 0);
     let upload = outcome.upload.unwrap();
     // Three directories (root, linux, linux/arm64) and two files; the README was there.
-    assert_eq!((upload.total_blobs, upload.uploaded_blobs), (5, 4));
+    assert_eq!((upload.blobs_total, upload.blobs_sent), (5, 4));
+    assert_eq!(upload.bytes_deduplicated, 6);
     assert_eq!(*fake.0.uploads.lock().unwrap(), 4);
     let spec = fake.0.submitted.lock().unwrap()[0].clone();
     assert_eq!(spec.input_root, Some(tree.root.to_proto()));
@@ -317,4 +381,235 @@ async fn a_job_that_finished_while_the_watch_was_down_is_reported() {
     .await
     .unwrap();
     assert_eq!(outcome.exit_code, 42);
+}
+
+/// A directory of its own under the system temp dir, removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("xtask-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[tokio::test]
+async fn big_files_are_streamed_and_a_second_upload_sends_nothing() {
+    use xtask::farm::upload::{upload_dir, Progress};
+    let input = TempDir::new("upload-twice");
+    let big: Vec<u8> = (0..(5u32 << 20) + 3).map(|i| (i % 251) as u8).collect();
+    std::fs::write(input.0.join("big.bin"), &big).unwrap();
+    std::fs::create_dir_all(input.0.join("src")).unwrap();
+    std::fs::write(input.0.join("src/a.go"), "package a").unwrap();
+    std::fs::write(input.0.join("src/b.go"), "package b").unwrap();
+    std::fs::write(input.0.join("scratch.tmp"), "never uploaded").unwrap();
+    std::fs::write(input.0.join(".farmignore"), "*.tmp\n").unwrap();
+    let fake = Fake::default();
+    let mut client = start(&fake).await;
+
+    let first = upload_dir(&mut client, &input.0, Progress::Hidden)
+        .await
+        .unwrap();
+    // Root and src directories; big.bin, a.go, b.go and .farmignore.
+    assert_eq!((first.blobs_total, first.blobs_sent), (6, 6));
+    assert_eq!(first.bytes_deduplicated, 0);
+    assert!(first.bytes_sent > big.len() as u64);
+    let streamed = fake.0.streamed.lock().unwrap().clone();
+    assert_eq!(streamed.len(), 1, "only the big file is streamed");
+    assert_eq!(streamed[0].0, Digest::of(&big));
+    assert_eq!(
+        streamed[0].1,
+        1 + 6,
+        "a header and six chunks of at most 1 MiB"
+    );
+    assert!(!fake
+        .0
+        .blobs
+        .lock()
+        .unwrap()
+        .contains_key(&Digest::of(b"never uploaded")));
+
+    let second = upload_dir(&mut client, &input.0, Progress::Hidden)
+        .await
+        .unwrap();
+    assert_eq!(second.root, first.root);
+    assert_eq!((second.blobs_sent, second.bytes_sent), (0, 0));
+    assert_eq!(second.bytes_deduplicated, first.bytes_total);
+
+    // One changed file: that blob and the two Directory messages above it.
+    std::fs::write(input.0.join("src/b.go"), "package b // changed").unwrap();
+    let third = upload_dir(&mut client, &input.0, Progress::Hidden)
+        .await
+        .unwrap();
+    assert_eq!(third.blobs_sent, 3);
+    assert_ne!(third.root, first.root);
+    assert_eq!(fake.0.streamed.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn outputs_are_downloaded_under_os_and_arch_and_reported_as_json() {
+    use archfarm_proto::tree::build_local_tree;
+    use xtask::farm::blobs::MAX_BATCH_BLOB_BYTES;
+    // What the agents produced: a file on arm/v7 (cached) and a directory on amd64.
+    let produced = TempDir::new("outputs-produced");
+    let out = produced.0.join("out");
+    std::fs::create_dir_all(out.join("bin")).unwrap();
+    std::fs::write(out.join("bin/tool"), "#!/bin/sh\necho hi\n").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(out.join("bin/tool"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+    }
+    let big: Vec<u8> = (0..MAX_BATCH_BLOB_BYTES as u32 + 10)
+        .map(|i| (i * 13 % 256) as u8)
+        .collect();
+    std::fs::write(out.join("big.tar"), &big).unwrap();
+    std::fs::write(out.join("copy.tar"), &big).unwrap();
+    std::fs::create_dir_all(out.join("empty")).unwrap();
+    std::os::unix::fs::symlink("bin/tool", out.join("link")).unwrap();
+    let tree = build_local_tree(&out).unwrap();
+
+    let fake = Fake::default();
+    {
+        let mut blobs = fake.0.blobs.lock().unwrap();
+        for (d, bytes) in &tree.directories {
+            blobs.insert(*d, bytes.clone());
+        }
+        for (d, path) in &tree.files {
+            blobs.insert(*d, std::fs::read(path).unwrap());
+        }
+        blobs.insert(Digest::of(b"report"), b"report".to_vec());
+    }
+    let (arm, amd) = ("linux/arm/v7", "linux/amd64");
+    let mut on_arm = status(arm, ActionState::Succeeded, Some(0));
+    on_arm.cached = true;
+    on_arm.action_digest = "cd".repeat(32);
+    if let Some(r) = on_arm.result.as_mut() {
+        r.output_files.push(v1::OutputFile {
+            path: "report.txt".into(),
+            digest: Some(Digest::of(b"report").to_proto()),
+            executable: false,
+        });
+    }
+    let mut on_amd = status(amd, ActionState::Succeeded, Some(0));
+    if let Some(r) = on_amd.result.as_mut() {
+        r.output_directories.push(v1::OutputDirectory {
+            path: "out".into(),
+            root: Some(tree.root.to_proto()),
+        });
+    }
+    fake.0
+        .watches
+        .lock()
+        .unwrap()
+        .push_back(vec![finished(&[arm, amd], vec![on_amd, on_arm])]);
+    let mut client = start(&fake).await;
+    let dl = TempDir::new("outputs-downloaded");
+    let report_path = dl.0.join("report.json");
+    let mut args = RunArgs::new([arm, amd], ["make"]);
+    args.outputs = vec!["report.txt".into(), "out/".into(), "out".into()];
+    args.download = Some(dl.0.clone());
+    args.json_report = Some(report_path.clone());
+    args.no_cache = true;
+    let outcome = run_job(&mut client, &args, RunOutput::Quiet).await.unwrap();
+    assert_eq!(outcome.exit_code, 0);
+
+    let spec = fake.0.submitted.lock().unwrap()[0].clone();
+    assert_eq!(spec.output_paths, ["out", "report.txt"]);
+    assert!(spec.no_cache);
+
+    assert_eq!(
+        std::fs::read(dl.0.join("linux/arm/v7/report.txt")).unwrap(),
+        b"report"
+    );
+    let got = dl.0.join("linux/amd64/out");
+    assert_eq!(std::fs::read(got.join("big.tar")).unwrap(), big);
+    assert_eq!(std::fs::read(got.join("copy.tar")).unwrap(), big);
+    assert!(got.join("empty").is_dir());
+    assert_eq!(
+        std::fs::read_link(got.join("link")).unwrap(),
+        std::path::Path::new("bin/tool")
+    );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(got.join("bin/tool"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o755);
+    }
+    // The downloaded tree is the tree that was produced.
+    assert_eq!(build_local_tree(&got).unwrap().root, tree.root);
+
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report_path).unwrap()).unwrap();
+    assert_eq!(report["job_id"], "job-1");
+    assert_eq!(report["exit_code"], 0);
+    assert_eq!(report["upload"], serde_json::Value::Null);
+    assert_eq!(
+        (report["ran"].as_u64(), report["cached"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(report["actions"][0]["platform"], arm);
+    assert_eq!(report["actions"][0]["cached"], true);
+    assert_eq!(report["actions"][0]["exit_code"], 0);
+    assert_eq!(report["actions"][1]["cached"], false);
+    assert_eq!(report["actions"][1]["output_directories"][0]["path"], "out");
+    assert_eq!(report["downloads"].as_array().unwrap().len(), 2);
+    assert_eq!(report["downloads"][1]["kind"], "directory");
+    assert_eq!(report["downloads"][1]["files"], 3);
+
+    // A second download replaces the first.
+    std::fs::write(got.join("stale"), "left from before").unwrap();
+    fake.0.watches.lock().unwrap().push_back(vec![finished(
+        &[arm, amd],
+        vec![
+            outcome.job.as_ref().unwrap().actions[0].clone(),
+            outcome.job.as_ref().unwrap().actions[1].clone(),
+        ],
+    )]);
+    run_job(&mut client, &args, RunOutput::Quiet).await.unwrap();
+    assert!(!got.join("stale").exists());
+}
+
+#[tokio::test]
+async fn a_corrupt_output_is_refused() {
+    let fake = Fake::default();
+    let claimed = Digest::of(b"the real thing");
+    fake.0
+        .blobs
+        .lock()
+        .unwrap()
+        .insert(claimed, b"something else".to_vec());
+    let p = "linux/s390x";
+    let mut done = status(p, ActionState::Succeeded, Some(0));
+    if let Some(r) = done.result.as_mut() {
+        r.output_files.push(v1::OutputFile {
+            path: "x".into(),
+            digest: Some(claimed.to_proto()),
+            executable: false,
+        });
+    }
+    fake.0
+        .watches
+        .lock()
+        .unwrap()
+        .push_back(vec![finished(&[p], vec![done])]);
+    let mut client = start(&fake).await;
+    let dl = TempDir::new("corrupt-output");
+    let mut args = RunArgs::new([p], ["true"]);
+    args.download = Some(dl.0.clone());
+    let e = run_job(&mut client, &args, RunOutput::Quiet)
+        .await
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("corrupt"), "{e:#}");
+    assert!(!dl.0.join("linux/s390x/x").exists());
 }

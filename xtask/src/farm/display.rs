@@ -62,6 +62,22 @@ pub fn format_gib(bytes: u64) -> String {
     format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
 }
 
+/// Bytes for people, binary units with one decimal: `512 B`, `1.5 KiB`, `3.2 MiB`, `1.0 GiB`,
+/// `2.0 TiB`.
+pub fn format_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
 /// Bytes as MiB with one decimal, without the unit.
 pub fn mib(bytes: u64) -> String {
     format!("{:.1}", bytes as f64 / (1u64 << 20) as f64)
@@ -208,5 +224,10 @@ mod tests {
     fn sizes() {
         assert_eq!(format_gib(16 << 30), "16.0 GiB");
         assert_eq!(mib(3 << 19), "1.5");
+        assert_eq!(format_bytes(0), "0 B");
+        assert_eq!(format_bytes(1023), "1023 B");
+        assert_eq!(format_bytes(1536), "1.5 KiB");
+        assert_eq!(format_bytes(3 << 29), "1.5 GiB");
+        assert_eq!(format_bytes(2 << 40), "2.0 TiB");
     }
 }

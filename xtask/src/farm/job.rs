@@ -106,7 +106,7 @@ pub fn actions_table(platforms: &[String], actions: &[ActionStatus]) -> Table {
         };
         table.add_row(vec![
             a.platform.clone(),
-            words(action_state_name(a.state())),
+            state_words(a),
             result.map_or("-".to_string(), |r| match r.outcome() {
                 v1::ExecutionOutcome::Exited => r.exit_code.to_string(),
                 other => words(outcome_name(other)),
@@ -127,6 +127,28 @@ pub fn actions_table(platforms: &[String], actions: &[ActionStatus]) -> Table {
         ]);
     }
     table
+}
+
+/// An action's state in words, with `(cached)` when the result came from the action cache:
+/// `succeeded (cached)`.
+pub fn state_words(a: &ActionStatus) -> String {
+    let state = words(action_state_name(a.state()));
+    if a.cached {
+        format!("{state} (cached)")
+    } else {
+        state
+    }
+}
+
+/// How many actions an agent ran for this job and how many results came from the action
+/// cache.
+pub fn ran_and_cached(actions: &[ActionStatus]) -> (usize, usize) {
+    let cached = actions.iter().filter(|a| a.cached).count();
+    let ran = actions
+        .iter()
+        .filter(|a| !a.cached && a.result.is_some())
+        .count();
+    (ran, cached)
 }
 
 /// The JSON form of a digest: `{"hash", "size_bytes"}` or null.
@@ -162,6 +184,15 @@ pub fn result_json(r: &v1::ExecutionResult) -> Value {
         "started_unix_ms": r.started_unix_ms,
         "duration_ms": r.duration_ms,
         "peak_memory_bytes": r.peak_memory_bytes,
+        "output_files": r.output_files.iter().map(|f| json!({
+            "path": f.path,
+            "digest": digest_json(f.digest.as_ref()),
+            "executable": f.executable,
+        })).collect::<Vec<_>>(),
+        "output_directories": r.output_directories.iter().map(|d| json!({
+            "path": d.path,
+            "root": digest_json(d.root.as_ref()),
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -176,6 +207,9 @@ pub fn action_json(a: &ActionStatus) -> Value {
         "emulated": a.emulated,
         "reason": a.reason,
         "queued_unix_ms": a.queued_unix_ms,
+        "started_unix_ms": a.started_unix_ms,
+        "cached": a.cached,
+        "action_digest": a.action_digest,
         "result": a.result.as_ref().map_or(Value::Null, result_json),
     })
 }
@@ -199,6 +233,8 @@ pub fn job_json(job: &JobStatus) -> Value {
             "required_labels": labels_json(&spec.required_labels),
             "working_directory": spec.working_directory,
             "description": spec.description,
+            "output_paths": spec.output_paths,
+            "no_cache": spec.no_cache,
         },
         "actions": ordered_actions(&spec.platforms, &job.actions).into_iter().map(action_json).collect::<Vec<_>>(),
     })
@@ -277,5 +313,34 @@ mod tests {
             table.contains("infra failed") && table.contains("emulated"),
             "{table}"
         );
+    }
+
+    #[test]
+    fn cached_results_are_marked_and_counted() {
+        let mut hit = action("linux/arm64", ActionState::Succeeded);
+        hit.cached = true;
+        hit.action_digest = "ab".repeat(32);
+        hit.result = Some(v1::ExecutionResult {
+            outcome: v1::ExecutionOutcome::Exited as i32,
+            output_files: vec![v1::OutputFile {
+                path: "bin/x".into(),
+                digest: Some(archfarm_proto::Digest::of(b"x").to_proto()),
+                executable: true,
+            }],
+            ..Default::default()
+        });
+        let mut ran = action("linux/s390x", ActionState::Succeeded);
+        ran.result = Some(v1::ExecutionResult::default());
+        let queued = action("linux/amd64", ActionState::Unschedulable);
+        let actions = vec![hit.clone(), ran, queued];
+        assert_eq!(ran_and_cached(&actions), (1, 1));
+        assert_eq!(state_words(&hit), "succeeded (cached)");
+        let table = actions_table(&[], &actions).to_string();
+        assert!(table.contains("succeeded (cached)"), "{table}");
+        let v = action_json(&hit);
+        assert_eq!(v["cached"], true);
+        assert_eq!(v["action_digest"], "ab".repeat(32));
+        assert_eq!(v["result"]["output_files"][0]["path"], "bin/x");
+        assert_eq!(v["result"]["output_files"][0]["executable"], true);
     }
 }

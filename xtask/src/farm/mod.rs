@@ -4,8 +4,10 @@
 
 pub mod agents;
 pub mod args;
+pub mod blobs;
 pub mod cancel;
 pub mod display;
+pub mod download;
 pub mod job;
 pub mod run;
 pub mod status;

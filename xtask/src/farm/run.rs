@@ -1,11 +1,14 @@
 //! `cargo xtask farm run`: uploads the input tree, submits a job and follows it to the end:
 //! each action's output line by line behind its platform, state changes on stderr, a summary
 //! table and an exit code. It survives a coordinator restart (re-watching) and turns Ctrl-C
-//! into a cancel. `demo` and `bench` call the same [`run_job`].
+//! into a cancel. With `--output`/`--download` it brings the declared outputs home, and with
+//! `--json-report` it writes what happened for scripts and tests. `demo` and `bench` call the
+//! same [`run_job`].
 use super::args::{ensure_unique, parse_env_var, parse_label, EnvVarArg, LabelArg};
 use super::display::{action_state_name, format_ms, is_final, mode, outcome_name, words};
-use super::job::{actions_table, ordered_actions};
-use super::upload::{upload_dir, UploadReport};
+use super::download::{download_outputs, output_paths, DownloadedOutput};
+use super::job::{actions_table, ordered_actions, ran_and_cached};
+use super::upload::{upload_dir, Progress, UploadReport};
 use super::{rpc, FarmClient, RpcError};
 use anyhow::{bail, Context};
 use archfarm_proto::v1::{
@@ -55,6 +58,20 @@ pub struct RunArgs {
     /// Free text for status, e.g. the CI job's name.
     #[arg(long)]
     pub description: Option<String>,
+    /// A file or directory the command leaves, relative to the working directory, to store
+    /// in the farm's CAS; repeatable.
+    #[arg(long = "output", value_name = "PATH")]
+    pub outputs: Vec<String>,
+    /// After the job, write each succeeded action's outputs to DIR/<os>/<arch>[/<variant>]/PATH.
+    #[arg(long, value_name = "DIR")]
+    pub download: Option<PathBuf>,
+    /// Run every action even when the action cache holds a result for it.
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Write a JSON report (upload figures, job id, each action's state, cached flag and exit
+    /// code, downloads) to FILE when the job ends.
+    #[arg(long, value_name = "FILE")]
+    pub json_report: Option<PathBuf>,
     /// The command and its arguments; {os}, {arch} and {variant} become the platform's parts.
     #[arg(
         value_name = "CMD",
@@ -80,6 +97,10 @@ impl RunArgs {
             labels: Vec::new(),
             workdir: None,
             description: None,
+            outputs: Vec::new(),
+            download: None,
+            no_cache: false,
+            json_report: None,
             command: command.into_iter().map(Into::into).collect(),
         }
     }
@@ -105,8 +126,8 @@ impl RunArgs {
             required_labels: self.labels.iter().map(LabelArg::to_proto).collect(),
             working_directory: workdir,
             description: self.description.clone().unwrap_or_default(),
-            output_paths: vec![],
-            no_cache: false,
+            output_paths: output_paths(&self.outputs)?,
+            no_cache: self.no_cache,
         })
     }
 }
@@ -141,13 +162,81 @@ pub struct RunOutcome {
     pub job: Option<JobStatus>,
     /// What the input upload did, when there was an input.
     pub upload: Option<UploadReport>,
+    /// Outputs written by `--download`.
+    pub downloads: Vec<DownloadedOutput>,
     /// Latencies.
     pub timings: RunTimings,
+}
+
+impl RunOutcome {
+    /// The `--json-report` document:
+    /// `{"job_id", "exit_code", "upload": UploadReport|null, "actions": [{"action_id",
+    /// "platform", "state", "cached", "outcome", "exit_code", "agent_id", "emulated",
+    /// "duration_ms", "action_digest", "output_files", "output_directories"}], "ran",
+    /// "cached", "downloads": [DownloadedOutput]}`. `outcome` and `exit_code` are null for an
+    /// action without a result; `actions` is empty when the watch was abandoned.
+    pub fn report_json(&self) -> serde_json::Value {
+        use serde_json::json;
+        let (platforms, actions) = match &self.job {
+            Some(job) => (
+                job.spec
+                    .as_ref()
+                    .map(|s| s.platforms.clone())
+                    .unwrap_or_default(),
+                job.actions.as_slice(),
+            ),
+            None => (Vec::new(), &[][..]),
+        };
+        let (ran, cached) = ran_and_cached(actions);
+        let actions: Vec<serde_json::Value> = ordered_actions(&platforms, actions)
+            .into_iter()
+            .map(|a| {
+                let r = a.result.as_ref();
+                let full = r.map(super::job::result_json);
+                json!({
+                    "action_id": a.action_id,
+                    "platform": a.platform,
+                    "state": action_state_name(a.state()),
+                    "cached": a.cached,
+                    "outcome": r.map(|r| outcome_name(r.outcome())),
+                    "exit_code": r.map(|r| r.exit_code),
+                    "agent_id": r.map_or(a.agent_id.as_str(), |r| r.agent_id.as_str()),
+                    "emulated": r.map_or(a.emulated, |r| r.emulated),
+                    "duration_ms": r.map(|r| r.duration_ms),
+                    "action_digest": a.action_digest,
+                    "output_files": full.as_ref().map_or(json!([]), |f| f["output_files"].clone()),
+                    "output_directories": full.as_ref().map_or(json!([]), |f| f["output_directories"].clone()),
+                })
+            })
+            .collect();
+        json!({
+            "job_id": self.job_id,
+            "exit_code": self.exit_code,
+            "upload": self.upload.map(|u| u.to_json()),
+            "actions": actions,
+            "ran": ran,
+            "cached": cached,
+            "downloads": self.downloads.iter().map(DownloadedOutput::to_json).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// Writes `value` as pretty JSON to `path`.
+pub fn write_json_report(path: &std::path::Path, value: &serde_json::Value) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(value).context("failed to encode the JSON report")?;
+    std::fs::write(path, text + "\n")
+        .with_context(|| format!("failed to write the JSON report {}", path.display()))
 }
 
 /// `cargo xtask farm run`: runs the job and returns its exit code.
 pub async fn command(client: &mut FarmClient, args: &RunArgs) -> anyhow::Result<u8> {
     Ok(run_job(client, args, RunOutput::Print).await?.exit_code)
+}
+
+/// The final line of `farm run`: `3 ran, 2 cached`.
+pub fn ran_cached_line(actions: &[ActionStatus]) -> String {
+    let (ran, cached) = ran_and_cached(actions);
+    format!("{ran} ran, {cached} cached")
 }
 
 /// Uploads the input, submits the job, follows it to the end and chooses the exit code.
@@ -160,7 +249,12 @@ pub async fn run_job(
     args.job_spec(None)?; // refuse bad arguments before hashing anything
     let upload = match &args.input {
         Some(dir) => {
-            let report = upload_dir(client, dir).await?;
+            let progress = if print {
+                Progress::Auto
+            } else {
+                Progress::Hidden
+            };
+            let report = upload_dir(client, dir, progress).await?;
             if print {
                 eprintln!("{}", report.summary());
             }
@@ -226,16 +320,21 @@ pub async fn run_job(
                 if interrupts >= 2 {
                     emit(watch.flush(), output);
                     eprintln!("interrupted again; stopped watching job {job_id}");
-                    return Ok(RunOutcome {
+                    let outcome = RunOutcome {
                         job_id,
                         exit_code: 130,
                         job: None,
                         upload,
+                        downloads: Vec::new(),
                         timings: RunTimings {
                             first_line,
                             total: started.elapsed(),
                         },
-                    });
+                    };
+                    if let Some(path) = &args.json_report {
+                        write_json_report(path, &outcome.report_json())?;
+                    }
+                    return Ok(outcome);
                 }
                 eprintln!("cancelling job {job_id} (Ctrl-C again to stop watching)");
                 let reason = "cancelled by Ctrl-C in `farm run`";
@@ -313,13 +412,58 @@ pub async fn run_job(
     if print {
         eprintln!("{}", actions_table(&platforms, &finished.actions));
     }
-    Ok(RunOutcome {
+    let mut downloads = Vec::new();
+    let mut download_error = None;
+    if let Some(dir) = &args.download {
+        let actions = ordered_actions(&platforms, &finished.actions);
+        match download_outputs(client, &actions, dir).await {
+            Ok(done) => {
+                if print {
+                    for d in &done {
+                        eprintln!(
+                            "[{}] downloaded {} to {}{}",
+                            d.platform,
+                            d.path,
+                            d.destination.display(),
+                            if d.kind == "directory" {
+                                format!(
+                                    " ({} files, {} MiB)",
+                                    d.files,
+                                    super::display::mib(d.bytes)
+                                )
+                            } else {
+                                String::new()
+                            }
+                        );
+                    }
+                }
+                downloads = done;
+            }
+            Err(e) => download_error = Some(e),
+        }
+    }
+    if print {
+        eprintln!("{}", ran_cached_line(&finished.actions));
+    }
+    let outcome = RunOutcome {
         exit_code: job_exit_code(&args.platforms, &finished.actions),
         job_id,
         job: Some(finished),
         upload,
+        downloads,
         timings: RunTimings { first_line, total },
-    })
+    };
+    if let Some(path) = &args.json_report {
+        let mut report = outcome.report_json();
+        if let Some(e) = &download_error {
+            report["download_error"] = serde_json::Value::String(format!("{e:#}"));
+        }
+        write_json_report(path, &report)?;
+    }
+    if let Some(e) = download_error {
+        return Err(e.context(format!("job {} finished", outcome.job_id)));
+    }
+    Ok(outcome)
 }
 
 /// Resolves on the next Ctrl-C (never, if the signal cannot be watched).
@@ -775,6 +919,7 @@ pub fn progress_line(a: &ActionStatus) -> String {
         .strip_prefix(&format!("{state_word}: "))
         .map(str::to_string)
         .unwrap_or(reason);
+    let cached = if a.cached { " (cached)" } else { "" };
     match a.state() {
         ActionState::Queued if a.attempts == 0 => format!("[{p}] queued"),
         ActionState::Queued => {
@@ -792,7 +937,7 @@ pub fn progress_line(a: &ActionStatus) -> String {
         ),
         ActionState::Succeeded => match &a.result {
             Some(r) => format!(
-                "[{p}] succeeded in {} on agent {} ({})",
+                "[{p}] succeeded{cached} in {} on agent {} ({})",
                 format_ms(r.duration_ms),
                 if r.agent_id.is_empty() {
                     agent
@@ -801,11 +946,11 @@ pub fn progress_line(a: &ActionStatus) -> String {
                 },
                 mode(r.emulated)
             ),
-            None => format!("[{p}] succeeded"),
+            None => format!("[{p}] succeeded{cached}"),
         },
         ActionState::Failed => match &a.result {
             Some(r) if r.outcome() == ExecutionOutcome::Exited => format!(
-                "[{p}] failed: exit code {} after {}",
+                "[{p}] failed{cached}: exit code {} after {}",
                 r.exit_code,
                 format_ms(r.duration_ms)
             ),

@@ -1,9 +1,9 @@
 //! `cargo xtask farm status`: what the farm has and does — agents per platform (always saying
-//! native or emulated), queues, running actions and recent jobs' verdicts — as tables for
-//! people or as a stable JSON document for scripts.
+//! native or emulated), queues, running actions, recent jobs' verdicts and the content-addressed
+//! store with its action cache — as tables for people or as a stable JSON document for scripts.
 use super::display::{
-    agent_state_name, format_ago, format_duration, format_gib, format_ms, format_verdict, mode,
-    now_unix_ms,
+    agent_state_name, format_ago, format_bytes, format_duration, format_gib, format_ms,
+    format_verdict, mode, now_unix_ms,
 };
 use super::job::{action_json, format_labels, labels_json};
 use super::{rpc, FarmClient};
@@ -177,6 +177,11 @@ pub fn render_status(s: &FarmStatusResponse, now_unix_ms: u64) -> String {
         let _ = writeln!(out, "{t}");
     }
 
+    if let Some(cas) = &s.cas {
+        let _ = writeln!(out, "\ncontent-addressed store");
+        out.push_str(&render_cas(cas));
+    }
+
     let _ = writeln!(out, "\nrecent jobs");
     if s.recent_jobs.is_empty() {
         let _ = writeln!(out, "none");
@@ -204,13 +209,71 @@ pub fn render_status(s: &FarmStatusResponse, now_unix_ms: u64) -> String {
     out
 }
 
-/// How long a running action has run. ActionStatus has no start time of its own, so this uses
-/// the result's start when the coordinator fills one in, else the time since it was queued.
+/// `hits/lookups (P%)`, or `no lookups`.
+pub fn format_hit_ratio(hits: u64, lookups: u64) -> String {
+    if lookups == 0 {
+        return "no lookups".to_string();
+    }
+    format!(
+        "{hits}/{lookups} ({:.0}%)",
+        hits as f64 * 100.0 / lookups as f64
+    )
+}
+
+/// The CAS and action-cache figures, one line each:
+/// ```text
+///   stored        1.2 GiB of 10.0 GiB budget (12%) in 10234 blobs; 3 evicted since start
+///   transfers     800.0 MiB uploaded, 2.1 GiB saved by dedup since start
+///   action cache  1234 entries; hits last hour 7/10 (70%), total 50/100 (50%)
+/// ```
+pub fn render_cas(c: &v1::CasStats) -> String {
+    let budget = if c.budget_bytes == 0 {
+        "no budget".to_string()
+    } else {
+        format!(
+            "{} budget ({:.0}%)",
+            format_bytes(c.budget_bytes),
+            c.bytes as f64 * 100.0 / c.budget_bytes as f64
+        )
+    };
+    format!(
+        "  stored        {} of {budget} in {} blobs; {} evicted since start\n\
+         \x20 transfers     {} uploaded, {} saved by dedup since start\n\
+         \x20 action cache  {} entries; hits last hour {}, total {}\n",
+        format_bytes(c.bytes),
+        c.blobs,
+        c.evicted_blobs,
+        format_bytes(c.uploaded_bytes),
+        format_bytes(c.deduplicated_bytes),
+        c.cache_entries,
+        format_hit_ratio(c.cache_hits_last_hour, c.cache_lookups_last_hour),
+        format_hit_ratio(c.cache_hits_total, c.cache_lookups_total),
+    )
+}
+
+/// The CAS figures as JSON, with the proto's field names.
+pub fn cas_json(c: &v1::CasStats) -> Value {
+    json!({
+        "bytes": c.bytes,
+        "budget_bytes": c.budget_bytes,
+        "blobs": c.blobs,
+        "uploaded_bytes": c.uploaded_bytes,
+        "deduplicated_bytes": c.deduplicated_bytes,
+        "evicted_blobs": c.evicted_blobs,
+        "cache_lookups_last_hour": c.cache_lookups_last_hour,
+        "cache_hits_last_hour": c.cache_hits_last_hour,
+        "cache_lookups_total": c.cache_lookups_total,
+        "cache_hits_total": c.cache_hits_total,
+        "cache_entries": c.cache_entries,
+    })
+}
+
+/// How long a running action has run: since its lease started when the coordinator says,
+/// else since the result's start, else since it was queued.
 fn running_for(a: &v1::ActionStatus, now_unix_ms: u64) -> String {
-    let started = a
-        .result
-        .as_ref()
-        .map(|r| r.started_unix_ms)
+    let started = Some(a.started_unix_ms)
+        .filter(|t| *t > 0)
+        .or_else(|| a.result.as_ref().map(|r| r.started_unix_ms))
         .filter(|t| *t > 0);
     match started {
         Some(t) => format_ms(now_unix_ms.saturating_sub(t)),
@@ -224,7 +287,8 @@ fn running_for(a: &v1::ActionStatus, now_unix_ms: u64) -> String {
 
 /// The status as a JSON document with snake_case fields mirroring the proto:
 /// `coordinator_started_unix_ms`, `stale_results_refused`, `agents`, `queues`, `running`,
-/// `recent_jobs`. States are lower-case names (`ready`, `infra_failed`); labels are objects.
+/// `recent_jobs`, `cas` (the proto's CasStats fields, or null when the coordinator sends none).
+/// States are lower-case names (`ready`, `infra_failed`); labels are objects.
 pub fn status_json(s: &FarmStatusResponse) -> Value {
     let agents: Vec<Value> = s
         .agents
@@ -284,6 +348,7 @@ pub fn status_json(s: &FarmStatusResponse) -> Value {
         "queues": queues,
         "running": s.running.iter().map(action_json).collect::<Vec<_>>(),
         "recent_jobs": recent_jobs,
+        "cas": s.cas.as_ref().map_or(Value::Null, cas_json),
     })
 }
 
@@ -358,6 +423,7 @@ mod tests {
             }],
             coordinator_started_unix_ms: now - 180_000,
             stale_results_refused: 0,
+            cas: None,
         }
     }
 
@@ -397,5 +463,64 @@ mod tests {
         assert_eq!(v["queues"][0]["oldest_wait_ms"], 12_000);
         assert_eq!(v["running"][0]["state"], "running");
         assert_eq!(v["recent_jobs"][0]["states"]["succeeded"], 4);
+        assert_eq!(v["cas"], Value::Null);
+    }
+
+    fn cas() -> v1::CasStats {
+        v1::CasStats {
+            bytes: 3 << 29,
+            budget_bytes: 10 << 30,
+            blobs: 10_234,
+            uploaded_bytes: 800 << 20,
+            deduplicated_bytes: 2200 << 20,
+            evicted_blobs: 3,
+            cache_lookups_last_hour: 10,
+            cache_hits_last_hour: 7,
+            cache_lookups_total: 300,
+            cache_hits_total: 100,
+            cache_entries: 1234,
+        }
+    }
+
+    #[test]
+    fn the_cas_section_shows_sizes_ratios_and_dedup() {
+        let mut s = sample();
+        let text = render_status(&s, 1_000_000_000);
+        assert!(!text.contains("content-addressed store"), "{text}");
+        s.cas = Some(cas());
+        let text = render_status(&s, 1_000_000_000);
+        assert!(text.contains("content-addressed store"), "{text}");
+        assert!(
+            text.contains("1.5 GiB of 10.0 GiB budget (15%) in 10234 blobs; 3 evicted"),
+            "{text}"
+        );
+        assert!(
+            text.contains("800.0 MiB uploaded, 2.1 GiB saved by dedup"),
+            "{text}"
+        );
+        assert!(
+            text.contains("1234 entries; hits last hour 7/10 (70%), total 100/300 (33%)"),
+            "{text}"
+        );
+        let empty = render_cas(&v1::CasStats::default());
+        assert!(empty.contains("0 B of no budget in 0 blobs"), "{empty}");
+        assert!(
+            empty.contains("hits last hour no lookups, total no lookups"),
+            "{empty}"
+        );
+        let v = status_json(&s);
+        assert_eq!(v["cas"]["budget_bytes"], 10u64 << 30);
+        assert_eq!(v["cas"]["cache_hits_last_hour"], 7);
+        assert_eq!(v["cas"]["deduplicated_bytes"], 2200u64 << 20);
+        assert_eq!(v["cas"].as_object().unwrap().len(), 11);
+    }
+
+    #[test]
+    fn running_for_counts_from_the_lease_start() {
+        let now = 1_000_000_000;
+        let mut a = sample().running[0].clone();
+        assert_eq!(running_for(&a, now), "1m 5s (since queued)");
+        a.started_unix_ms = now - 42_000;
+        assert_eq!(running_for(&a, now), "42s");
     }
 }

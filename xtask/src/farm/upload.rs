@@ -1,132 +1,171 @@
-//! Puts a local input tree into the farm's CAS: hashes the directory into a Merkle tree, asks
-//! the CAS which blobs it lacks, and uploads only those, in batches that fit one gRPC message.
-use super::{rpc, FarmClient};
+//! Puts a local input tree into the farm's CAS: hashes the directory into a Merkle tree
+//! (honouring `.farmignore`), asks the CAS which blobs it lacks, and uploads only those: small
+//! ones in BatchUpload batches, big ones streamed from their files with Cas.Write.
+use super::blobs::{batch_upload, find_missing, plan_batches, write_file, MAX_BATCH_BLOB_BYTES};
+use super::display::mib;
+use super::FarmClient;
 use anyhow::{bail, Context};
-use archfarm_proto::tree::{build_local_tree, LocalTree};
+use archfarm_proto::tree::{build_input_tree, LocalTree};
 use archfarm_proto::{v1, Digest};
+use futures::{StreamExt, TryStreamExt};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{json, Value};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
-/// A batch is closed once adding the next blob would take it past this many bytes.
-pub const BATCH_TARGET_BYTES: u64 = 16 << 20;
-/// Largest blob BatchUpload takes here; bigger ones need a streaming upload (not there yet).
-pub const MAX_BATCH_BLOB_BYTES: u64 = 48 << 20;
-/// Digests per FindMissing call (about 80 bytes each on the wire).
-const FIND_MISSING_CHUNK: usize = 20_000;
+/// Uploads bigger than this get a progress bar (when stderr is a terminal).
+pub const PROGRESS_BAR_BYTES: u64 = 16 << 20;
+/// Upload calls in flight at once.
+const UPLOADS_IN_FLIGHT: usize = 4;
 
 /// What an upload did.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UploadReport {
     /// Root digest of the tree.
     pub root: Digest,
     /// Distinct blobs in the tree (directories and files).
-    pub total_blobs: usize,
+    pub blobs_total: u64,
     /// Blobs the CAS lacked and that were sent.
-    pub uploaded_blobs: usize,
-    /// Bytes of those blobs.
-    pub uploaded_bytes: u64,
+    pub blobs_sent: u64,
+    /// Bytes of the distinct blobs.
+    pub bytes_total: u64,
+    /// Bytes of the blobs sent.
+    pub bytes_sent: u64,
+    /// Bytes of the blobs the CAS already held, which were not sent.
+    pub bytes_deduplicated: u64,
 }
 
 impl UploadReport {
-    /// `uploaded N blobs (X MiB) of M`.
+    /// `uploaded N of M blobs (X MiB sent, Y MiB already in the farm)`.
     pub fn summary(&self) -> String {
         format!(
-            "uploaded {} blobs ({} MiB) of {}",
-            self.uploaded_blobs,
-            super::display::mib(self.uploaded_bytes),
-            self.total_blobs
+            "uploaded {} of {} blobs ({} MiB sent, {} MiB already in the farm)",
+            self.blobs_sent,
+            self.blobs_total,
+            mib(self.bytes_sent),
+            mib(self.bytes_deduplicated)
         )
+    }
+
+    /// `{"root": {"hash", "size_bytes"}, "blobs_total", "blobs_sent", "bytes_total",
+    /// "bytes_sent", "bytes_deduplicated"}`.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "root": { "hash": self.root.hex(), "size_bytes": self.root.size_bytes() },
+            "blobs_total": self.blobs_total,
+            "blobs_sent": self.blobs_sent,
+            "bytes_total": self.bytes_total,
+            "bytes_sent": self.bytes_sent,
+            "bytes_deduplicated": self.bytes_deduplicated,
+        })
     }
 }
 
-/// Groups blobs into upload batches in the given order: a batch holds blobs while their total
-/// stays within [`BATCH_TARGET_BYTES`]; a bigger blob goes alone. Callers must have refused
-/// blobs over [`MAX_BATCH_BLOB_BYTES`].
-pub fn plan_batches(blobs: &[Digest]) -> Vec<Vec<Digest>> {
-    let mut batches: Vec<Vec<Digest>> = Vec::new();
-    let mut current: Vec<Digest> = Vec::new();
-    let mut current_bytes = 0u64;
-    for d in blobs {
-        if !current.is_empty() && current_bytes + d.size_bytes() > BATCH_TARGET_BYTES {
-            batches.push(std::mem::take(&mut current));
-            current_bytes = 0;
-        }
-        current_bytes += d.size_bytes();
-        current.push(*d);
-    }
-    if !current.is_empty() {
-        batches.push(current);
-    }
-    batches
+/// Whether an upload may draw a progress bar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// A bar on stderr when the upload is over [`PROGRESS_BAR_BYTES`] and stderr is a
+    /// terminal.
+    Auto,
+    /// Never.
+    Hidden,
+}
+
+/// Hashes `dir` into a tree (on the blocking threads, files in parallel).
+pub async fn hash_dir(dir: &Path) -> anyhow::Result<LocalTree> {
+    let owned = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || build_input_tree(&owned))
+        .await
+        .context("failed to join the hashing task")?
+        .with_context(|| format!("failed to hash the input tree {}", dir.display()))
 }
 
 /// Hashes `dir` and uploads what the CAS lacks.
-pub async fn upload_dir(client: &mut FarmClient, dir: &Path) -> anyhow::Result<UploadReport> {
-    let owned = dir.to_path_buf();
-    let tree = tokio::task::spawn_blocking(move || build_local_tree(&owned))
-        .await
-        .context("failed to join the hashing task")?
-        .with_context(|| format!("failed to hash the input tree {}", dir.display()))?;
-    upload_tree(client, &tree).await
+pub async fn upload_dir(
+    client: &mut FarmClient,
+    dir: &Path,
+    progress: Progress,
+) -> anyhow::Result<UploadReport> {
+    let tree = hash_dir(dir).await?;
+    upload_tree(client, &tree, progress).await
+}
+
+/// One upload call.
+enum Upload {
+    /// Small blobs in one BatchUpload.
+    Batch(Vec<Digest>),
+    /// One big file streamed with Cas.Write.
+    Stream(Digest, PathBuf),
 }
 
 /// Uploads the blobs of `tree` that the CAS lacks.
 pub async fn upload_tree(
     client: &mut FarmClient,
     tree: &LocalTree,
+    progress: Progress,
 ) -> anyhow::Result<UploadReport> {
     let mut all = tree.all_digests();
     all.sort();
     all.dedup();
-    let mut missing = Vec::new();
-    for chunk in all.chunks(FIND_MISSING_CHUNK) {
-        let response = rpc(client
-            .cas
-            .find_missing(v1::FindMissingRequest {
-                digests: chunk.iter().map(Digest::to_proto).collect(),
-            })
-            .await)
-        .context("failed to ask the CAS which blobs it lacks")?;
-        for d in &response.missing {
-            missing.push(Digest::from_proto(d).context("failed to read FindMissing's answer")?);
+    let missing = find_missing(client, &all).await?;
+    let bytes_total: u64 = all.iter().map(Digest::size_bytes).sum();
+    let bytes_sent: u64 = missing.iter().map(Digest::size_bytes).sum();
+    let (small, big): (Vec<Digest>, Vec<Digest>) = missing
+        .iter()
+        .partition(|d| d.size_bytes() <= MAX_BATCH_BLOB_BYTES);
+    let mut uploads: Vec<Upload> = Vec::new();
+    for d in big {
+        let Some(path) = tree.files.get(&d) else {
+            bail!("the CAS asked for blob {d}, which is not a file of the input tree");
+        };
+        uploads.push(Upload::Stream(d, path.clone()));
+    }
+    uploads.extend(plan_batches(&small).into_iter().map(Upload::Batch));
+
+    let bar = if progress == Progress::Auto
+        && bytes_sent > PROGRESS_BAR_BYTES
+        && std::io::stderr().is_terminal()
+    {
+        let bar = ProgressBar::new(bytes_sent);
+        if let Ok(style) = ProgressStyle::with_template(
+            "uploading {bar:30} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        ) {
+            bar.set_style(style);
         }
-    }
-    for d in &missing {
-        if d.size_bytes() > MAX_BATCH_BLOB_BYTES {
-            let name = tree
-                .files
-                .get(d)
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|| format!("blob {d}"));
-            bail!(
-                "{name} is {} MiB; blobs over {} MiB need a streaming upload, which the farm \
-                 client does not have yet",
-                super::display::mib(d.size_bytes()),
-                MAX_BATCH_BLOB_BYTES >> 20
-            );
-        }
-    }
-    let mut uploaded_bytes = 0;
-    for batch in plan_batches(&missing) {
-        let blobs = read_batch(tree, batch).await?;
-        let bytes: u64 = blobs.iter().map(|b| b.data.len() as u64).sum();
-        let count = blobs.len();
-        rpc(client
-            .cas
-            .batch_upload(v1::BatchUploadRequest { blobs })
-            .await)
-        .with_context(|| {
-            format!(
-                "failed to upload {count} blobs ({} MiB)",
-                super::display::mib(bytes)
-            )
-        })?;
-        uploaded_bytes += bytes;
-    }
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+    futures::stream::iter(uploads)
+        .map(|upload| {
+            let mut client = client.clone();
+            let bar = bar.clone();
+            async move {
+                match upload {
+                    Upload::Batch(batch) => {
+                        let blobs = read_batch(tree, batch).await?;
+                        let bytes: u64 = blobs.iter().map(|b| b.data.len() as u64).sum();
+                        batch_upload(&mut client, blobs).await?;
+                        bar.inc(bytes);
+                    }
+                    Upload::Stream(d, path) => {
+                        write_file(&mut client, d, &path, &bar).await?;
+                    }
+                }
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(UPLOADS_IN_FLIGHT)
+        .try_collect::<Vec<()>>()
+        .await?;
+    bar.finish_and_clear();
     Ok(UploadReport {
         root: tree.root,
-        total_blobs: all.len(),
-        uploaded_blobs: missing.len(),
-        uploaded_bytes,
+        blobs_total: all.len() as u64,
+        blobs_sent: missing.len() as u64,
+        bytes_total,
+        bytes_sent,
+        bytes_deduplicated: bytes_total - bytes_sent,
     })
 }
 
@@ -138,7 +177,9 @@ enum BlobSource {
     File(PathBuf),
 }
 
-/// Reads a batch's blobs (off the async threads) and checks each file still has its digest.
+/// Reads a batch's blobs (off the async threads). A file whose size changed since it was
+/// hashed is an error here; one whose bytes changed at the same size is refused by the CAS,
+/// which checks every blob against its digest.
 async fn read_batch(tree: &LocalTree, batch: Vec<Digest>) -> anyhow::Result<Vec<v1::Blob>> {
     let mut sources = Vec::with_capacity(batch.len());
     for d in batch {
@@ -160,10 +201,13 @@ async fn read_batch(tree: &LocalTree, batch: Vec<Digest>) -> anyhow::Result<Vec<
                     BlobSource::File(path) => {
                         let data = std::fs::read(&path)
                             .with_context(|| format!("failed to read {}", path.display()))?;
-                        if Digest::of(&data) != d {
+                        if data.len() as u64 != d.size_bytes() {
                             bail!(
-                                "{} changed while it was being uploaded; run again",
-                                path.display()
+                                "{} changed since it was hashed ({} bytes then, {} now); run \
+                                 again",
+                                path.display(),
+                                d.size_bytes(),
+                                data.len()
                             );
                         }
                         data
@@ -184,34 +228,24 @@ async fn read_batch(tree: &LocalTree, batch: Vec<Digest>) -> anyhow::Result<Vec<
 mod tests {
     use super::*;
 
-    fn blob(size: u64) -> Digest {
-        Digest::from_parts([size as u8; 32], size)
-    }
-
     #[test]
-    fn batches_stay_within_the_target_and_big_blobs_go_alone() {
-        let mib = 1u64 << 20;
-        let blobs = [
-            blob(6 * mib),
-            blob(6 * mib),
-            blob(4 * mib),
-            blob(mib),
-            blob(30 * mib),
-            blob(10),
-        ];
-        let sizes: Vec<Vec<u64>> = plan_batches(&blobs)
-            .iter()
-            .map(|b| b.iter().map(Digest::size_bytes).collect())
-            .collect();
+    fn the_report_says_what_was_sent_and_what_was_there() {
+        let r = UploadReport {
+            root: Digest::of(b"root"),
+            blobs_total: 10,
+            blobs_sent: 3,
+            bytes_total: 5 << 20,
+            bytes_sent: 3 << 19,
+            bytes_deduplicated: (5 << 20) - (3 << 19),
+        };
         assert_eq!(
-            sizes,
-            vec![
-                vec![6 * mib, 6 * mib, 4 * mib],
-                vec![mib],
-                vec![30 * mib],
-                vec![10]
-            ]
+            r.summary(),
+            "uploaded 3 of 10 blobs (1.5 MiB sent, 3.5 MiB already in the farm)"
         );
-        assert!(plan_batches(&[]).is_empty());
+        let v = r.to_json();
+        assert_eq!(v["blobs_sent"], 3);
+        assert_eq!(v["bytes_deduplicated"], (5 << 20) - (3 << 19));
+        assert_eq!(v["root"]["hash"], Digest::of(b"root").hex());
+        assert_eq!(v["root"]["size_bytes"], 4);
     }
 }
