@@ -8,7 +8,8 @@ use crate::hubs::{Hubs, JobUpdate};
 use crate::model::*;
 use crate::scheduler::{self, AgentView, Requirement};
 use crate::store::Store;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use archfarm_proto::{tree, Digest};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
@@ -96,6 +97,27 @@ pub struct Completion {
     pub message: String,
     /// The whole ExecutionResult, encoded, as recorded.
     pub encoded: Vec<u8>,
+    /// Blobs the result names directly (stdout, stderr, output files, output tree roots).
+    pub named_blobs: Vec<Digest>,
+    /// Roots of output directory trees (their whole trees must stay for a cache hit).
+    pub output_trees: Vec<Digest>,
+    /// False when the result names a malformed digest: recorded, never cached.
+    pub cacheable: bool,
+}
+
+/// Action-cache figures.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CacheFigures {
+    /// Lookups in the last hour.
+    pub lookups_last_hour: u64,
+    /// Hits in the last hour.
+    pub hits_last_hour: u64,
+    /// Lookups ever.
+    pub lookups_total: u64,
+    /// Hits ever.
+    pub hits_total: u64,
+    /// Entries stored.
+    pub entries: u64,
 }
 
 /// A session's sending half, told apart from earlier sessions of the same agent.
@@ -146,7 +168,11 @@ pub struct Farm {
     next_conn: u64,
     stale_results_refused: u64,
     started_unix_ms: u64,
+    /// (unix ms, hit) of recent action-cache lookups, for the last-hour ratio.
+    cache_window: VecDeque<(u64, bool)>,
 }
+
+const HOUR_MS: u64 = 3600 * 1000;
 
 impl Farm {
     /// Reads the farm back from the store. Leases of running actions are honoured for a
@@ -162,6 +188,7 @@ impl Farm {
             next_conn: 0,
             stale_results_refused: 0,
             started_unix_ms: now,
+            cache_window: VecDeque::new(),
             store,
         };
         for record in farm.store.agents()? {
@@ -183,7 +210,121 @@ impl Farm {
                 .insert(a.id.clone());
             farm.active.insert(a.id.clone(), a);
         }
+        // Pin the input trees of the queued and running actions again.
+        let mut trees: HashMap<(String, u64), Vec<Digest>> = HashMap::new();
+        let roots: Vec<(ActionId, (String, u64))> = farm
+            .active
+            .values()
+            .filter_map(|a| a.spec.input_root.clone().map(|r| (a.id.clone(), r)))
+            .collect();
+        for (id, (hex, size)) in roots {
+            let digests = trees
+                .entry((hex.clone(), size))
+                .or_insert_with(|| farm.tree_digests(&hex, size))
+                .clone();
+            farm.cas.pin(id.as_str(), digests);
+        }
         Ok(farm)
+    }
+
+    /// Every digest of the stored tree under a root (what is there of it).
+    fn tree_digests(&self, hex: &str, size: u64) -> Vec<Digest> {
+        let Ok(root) = Digest::from_proto(&archfarm_proto::v1::Digest {
+            hash: hex.to_string(),
+            size_bytes: size,
+        }) else {
+            return vec![];
+        };
+        match tree::walk_tree(root, |d| self.cas.get(d).ok().flatten()) {
+            Ok((dirs, files)) => dirs.into_keys().chain(files).collect(),
+            Err(e) => {
+                tracing::warn!("input tree {root} of an unfinished action is incomplete: {e}");
+                vec![root]
+            }
+        }
+    }
+
+    /// Action-cache figures.
+    pub fn cache_figures(&mut self, now: u64) -> anyhow::Result<CacheFigures> {
+        while self
+            .cache_window
+            .front()
+            .is_some_and(|(t, _)| *t + HOUR_MS < now)
+        {
+            self.cache_window.pop_front();
+        }
+        Ok(CacheFigures {
+            lookups_last_hour: self.cache_window.len() as u64,
+            hits_last_hour: self.cache_window.iter().filter(|(_, h)| *h).count() as u64,
+            lookups_total: self.store.counter("cache_lookups")?,
+            hits_total: self.store.counter("cache_hits")?,
+            entries: self.store.cache_entries() as u64,
+        })
+    }
+
+    /// The cached result for an action, if every blob it names is still stored.
+    fn cache_lookup(&mut self, a: &ActionRecord, now: u64) -> anyhow::Result<Option<CacheEntry>> {
+        let entry = self.store.cache_entry(&a.action_digest)?;
+        let usable = entry.filter(|e| {
+            e.blobs.iter().all(|(hex, size)| {
+                Digest::from_proto(&archfarm_proto::v1::Digest {
+                    hash: hex.clone(),
+                    size_bytes: *size,
+                })
+                .is_ok_and(|d| self.cas.contains(&d))
+            })
+        });
+        self.store.add_counter("cache_lookups", 1)?;
+        if usable.is_some() {
+            self.store.add_counter("cache_hits", 1)?;
+        }
+        self.cache_window.push_back((now, usable.is_some()));
+        if self.cache_window.len() > 1_000_000 {
+            self.cache_window.pop_front();
+        }
+        Ok(usable)
+    }
+
+    /// Stores a successful result under the action's digest, if all its blobs are stored.
+    fn cache_record(
+        &mut self,
+        a: &ActionRecord,
+        agent: &AgentId,
+        emulated: bool,
+        c: &Completion,
+        now: u64,
+    ) -> anyhow::Result<()> {
+        if a.action_digest.is_empty() || !c.cacheable {
+            return Ok(());
+        }
+        let mut blobs: Vec<Digest> = c.named_blobs.clone();
+        for root in &c.output_trees {
+            match tree::walk_tree(*root, |d| self.cas.get(d).ok().flatten()) {
+                Ok((dirs, files)) => blobs.extend(dirs.into_keys().chain(files)),
+                Err(e) => {
+                    tracing::warn!(action = %a.id, "not caching: output tree {root} is incomplete: {e}");
+                    return Ok(());
+                }
+            }
+        }
+        if let Some(missing) = blobs.iter().find(|d| !self.cas.contains(d)) {
+            tracing::warn!(action = %a.id, "not caching: blob {missing} named by the result is not stored");
+            return Ok(());
+        }
+        blobs.sort();
+        blobs.dedup();
+        let entry = CacheEntry {
+            result: ResultRecord {
+                encoded: c.encoded.clone(),
+                fence: 0,
+            },
+            agent: agent.clone(),
+            platform: a.spec.platform.clone(),
+            emulated,
+            recorded_unix_ms: now,
+            blobs: blobs.iter().map(|d| (d.hex(), d.size_bytes())).collect(),
+        };
+        self.store.put_cache_entry(&a.action_digest, &entry)
     }
 
     /// The store underneath.
@@ -248,19 +389,54 @@ impl Farm {
     }
 
     /// Accepts a validated job and its actions, then places what it can.
+    /// `input_digests` are every blob of the job's input tree; they stay pinned in the CAS
+    /// while an action needs them. Actions whose result is in the action cache (and whose job
+    /// did not ask for `no_cache`) complete at once, marked cached.
     pub fn submit(
         &mut self,
-        job: JobRecord,
+        mut job: JobRecord,
         actions: Vec<ActionRecord>,
+        input_digests: &[Digest],
         now: u64,
     ) -> anyhow::Result<()> {
+        let mut cached = Vec::new();
+        let mut queued = Vec::new();
+        for mut a in actions {
+            let hit = if a.spec.no_cache || a.action_digest.is_empty() {
+                None
+            } else {
+                self.cache_lookup(&a, now)?
+            };
+            match hit {
+                Some(e) => {
+                    a.state = ActionState::Succeeded;
+                    a.cached = true;
+                    a.reason = format!(
+                        "cached result of {} ({}) from {}",
+                        e.agent,
+                        if e.emulated { "emulated" } else { "native" },
+                        e.recorded_unix_ms
+                    );
+                    a.last_agent = Some((e.agent.clone(), e.emulated));
+                    a.result = Some(e.result);
+                    cached.push(a);
+                }
+                None => queued.push(a),
+            }
+        }
+        job.finished = queued.is_empty();
         self.store.put_job(&job)?;
-        for a in &actions {
+        for a in cached.iter().chain(queued.iter()) {
             self.store.put_action(a)?;
         }
         self.store.flush()?;
         self.hubs.open(&job.id);
-        for a in actions {
+        for a in &cached {
+            self.hubs
+                .publish(&job.id, JobUpdate::Action(Box::new(a.clone())));
+        }
+        for a in queued {
+            self.cas.pin(a.id.as_str(), input_digests.iter().copied());
             self.hubs
                 .publish(&job.id, JobUpdate::Action(Box::new(a.clone())));
             self.active_by_job
@@ -268,6 +444,10 @@ impl Farm {
                 .or_default()
                 .insert(a.id.clone());
             self.active.insert(a.id.clone(), a);
+        }
+        if job.finished {
+            self.hubs
+                .publish(&job.id, JobUpdate::Finished(job.id.clone()));
         }
         self.dispatch(now)
     }
@@ -474,7 +654,7 @@ impl Farm {
         let mut a = action;
         a.lease = None;
         let result = ResultRecord {
-            encoded: c.encoded,
+            encoded: c.encoded.clone(),
             fence,
         };
         match c.outcome {
@@ -498,7 +678,11 @@ impl Farm {
                     a.attempts, self.cfg.max_attempts, c.message
                 );
             }
-            Outcome::Exited if c.exit_code == 0 => a.state = ActionState::Succeeded,
+            Outcome::Exited if c.exit_code == 0 => {
+                a.state = ActionState::Succeeded;
+                let emulated = a.last_agent.as_ref().is_some_and(|(_, e)| *e);
+                self.cache_record(&a, agent, emulated, &c, now)?;
+            }
             Outcome::Exited => {
                 a.state = ActionState::Failed;
                 a.reason = format!("exit code {}", c.exit_code);
@@ -521,6 +705,7 @@ impl Farm {
     fn finish(&mut self, a: ActionRecord) -> anyhow::Result<()> {
         debug_assert!(a.state.is_final());
         self.save(&a)?;
+        self.cas.unpin(a.id.as_str());
         let job_id = a.job.clone();
         self.active.remove(&a.id);
         let job_done = match self.active_by_job.get_mut(&job_id) {
@@ -755,6 +940,7 @@ impl Farm {
                 emulated,
             });
             a.last_agent = Some((agent.clone(), emulated));
+            a.started_unix_ms = now;
             self.save(&a)?;
             if let Some(v) = views.iter_mut().find(|v| v.id == agent) {
                 v.used += 1;
@@ -851,6 +1037,16 @@ mod tests {
         }
 
         fn submit(&mut self, platforms: &[&str], allow_emulation: bool, now: u64) -> JobId {
+            self.submit_keyed(platforms, allow_emulation, "", now)
+        }
+
+        fn submit_keyed(
+            &mut self,
+            platforms: &[&str],
+            allow_emulation: bool,
+            key: &str,
+            now: u64,
+        ) -> JobId {
             self.seq += 1;
             let job = JobId(format!("j-{:06}", self.seq));
             let actions: Vec<ActionRecord> = platforms
@@ -871,6 +1067,7 @@ mod tests {
                             timeout_ms: 60_000,
                             allow_emulation,
                             output_paths: vec![],
+                            no_cache: false,
                         },
                         state: ActionState::Queued,
                         attempts: 0,
@@ -884,6 +1081,7 @@ mod tests {
                         cached: false,
                         started_unix_ms: 0,
                     }
+                    .with_digest(key)
                 })
                 .collect();
             let record = JobRecord {
@@ -896,7 +1094,7 @@ mod tests {
                 description: String::new(),
                 finished: false,
             };
-            self.farm.submit(record, actions, now).unwrap();
+            self.farm.submit(record, actions, &[], now).unwrap();
             job
         }
 
@@ -950,12 +1148,22 @@ mod tests {
                 .unwrap();
         }
 
-        fn complete(&mut self, agent: &str, action: &str, fence: u64, exit_code: i32, now: u64) {
+        fn complete_with(
+            &mut self,
+            agent: &str,
+            action: &str,
+            fence: u64,
+            blobs: &[Digest],
+            now: u64,
+        ) {
             let c = Completion {
                 outcome: Outcome::Exited,
-                exit_code,
+                exit_code: 0,
                 message: String::new(),
-                encoded: vec![],
+                encoded: vec![1, 2, 3],
+                named_blobs: blobs.to_vec(),
+                output_trees: vec![],
+                cacheable: true,
             };
             self.farm
                 .completed(
@@ -967,6 +1175,105 @@ mod tests {
                 )
                 .unwrap();
         }
+
+        fn complete(&mut self, agent: &str, action: &str, fence: u64, exit_code: i32, now: u64) {
+            let c = Completion {
+                outcome: Outcome::Exited,
+                exit_code,
+                message: String::new(),
+                encoded: vec![],
+                named_blobs: vec![],
+                output_trees: vec![],
+                cacheable: true,
+            };
+            self.farm
+                .completed(
+                    &AgentId(agent.into()),
+                    &ActionId(action.into()),
+                    fence,
+                    c,
+                    now,
+                )
+                .unwrap();
+        }
+    }
+
+    impl ActionRecord {
+        fn with_digest(mut self, key: &str) -> Self {
+            self.action_digest = key.to_string();
+            self
+        }
+    }
+
+    #[test]
+    fn a_cached_result_completes_the_same_action_without_any_agent() {
+        let mut h = Harness::new();
+        h.join("a", &[("linux/amd64", false)], 0);
+        let first = h.submit_keyed(&["linux/amd64"], false, "key-1", 0);
+        let id = format!("{first}/linux/amd64");
+        let fence = h.assigns("a")[0].1;
+        let out = Digest::of(b"stdout bytes");
+        h.farm.cas.put(&out, b"stdout bytes").unwrap();
+        h.complete_with("a", &id, fence, &[out], 1);
+        let second = h.submit_keyed(&["linux/amd64"], false, "key-1", 2);
+        assert!(h.assigns("a").is_empty(), "a hit runs nowhere");
+        let hit = h.state(&format!("{second}/linux/amd64"));
+        assert_eq!((hit.state, hit.cached), (ActionState::Succeeded, true));
+        assert_eq!(hit.result.unwrap().encoded, vec![1, 2, 3]);
+        assert!(
+            hit.reason.contains("cached result of a (native)"),
+            "{}",
+            hit.reason
+        );
+        assert!(h.farm.store.job(&second).unwrap().unwrap().finished);
+        // Another key misses; no_cache skips the lookup.
+        h.submit_keyed(&["linux/amd64"], false, "key-2", 3);
+        assert_eq!(h.assigns("a").len(), 1);
+        let f = h.farm.cache_figures(4).unwrap();
+        assert_eq!((f.lookups_total, f.hits_total, f.entries), (3, 1, 1));
+        assert_eq!((f.lookups_last_hour, f.hits_last_hour), (3, 1));
+    }
+
+    #[test]
+    fn a_cache_entry_naming_an_evicted_blob_is_a_miss() {
+        let mut h = Harness::new();
+        h.farm.cas = Arc::new(Cas::open_with_budget(&h._dir.path().join("small-cas"), 64).unwrap());
+        h.join("a", &[("linux/amd64", false)], 0);
+        let first = h.submit_keyed(&["linux/amd64"], false, "key-1", 0);
+        let fence = h.assigns("a")[0].1;
+        let out = Digest::of(&[7u8; 40]);
+        h.farm.cas.put(&out, &[7u8; 40]).unwrap();
+        h.complete_with("a", &format!("{first}/linux/amd64"), fence, &[out], 1);
+        // Another 40-byte blob pushes the store over its 64-byte budget: `out` goes.
+        h.farm.cas.put(&Digest::of(&[8u8; 40]), &[8u8; 40]).unwrap();
+        assert!(!h.farm.cas.contains(&out));
+        let again = h.submit_keyed(&["linux/amd64"], false, "key-1", 2);
+        let a = h.state(&format!("{again}/linux/amd64"));
+        assert_eq!(
+            (a.state, a.cached),
+            (ActionState::Running, false),
+            "a miss, run again"
+        );
+    }
+
+    #[test]
+    fn a_result_naming_a_missing_blob_is_not_cached() {
+        let mut h = Harness::new();
+        h.join("a", &[("linux/amd64", false)], 0);
+        let first = h.submit_keyed(&["linux/amd64"], false, "key-1", 0);
+        let fence = h.assigns("a")[0].1;
+        h.complete_with(
+            "a",
+            &format!("{first}/linux/amd64"),
+            fence,
+            &[Digest::of(b"never uploaded")],
+            1,
+        );
+        let again = h.submit_keyed(&["linux/amd64"], false, "key-1", 2);
+        assert_eq!(
+            h.state(&format!("{again}/linux/amd64")).state,
+            ActionState::Running
+        );
     }
 
     #[test]

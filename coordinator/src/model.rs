@@ -169,6 +169,9 @@ pub struct ActionSpec {
     /// Declared outputs, sorted.
     #[serde(default)]
     pub output_paths: Vec<String>,
+    /// Skip the action cache lookup.
+    #[serde(default)]
+    pub no_cache: bool,
 }
 
 /// Lifecycle of an action.
@@ -231,6 +234,24 @@ pub struct ResultRecord {
     pub encoded: Vec<u8>,
     /// Fence it came with.
     pub fence: u64,
+}
+
+/// A stored result in the action cache, with who produced it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CacheEntry {
+    /// The result (encoded ExecutionResult).
+    pub result: ResultRecord,
+    /// Agent that produced it.
+    pub agent: AgentId,
+    /// Platform it ran as.
+    pub platform: Platform,
+    /// Whether it ran under emulation.
+    pub emulated: bool,
+    /// Unix ms it was recorded.
+    pub recorded_unix_ms: u64,
+    /// Every blob the result names (outputs with their whole trees, stdout, stderr), as
+    /// (hex, size): a hit is only a hit while all of them are stored.
+    pub blobs: Vec<(String, u64)>,
 }
 
 /// One action of a job.

@@ -2,7 +2,7 @@
 use crate::farm::{AgentCommand, Completion, Outcome};
 use crate::hubs::JobUpdate;
 use crate::model::*;
-use archfarm_proto::v1;
+use archfarm_proto::{v1, Digest};
 use prost::Message;
 
 /// Labels to the wire form.
@@ -145,12 +145,61 @@ pub fn completion_from_proto(r: &v1::ExecutionResult) -> Completion {
     } else {
         r.message.clone()
     };
+    let mut cacheable = true;
+    let mut parse = |d: Option<&v1::Digest>| match d.map(Digest::from_proto) {
+        Some(Ok(d)) => Some(d),
+        Some(Err(_)) => {
+            cacheable = false;
+            None
+        }
+        None => None,
+    };
+    let mut named_blobs = Vec::new();
+    let mut output_trees = Vec::new();
+    named_blobs.extend(parse(r.stdout_digest.as_ref()));
+    named_blobs.extend(parse(r.stderr_digest.as_ref()));
+    for f in &r.output_files {
+        named_blobs.extend(parse(f.digest.as_ref()));
+    }
+    for d in &r.output_directories {
+        if let Some(root) = parse(d.root.as_ref()) {
+            named_blobs.push(root);
+            output_trees.push(root);
+        }
+    }
     Completion {
         outcome,
         exit_code: r.exit_code,
         message,
         encoded: r.encode_to_vec(),
+        named_blobs,
+        output_trees,
+        cacheable,
     }
+}
+
+/// The action cache key of an action: blake3 of its canonical ActionKey encoding.
+pub fn action_digest(spec: &ActionSpec) -> Digest {
+    let key = v1::ActionKey {
+        digest_function: "blake3".into(),
+        argv: spec.argv.clone(),
+        env: spec
+            .env
+            .iter()
+            .map(|(n, v)| v1::EnvVar {
+                name: n.clone(),
+                value: v.clone(),
+            })
+            .collect(),
+        working_directory: spec.working_directory.clone(),
+        input_root: spec.input_root.as_ref().map(|(h, s)| v1::Digest {
+            hash: h.clone(),
+            size_bytes: *s,
+        }),
+        platform: spec.platform.to_string(),
+        output_paths: spec.output_paths.clone(),
+    };
+    Digest::of(&key.encode_to_vec())
 }
 
 /// A hub update to the wire event (Finished needs the job's final status from the store).

@@ -41,6 +41,25 @@ pub struct ValidSpec {
     pub labels: Labels,
     /// Input root.
     pub input_root: Option<Digest>,
+    /// Declared outputs, sorted and unique.
+    pub output_paths: Vec<String>,
+}
+
+/// Most declared outputs per job.
+pub const MAX_OUTPUTS: usize = 256;
+
+/// Checks a declared output path: relative, "/"-separated, no empty, "." or ".." parts.
+pub fn check_output_path(p: &str) -> Result<(), String> {
+    if p.is_empty() || p.len() > 1024 {
+        return Err(format!("{p:?} must be 1 to 1024 bytes"));
+    }
+    if p.starts_with('/') || p.contains('\0') {
+        return Err(format!("{p:?} must be relative"));
+    }
+    if p.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+        return Err(format!("{p:?} may not have empty, \".\" or \"..\" parts"));
+    }
+    Ok(())
 }
 
 /// Checks every field of a job spec that needs no store; the message names the field.
@@ -123,11 +142,22 @@ pub fn validate_spec(spec: &v1::JobSpec) -> Result<ValidSpec, Status> {
         .as_ref()
         .map(|d| Digest::from_proto(d).map_err(|e| invalid(format!("input_root: {e}"))))
         .transpose()?;
+    if spec.output_paths.len() > MAX_OUTPUTS {
+        return Err(invalid(format!("output_paths: at most {MAX_OUTPUTS}")));
+    }
+    let mut output_paths = Vec::new();
+    for p in &spec.output_paths {
+        check_output_path(p).map_err(|e| invalid(format!("output_paths: {e}")))?;
+        output_paths.push(p.clone());
+    }
+    output_paths.sort();
+    output_paths.dedup();
     Ok(ValidSpec {
         platforms,
         env: env.into_iter().collect(),
         labels,
         input_root,
+        output_paths,
     })
 }
 
@@ -177,12 +207,15 @@ impl Jobs for JobsService {
             .spec
             .ok_or_else(|| invalid("spec: missing"))?;
         let valid = validate_spec(&spec)?;
-        if let Some(root) = valid.input_root {
-            let s = shared.clone();
-            tokio::task::spawn_blocking(move || check_input_tree(&s, root))
-                .await
-                .map_err(|e| Status::internal(format!("input check failed: {e}")))??;
-        }
+        let input_digests = match valid.input_root {
+            Some(root) => {
+                let s = shared.clone();
+                tokio::task::spawn_blocking(move || check_input_tree(&s, root))
+                    .await
+                    .map_err(|e| Status::internal(format!("input check failed: {e}")))??
+            }
+            None => vec![],
+        };
         let now = shared.now();
         let seq = shared.store.next_counter("job").map_err(internal)?;
         let job_id = JobId(format!("j-{seq:06}"));
@@ -195,6 +228,7 @@ impl Jobs for JobsService {
             .platforms
             .iter()
             .map(|p| ActionRecord {
+                action_digest: String::new(),
                 id: ActionId::new(&job_id, p),
                 job: job_id.clone(),
                 job_seq: seq,
@@ -207,7 +241,8 @@ impl Jobs for JobsService {
                     required_labels: valid.labels.clone(),
                     timeout_ms: spec.timeout_ms,
                     allow_emulation: spec.allow_emulation,
-                    output_paths: vec![],
+                    output_paths: valid.output_paths.clone(),
+                    no_cache: spec.no_cache,
                 },
                 state: ActionState::Queued,
                 attempts: 0,
@@ -217,9 +252,12 @@ impl Jobs for JobsService {
                 reason: String::new(),
                 result: None,
                 unservable_since_unix_ms: None,
-                action_digest: String::new(),
                 cached: false,
                 started_unix_ms: 0,
+            })
+            .map(|mut a: ActionRecord| {
+                a.action_digest = super::convert::action_digest(&a.spec).hex();
+                a
             })
             .collect();
         let job = JobRecord {
@@ -232,7 +270,10 @@ impl Jobs for JobsService {
             description,
             finished: false,
         };
-        shared.farm()?.submit(job, actions, now).map_err(internal)?;
+        shared
+            .farm()?
+            .submit(job, actions, &input_digests, now)
+            .map_err(internal)?;
         tracing::info!(job = %job_id, by = %who.name, platforms = ?spec.platforms, "job submitted");
         Ok(Response::new(v1::SubmitResponse { job_id: job_id.0 }))
     }
@@ -424,6 +465,21 @@ impl Jobs for JobsService {
                 cas: None,
             }
         };
+        let cache = self.0.farm()?.cache_figures(now).map_err(internal)?;
+        let cas = self.0.cas.stats();
+        resp.cas = Some(v1::CasStats {
+            bytes: cas.bytes,
+            budget_bytes: cas.budget_bytes,
+            blobs: cas.blobs,
+            uploaded_bytes: cas.uploaded_bytes,
+            deduplicated_bytes: cas.deduplicated_bytes,
+            evicted_blobs: cas.evicted_blobs,
+            cache_lookups_last_hour: cache.lookups_last_hour,
+            cache_hits_last_hour: cache.hits_last_hour,
+            cache_lookups_total: cache.lookups_total,
+            cache_hits_total: cache.hits_total,
+            cache_entries: cache.entries,
+        });
         for job in self.0.store.recent_jobs(n).map_err(internal)? {
             let mut states = std::collections::HashMap::new();
             for a in &job.actions {
@@ -444,26 +500,24 @@ impl Jobs for JobsService {
     }
 }
 
-/// Checks that the input tree is well formed and every blob it names is stored.
-fn check_input_tree(shared: &SharedRef, root: Digest) -> Result<(), Status> {
-    let (_, files) =
+/// Checks that the input tree is well formed and every blob it names is stored; returns
+/// every digest of the tree (directories and files).
+fn check_input_tree(shared: &SharedRef, root: Digest) -> Result<Vec<Digest>, Status> {
+    let (dirs, files) =
         tree::walk_tree(root, |d| shared.cas.get(d).ok().flatten()).map_err(|e| match e {
             tree::TreeError::MissingDirectory { .. } => {
                 Status::failed_precondition(format!("input_root: {e}; upload the tree first"))
             }
             e => invalid(format!("input_root: {e}")),
         })?;
-    let missing: Vec<Digest> = files
-        .into_iter()
-        .filter(|d| !shared.cas.contains(d))
-        .collect();
+    let missing: Vec<&Digest> = files.iter().filter(|d| !shared.cas.contains(d)).collect();
     if let Some(first) = missing.first() {
         return Err(Status::failed_precondition(format!(
             "input_root: {} file blobs are not in the store (e.g. {first}); upload them first",
             missing.len()
         )));
     }
-    Ok(())
+    Ok(dirs.into_keys().chain(files).collect())
 }
 
 #[cfg(test)]

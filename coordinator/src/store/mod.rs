@@ -2,7 +2,8 @@
 //! actions, counters, and a schema version. Every mutating call is flushed before it returns,
 //! so a `kill -9` after a reply loses nothing the reply promised.
 use crate::model::{
-    ActionId, ActionRecord, AgentId, AgentRecord, JobId, JobRecord, Principal, TokenRecord,
+    ActionId, ActionRecord, AgentId, AgentRecord, CacheEntry, JobId, JobRecord, Principal,
+    TokenRecord,
 };
 use anyhow::{bail, Context};
 use serde::{de::DeserializeOwned, Serialize};
@@ -21,6 +22,7 @@ pub struct Store {
     principals: sled::Tree,
     jobs: sled::Tree,
     actions: sled::Tree,
+    action_cache: sled::Tree,
 }
 
 fn encode<T: Serialize>(v: &T) -> anyhow::Result<Vec<u8>> {
@@ -62,6 +64,7 @@ impl Store {
             principals: db.open_tree("principals")?,
             jobs: db.open_tree("jobs")?,
             actions: db.open_tree("actions")?,
+            action_cache: db.open_tree("action_cache")?,
             meta,
             db,
         };
@@ -75,20 +78,48 @@ impl Store {
         Ok(())
     }
 
-    /// Returns the next value of a persistent counter (starting at 1).
-    pub fn next_counter(&self, name: &str) -> anyhow::Result<u64> {
+    /// Adds `n` to a persistent counter and returns the new value.
+    pub fn add_counter(&self, name: &str, n: u64) -> anyhow::Result<u64> {
         let v = self
             .meta
             .update_and_fetch(format!("counter/{name}"), |old| {
-                let n = old
+                let cur = old
                     .and_then(|b| <[u8; 8]>::try_from(b).ok())
                     .map(u64::from_be_bytes)
                     .unwrap_or(0);
-                Some((n + 1).to_be_bytes().to_vec())
+                Some((cur + n).to_be_bytes().to_vec())
             })?
             .context("counter vanished")?;
         let arr = <[u8; 8]>::try_from(v.as_ref()).context("bad counter bytes")?;
         Ok(u64::from_be_bytes(arr))
+    }
+
+    /// The current value of a persistent counter.
+    pub fn counter(&self, name: &str) -> anyhow::Result<u64> {
+        self.add_counter(name, 0)
+    }
+
+    /// Stores an action cache entry under the action's digest (hex).
+    pub fn put_cache_entry(&self, action_digest: &str, e: &CacheEntry) -> anyhow::Result<()> {
+        self.put(&self.action_cache, action_digest, e)
+    }
+    /// The action cache entry for an action digest (hex).
+    pub fn cache_entry(&self, action_digest: &str) -> anyhow::Result<Option<CacheEntry>> {
+        self.get("action cache", &self.action_cache, action_digest)
+    }
+    /// Removes an action cache entry.
+    pub fn remove_cache_entry(&self, action_digest: &str) -> anyhow::Result<()> {
+        self.action_cache.remove(action_digest)?;
+        Ok(())
+    }
+    /// Entries in the action cache.
+    pub fn cache_entries(&self) -> usize {
+        self.action_cache.len()
+    }
+
+    /// Returns the next value of a persistent counter (starting at 1).
+    pub fn next_counter(&self, name: &str) -> anyhow::Result<u64> {
+        self.add_counter(name, 1)
     }
 
     fn put<T: Serialize>(&self, tree: &sled::Tree, key: &str, v: &T) -> anyhow::Result<()> {
