@@ -6,6 +6,9 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// Default size budget of the local blob cache: 10 GiB.
+pub const DEFAULT_CACHE_BUDGET_BYTES: u64 = 10 * 1024 * 1024 * 1024;
+
 /// Command-line flags of `archfarm-agent`.
 #[derive(Debug, clap::Parser)]
 #[command(
@@ -44,6 +47,10 @@ pub struct AgentArgs {
     /// Seconds between SIGTERM and SIGKILL when an action is timed out or cancelled.
     #[arg(long, value_name = "SECONDS", default_value_t = 5)]
     pub kill_grace_s: u64,
+    /// Size budget of the local blob cache (`DATA_DIR/cache/blobs`); least recently used blobs
+    /// are evicted above it.
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_CACHE_BUDGET_BYTES)]
+    pub cache_budget_bytes: u64,
     /// Log level (`error`, `warn`, `info`, `debug`, `trace` or a filter); RUST_LOG wins when set.
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     pub log_level: String,
@@ -91,6 +98,8 @@ pub struct AgentConfig {
     pub native: bool,
     /// Time between SIGTERM and SIGKILL of a timed-out or cancelled action.
     pub kill_grace: Duration,
+    /// Size budget of the local blob cache.
+    pub cache_budget_bytes: u64,
 }
 
 impl fmt::Debug for AgentConfig {
@@ -107,12 +116,14 @@ impl fmt::Debug for AgentConfig {
             .field("emulators", &self.emulators)
             .field("native", &self.native)
             .field("kill_grace", &self.kill_grace)
+            .field("cache_budget_bytes", &self.cache_budget_bytes)
             .finish()
     }
 }
 
 impl AgentConfig {
-    /// A config with defaults: native platform only, one slot per core, 5 s kill grace.
+    /// A config with defaults: native platform only, one slot per core, 5 s kill grace, a
+    /// 10 GiB blob cache.
     pub fn new(coordinator_url: impl Into<String>, data_dir: impl Into<PathBuf>) -> Self {
         Self {
             coordinator_url: coordinator_url.into(),
@@ -123,6 +134,7 @@ impl AgentConfig {
             emulators: Vec::new(),
             native: true,
             kill_grace: Duration::from_secs(5),
+            cache_budget_bytes: DEFAULT_CACHE_BUDGET_BYTES,
         }
     }
 
@@ -137,6 +149,7 @@ impl AgentConfig {
             emulators: args.emulate,
             native: !args.no_native,
             kill_grace: Duration::from_secs(args.kill_grace_s),
+            cache_budget_bytes: args.cache_budget_bytes,
         };
         config.validate()?;
         Ok(config)
@@ -150,6 +163,9 @@ impl AgentConfig {
         }
         if self.slots == 0 {
             bail!("--slots must be at least 1");
+        }
+        if self.cache_budget_bytes == 0 {
+            bail!("--cache-budget-bytes must be at least 1");
         }
         if self.kill_grace > Duration::from_secs(3600) {
             bail!("--kill-grace-s must be at most 3600");
@@ -249,6 +265,9 @@ mod tests {
         assert_eq!(c.slots, 3);
         assert!(c.native);
         assert_eq!(c.kill_grace, Duration::from_secs(5));
+        assert_eq!(c.cache_budget_bytes, 10 << 30);
+        let c = args(&["--cache-budget-bytes", "1048576"]).expect("valid flags");
+        assert_eq!(c.cache_budget_bytes, 1 << 20);
     }
 
     #[test]
@@ -293,6 +312,10 @@ mod tests {
             ),
             (vec!["--no-native".into()], "at least one --emulate"),
             (vec!["--slots".into(), "0".into()], "at least 1"),
+            (
+                vec!["--cache-budget-bytes".into(), "0".into()],
+                "--cache-budget-bytes must be at least 1",
+            ),
             (vec!["--ca-hash".into(), "md5:00".into()], "sha256:"),
         ];
         for (extra, expect) in cases {

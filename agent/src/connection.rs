@@ -201,25 +201,15 @@ async fn run_execution(state: Arc<AgentState>, assign: v1::Assign, control: Arc<
         &control,
     )
     .await;
-    let outcome = v1::ExecutionOutcome::try_from(result.outcome)
-        .map(|o| o.as_str_name().trim_start_matches("EXECUTION_OUTCOME_"))
-        .unwrap_or("?");
-    if result.outcome == v1::ExecutionOutcome::InfraError as i32 {
-        tracing::warn!(
-            "action {} (fence {}) could not run: {}",
-            assign.action_id,
-            assign.fence,
-            result.message
-        );
-    } else {
-        tracing::info!(
-            "action {} (fence {}) finished: {outcome} exit {} in {} ms",
-            assign.action_id,
-            assign.fence,
-            result.exit_code,
-            result.duration_ms
-        );
-    }
+    log_finished(
+        &assign.action_id,
+        assign.fence,
+        &result,
+        state
+            .settings
+            .executed
+            .load(std::sync::atomic::Ordering::Relaxed),
+    );
     let key = (assign.action_id.clone(), assign.fence);
     let completed = v1::ActionCompleted {
         action_id: assign.action_id,
@@ -240,6 +230,30 @@ async fn run_execution(state: Arc<AgentState>, assign: v1::Assign, control: Arc<
             })
             .await;
     }
+}
+
+/// Logs the end of an execution: a WARN with the reason when it could not run, and always the
+/// INFO line `action finished action=<id> fence=<n> outcome=<OUTCOME> exit_code=<n>
+/// executed=<N>`, where `executed` counts the processes this agent has spawned since it
+/// started. End-to-end tests match that line: keep its message and fields.
+fn log_finished(action_id: &str, fence: u64, result: &v1::ExecutionResult, executed: u64) {
+    let outcome = v1::ExecutionOutcome::try_from(result.outcome)
+        .map(|o| o.as_str_name().trim_start_matches("EXECUTION_OUTCOME_"))
+        .unwrap_or("?");
+    if result.outcome == v1::ExecutionOutcome::InfraError as i32 {
+        tracing::warn!(
+            "action {action_id} (fence {fence}) could not run: {}",
+            result.message
+        );
+    }
+    tracing::info!(
+        action = %action_id,
+        fence,
+        outcome = %outcome,
+        exit_code = result.exit_code,
+        executed,
+        "action finished"
+    );
 }
 
 /// Answers an assignment the agent will not run with an INFRA_ERROR result.
@@ -581,5 +595,60 @@ pub async fn run_sessions(
             () = stop.cancelled() => return,
             () = tokio::time::sleep(backoff.next_delay()) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A log writer into a shared buffer.
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("lock").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_completion_line_keeps_its_format() {
+        let capture = Capture::default();
+        let writer = capture.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let mut result = v1::ExecutionResult {
+                outcome: v1::ExecutionOutcome::Exited as i32,
+                exit_code: 3,
+                ..Default::default()
+            };
+            log_finished("job-1/linux/arm/v7", 12, &result, 5);
+            result.outcome = v1::ExecutionOutcome::InfraError as i32;
+            result.exit_code = -1;
+            result.message = "disk full".into();
+            log_finished("job-2/linux/s390x", 1, &result, 5);
+        });
+        let text = String::from_utf8(capture.0.lock().expect("lock").clone()).expect("utf-8");
+        assert!(
+            text.contains(
+                "action finished action=job-1/linux/arm/v7 fence=12 outcome=EXITED exit_code=3 executed=5\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "action finished action=job-2/linux/s390x fence=1 outcome=INFRA_ERROR exit_code=-1 executed=5\n"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("could not run: disk full"), "{text}");
     }
 }

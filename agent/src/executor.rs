@@ -1,8 +1,9 @@
 //! Runs one assigned action: a fresh work dir with its inputs, a clean environment, its own
 //! process group (so timeout and cancel kill the whole tree), live output, and a result whose
-//! stdout and stderr are stored in the CAS.
-use crate::cas::BlobStore;
-use crate::workspace::{self, BlobCache};
+//! stdout, stderr and declared outputs are stored in the CAS.
+use crate::blob_cache::BlobCache;
+use crate::cas::{self, BlobSource, BlobStore};
+use crate::{outputs, workspace};
 use anyhow::{bail, Context};
 use archfarm_proto::{v1, Digest, Platform};
 use nix::sys::signal::{killpg, Signal};
@@ -13,7 +14,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Component, Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio_util::sync::CancellationToken;
@@ -47,6 +49,9 @@ pub struct ExecutorSettings {
     pub emulators: HashMap<Platform, PathBuf>,
     /// Host name, for results.
     pub hostname: String,
+    /// Processes spawned since the agent started: the actions it actually executed (an
+    /// action-cache hit never gets here).
+    pub executed: Arc<AtomicU64>,
 }
 
 /// How the session stops a running action.
@@ -171,6 +176,9 @@ struct Finished {
     started: SystemTime,
     duration: Duration,
     peak_memory_bytes: u64,
+    /// Whether the declared outputs are looked for: the command ran (or its program could not
+    /// be started) and the agent is not abandoning it.
+    collect_outputs: bool,
 }
 
 /// Runs `assign` to the end and reports what happened. Never fails: problems that are not
@@ -186,7 +194,16 @@ pub async fn execute<S: BlobStore, L: LogSink>(
     let work_dir = settings
         .work_root
         .join(work_dir_name(&assign.action_id, assign.fence));
-    let ran = run_in(settings, store, logs, assign, control, &work_dir).await;
+    let result = match run_in(settings, store, logs, assign, control, &work_dir).await {
+        Ok(finished) => report(settings, store, logs, assign, agent_id, &work_dir, finished).await,
+        Err(e) => bare_result(
+            settings,
+            assign,
+            agent_id,
+            v1::ExecutionOutcome::InfraError,
+            format!("{e:#}"),
+        ),
+    };
     let cleanup = {
         let dir = work_dir.clone();
         tokio::task::spawn_blocking(move || workspace::remove_dir_forcibly(&dir)).await
@@ -196,36 +213,98 @@ pub async fn execute<S: BlobStore, L: LogSink>(
         Ok(Err(e)) => tracing::warn!("failed to {e:#}"),
         Err(e) => tracing::warn!("failed to remove {}: {e}", work_dir.display()),
     }
+    result
+}
+
+/// Builds the result of a finished run: collects the declared outputs from the work dir and
+/// uploads them with stdout and stderr. A failure to upload is an INFRA_ERROR (the action is
+/// run again elsewhere).
+async fn report<S: BlobStore, L: LogSink>(
+    settings: &ExecutorSettings,
+    store: &S,
+    logs: &L,
+    assign: &v1::Assign,
+    agent_id: &str,
+    work_dir: &Path,
+    mut finished: Finished,
+) -> v1::ExecutionResult {
     let infra = v1::ExecutionOutcome::InfraError;
-    let finished = match ran {
-        Ok(f) => f,
-        Err(e) => return bare_result(settings, assign, agent_id, infra, format!("{e:#}")),
-    };
     let mut result = bare_result(
         settings,
         assign,
         agent_id,
         finished.outcome,
-        finished.message,
+        std::mem::take(&mut finished.message),
     );
     result.exit_code = finished.exit_code;
     result.started_unix_ms = unix_ms(finished.started);
     result.duration_ms = finished.duration.as_millis() as u64;
     result.peak_memory_bytes = finished.peak_memory_bytes;
+
+    let mut blobs = Vec::new();
+    let declared = assign
+        .action
+        .as_ref()
+        .filter(|a| finished.collect_outputs && !a.output_paths.is_empty());
+    if let Some(action) = declared {
+        let root = work_dir.to_path_buf();
+        let cwd = work_dir.join(&action.working_directory);
+        let paths = action.output_paths.clone();
+        let collected = match tokio::task::spawn_blocking(move || {
+            outputs::collect(&root, &cwd, &paths)
+        })
+        .await
+        {
+            Ok(r) => r,
+            Err(e) => Err(anyhow::anyhow!("the output collector failed: {e}")),
+        };
+        let collected = match collected {
+            Ok(c) => c,
+            Err(e) => {
+                result.outcome = infra as i32;
+                result.message = format!("failed to collect the declared outputs: {e:#}");
+                return result;
+            }
+        };
+        if !collected.notes.is_empty() {
+            let mut text = String::new();
+            if !finished.stderr.is_empty() && !finished.stderr.ends_with(b"\n") {
+                text.push('\n');
+            }
+            for note in &collected.notes {
+                text.push_str(note);
+                text.push('\n');
+            }
+            logs.send(v1::LogStream::Stderr, text.clone().into_bytes())
+                .await;
+            finished.stderr.extend_from_slice(text.as_bytes());
+        }
+        result.output_files = collected.files;
+        result.output_directories = collected.directories;
+        blobs = collected.blobs;
+    }
+
     let stdout_digest = Digest::of(&finished.stdout);
     let stderr_digest = Digest::of(&finished.stderr);
-    let mut blobs = vec![(stdout_digest, finished.stdout)];
-    if stderr_digest != stdout_digest {
-        blobs.push((stderr_digest, finished.stderr));
-    }
-    match store.upload_blobs(blobs).await {
-        Ok(()) => {
+    blobs.push((stdout_digest, BlobSource::Memory(finished.stdout.into())));
+    blobs.push((stderr_digest, BlobSource::Memory(finished.stderr.into())));
+    match cas::upload_missing(store, blobs).await {
+        Ok(sent) => {
+            tracing::debug!(
+                "{}: {} of {} result blobs uploaded ({} bytes)",
+                assign.action_id,
+                sent.sent,
+                sent.named,
+                sent.sent_bytes
+            );
             result.stdout_digest = Some(stdout_digest.to_proto());
             result.stderr_digest = Some(stderr_digest.to_proto());
         }
         Err(e) => {
             result.outcome = infra as i32;
             result.message = format!("failed to upload the output: {e:#}");
+            result.output_files.clear();
+            result.output_directories.clear();
         }
     }
     result
@@ -311,6 +390,7 @@ async fn run_in<S: BlobStore, L: LogSink>(
                 started: SystemTime::now(),
                 duration: Duration::ZERO,
                 peak_memory_bytes: 0,
+                collect_outputs: false,
             });
         }
     };
@@ -386,9 +466,11 @@ async fn run_in<S: BlobStore, L: LogSink>(
                 started,
                 duration: Duration::ZERO,
                 peak_memory_bytes: 0,
+                collect_outputs: true,
             });
         }
     };
+    settings.executed.fetch_add(1, Ordering::Relaxed);
     let pgid = child
         .id()
         .and_then(|id| i32::try_from(id).ok())
@@ -457,6 +539,8 @@ async fn run_in<S: BlobStore, L: LogSink>(
         started,
         duration,
         peak_memory_bytes: peak,
+        // An abandoned action runs again elsewhere: its outputs are not worth the wait.
+        collect_outputs: outcome != v1::ExecutionOutcome::InfraError,
     })
 }
 
@@ -705,11 +789,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let settings = ExecutorSettings {
             work_root: dir.path().join("work"),
-            cache: BlobCache::open(&dir.path().join("cache")).expect("cache"),
+            cache: BlobCache::open(&dir.path().join("cache"), 1 << 30).expect("cache"),
             kill_grace: Duration::from_secs(1),
             native: crate::host::native_platform(),
             emulators: HashMap::new(),
             hostname: "testhost".into(),
+            executed: Arc::default(),
         };
         Fixture {
             _dir: dir,
@@ -1042,6 +1127,151 @@ mod tests {
         )
         .await;
         assert_eq!(outcome(&r), v1::ExecutionOutcome::InfraError, "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn declared_outputs_and_large_logs_are_uploaded() {
+        let f = fixture();
+        let script = concat!(
+            "mkdir -p out/sub && echo one > out/sub/a && ln -s sub/a out/link && ",
+            "head -c 6000000 /dev/zero > big.bin && printf '#!/bin/sh\\n' > tool && ",
+            "chmod +x tool && ln -s /etc/passwd leak && ",
+            "head -c 5000000 /dev/zero | tr '\\0' x; echo; echo warn >&2; exit 2"
+        );
+        let mut a = assign(&["sh", "-c", script], 30_000);
+        if let Some(action) = a.action.as_mut() {
+            action.output_paths = ["big.bin", "leak", "missing", "out", "tool", "x/../y"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        }
+        let before = f.settings.executed.load(Ordering::Relaxed);
+        let logs = Collect::default();
+        let r = execute(
+            &f.settings,
+            &f.store,
+            &logs,
+            &a,
+            "a",
+            &ActionControl::default(),
+        )
+        .await;
+        assert_eq!(
+            (outcome(&r), r.exit_code),
+            (v1::ExecutionOutcome::Exited, 2),
+            "{r:?}"
+        );
+        assert_eq!(f.settings.executed.load(Ordering::Relaxed), before + 1);
+
+        let files: Vec<(&str, bool)> = r
+            .output_files
+            .iter()
+            .map(|o| (o.path.as_str(), o.executable))
+            .collect();
+        assert_eq!(files, vec![("big.bin", false), ("tool", true)]);
+        let big = Digest::from_proto_required(r.output_files[0].digest.as_ref()).expect("digest");
+        assert_eq!(big, Digest::of(&vec![0u8; 6_000_000]));
+        assert_eq!(r.output_directories.len(), 1);
+        assert_eq!(r.output_directories[0].path, "out");
+
+        // The tree is complete in the store: its root, the nested directory, the file.
+        let root = Digest::from_proto_required(r.output_directories[0].root.as_ref())
+            .expect("root digest");
+        let blobs = f.store.blobs.lock().expect("lock").clone();
+        let (dirs, file_digests) =
+            tree::walk_tree(root, |d| blobs.get(d).cloned()).expect("output tree in the store");
+        assert_eq!(dirs.len(), 2);
+        assert!(file_digests.iter().all(|d| blobs.contains_key(d)));
+        assert!(file_digests.contains(&Digest::of(b"one\n")));
+
+        // Large blobs were streamed: the output file and stdout.
+        let streamed: Vec<Digest> = f
+            .store
+            .writes
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|(d, _)| *d)
+            .collect();
+        let stdout = Digest::from_proto_required(r.stdout_digest.as_ref()).expect("stdout");
+        assert_eq!(stdout.size_bytes(), 5_000_001);
+        assert!(
+            streamed.contains(&big) && streamed.contains(&stdout),
+            "{streamed:?}"
+        );
+
+        // Skipped declarations are explained on stderr, live and in the blob.
+        let err = blob(&f.store, r.stderr_digest.as_ref());
+        assert!(err.starts_with("warn\n"), "{err}");
+        assert!(err.contains("\"leak\" skipped") && err.contains("outside the work directory"));
+        assert!(err.contains("\"x/../y\" skipped"), "{err}");
+        assert!(!err.contains("missing"), "{err}");
+        assert!(logs
+            .text(v1::LogStream::Stderr)
+            .contains("\"leak\" skipped"));
+    }
+
+    #[tokio::test]
+    async fn a_failed_upload_is_an_infra_error() {
+        let mut f = fixture();
+        f.store.refuse_uploads = true;
+        let mut a = assign(&["sh", "-c", "echo data > out"], 10_000);
+        if let Some(action) = a.action.as_mut() {
+            action.output_paths = vec!["out".into()];
+        }
+        let r = execute(
+            &f.settings,
+            &f.store,
+            &Collect::default(),
+            &a,
+            "a",
+            &ActionControl::default(),
+        )
+        .await;
+        assert_eq!(outcome(&r), v1::ExecutionOutcome::InfraError, "{r:?}");
+        assert!(r.message.contains("failed to upload"), "{}", r.message);
+        assert!(r.output_files.is_empty() && r.stdout_digest.is_none());
+        assert_eq!(f.settings.executed.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn only_spawned_processes_count_as_executed() {
+        let f = fixture();
+        let mut a = assign(&["true"], 10_000);
+        if let Some(action) = a.action.as_mut() {
+            action.platform = "linux/mips64le".into();
+        }
+        let r = execute(
+            &f.settings,
+            &f.store,
+            &Collect::default(),
+            &a,
+            "a",
+            &ActionControl::default(),
+        )
+        .await;
+        assert_eq!(outcome(&r), v1::ExecutionOutcome::InfraError, "{r:?}");
+        let r = execute(
+            &f.settings,
+            &f.store,
+            &Collect::default(),
+            &assign(&["archfarm-no-such-program"], 10_000),
+            "a",
+            &ActionControl::default(),
+        )
+        .await;
+        assert_eq!(r.exit_code, 127);
+        assert_eq!(f.settings.executed.load(Ordering::Relaxed), 0);
+        execute(
+            &f.settings,
+            &f.store,
+            &Collect::default(),
+            &assign(&["true"], 10_000),
+            "a",
+            &ActionControl::default(),
+        )
+        .await;
+        assert_eq!(f.settings.executed.load(Ordering::Relaxed), 1);
     }
 
     #[test]

@@ -1,12 +1,14 @@
 //! The archfarm agent: joins the farm once, then keeps a session with the coordinator and runs
 //! the actions it is assigned. `run` is the whole agent; main.rs only parses flags around it.
 pub mod backoff;
+pub mod blob_cache;
 pub mod cas;
 pub mod config;
 pub mod connection;
 pub mod executor;
 pub mod host;
 pub mod join;
+pub mod outputs;
 pub mod workspace;
 
 pub use config::{AgentArgs, AgentConfig, Emulator};
@@ -34,7 +36,18 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     workspace::remove_dir_forcibly(&work_root)?;
     std::fs::create_dir_all(&work_root)
         .with_context(|| format!("failed to create {}", work_root.display()))?;
-    let cache = workspace::BlobCache::open(&data_dir.join("cache").join("blobs"))?;
+    let cache_root = data_dir.join("cache").join("blobs");
+    let budget = config.cache_budget_bytes;
+    let cache =
+        tokio::task::spawn_blocking(move || blob_cache::BlobCache::open(&cache_root, budget))
+            .await
+            .context("failed to open the blob cache")??;
+    tracing::info!(
+        "blob cache: {} files, {} bytes, budget {} bytes",
+        cache.file_count(),
+        cache.bytes(),
+        cache.budget_bytes()
+    );
 
     let host = host::HostFacts::detect();
     let platforms = config.offered_platforms();
@@ -74,6 +87,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             .map(|e| (e.platform.clone(), e.wrapper.clone()))
             .collect(),
         hostname: host.hostname.clone(),
+        executed: Default::default(),
     };
     let state = connection::AgentState::new(connection::StateParts {
         coordinator_url: config.coordinator_url.clone(),

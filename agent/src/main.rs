@@ -10,8 +10,12 @@ fn main() -> std::process::ExitCode {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&args.log_level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colour only on a terminal: log files stay greppable (`executed=3`).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && !matches!(std::env::var_os("NO_COLOR"), Some(v) if !v.is_empty());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr)
         .init();
     let config = match AgentConfig::from_args(args) {

@@ -1,17 +1,16 @@
 //! Materialises an action's input root as a work directory: fetches only the blobs missing from
-//! the local blob cache, verifies them, and hard-links cached files into place.
-use crate::cas::BlobStore;
+//! the local blob cache (small ones in batches, large ones streamed to disk), verifies them, and
+//! hard-links cached files into place while they are pinned against eviction.
+use crate::blob_cache::BlobCache;
+use crate::cas::{self, BlobStore, STREAM_ABOVE_BYTES};
 use anyhow::{bail, Context};
 use archfarm_proto::tree::{self, MAX_DEPTH};
 use archfarm_proto::{v1, Digest, MAX_MESSAGE_BYTES};
 use prost::Message;
 use std::collections::{HashMap, HashSet};
 use std::fs;
-use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime};
+use std::path::Path;
 
 /// Bytes of blobs asked for in one BatchRead call (the response must stay under the message limit).
 const BATCH_BYTES: u64 = 32 * 1024 * 1024;
@@ -19,132 +18,16 @@ const BATCH_BYTES: u64 = 32 * 1024 * 1024;
 const BATCH_COUNT: usize = 4096;
 /// Most directory entries (counted per path) an input tree may have.
 const MAX_TREE_NODES: usize = 1_000_000;
-/// Modification time of every cached file; a cached file with another one was written to.
-const CACHE_MTIME_UNIX_S: u64 = 946_684_800; // 2000-01-01
 
-fn cache_mtime() -> SystemTime {
-    SystemTime::UNIX_EPOCH + Duration::from_secs(CACHE_MTIME_UNIX_S)
-}
-
-/// Verified blobs on local disk: `<root>/<first 2 hex>/<hex>` (mode 0444) and, for files that
-/// must be executable, `<hex>.x` (mode 0555). Work directories hard-link to them.
-#[derive(Clone, Debug)]
-pub struct BlobCache {
-    root: PathBuf,
-}
-
-impl BlobCache {
-    /// Opens (creating) the cache at `root`.
-    pub fn open(root: &Path) -> anyhow::Result<Self> {
-        fs::create_dir_all(root)
-            .with_context(|| format!("failed to create the blob cache {}", root.display()))?;
-        Ok(Self {
-            root: root.to_path_buf(),
-        })
-    }
-
-    /// Where a blob is (or would be) cached.
-    pub fn path(&self, digest: &Digest, executable: bool) -> PathBuf {
-        let hex = digest.hex();
-        let name = if executable {
-            format!("{hex}.x")
-        } else {
-            hex.clone()
-        };
-        self.root.join(&hex[..2]).join(name)
-    }
-
-    fn mode(executable: bool) -> u32 {
-        if executable {
-            0o555
-        } else {
-            0o444
-        }
-    }
-
-    /// Whether an intact copy is cached. A copy whose size, mode or modification time changed
-    /// (an action wrote through a hard link) is removed so that it gets fetched again.
-    fn has(&self, digest: &Digest, executable: bool) -> bool {
-        let path = self.path(digest, executable);
-        let Ok(meta) = fs::symlink_metadata(&path) else {
-            return false;
-        };
-        let intact = meta.is_file()
-            && meta.len() == digest.size_bytes()
-            && meta.permissions().mode() & 0o7777 == Self::mode(executable)
-            && meta.modified().ok() == Some(cache_mtime());
-        if !intact {
-            tracing::warn!(
-                "cached blob {} was modified; removing it to fetch it again",
-                path.display()
-            );
-            if let Err(e) = fs::remove_file(&path) {
-                tracing::warn!("failed to remove {}: {e}", path.display());
-            }
-        }
-        intact
-    }
-
-    /// Stores `bytes` as `digest` after checking they hash to it.
-    fn insert(&self, digest: &Digest, bytes: &[u8], executable: bool) -> anyhow::Result<()> {
-        if Digest::of(bytes) != *digest {
-            bail!("blob {digest} does not match its digest");
-        }
-        let path = self.path(digest, executable);
-        let dir = path.parent().context("cache path has no parent")?;
-        fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let tmp = dir.join(format!(
-            ".tmp-{}-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed),
-            digest.hex()
-        ));
-        let result = (|| -> anyhow::Result<()> {
-            let mut f = fs::File::create(&tmp)?;
-            f.write_all(bytes)?;
-            f.set_modified(cache_mtime())?;
-            f.set_permissions(fs::Permissions::from_mode(Self::mode(executable)))?;
-            f.sync_all()?;
-            fs::rename(&tmp, &path)?;
-            Ok(())
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        result.with_context(|| format!("failed to write {}", path.display()))
-    }
-
-    /// Makes the `executable` variant of a blob from its other cached variant, if there is one.
-    fn derive(&self, digest: &Digest, executable: bool) -> anyhow::Result<bool> {
-        if !self.has(digest, !executable) {
-            return Ok(false);
-        }
-        let other = self.path(digest, !executable);
-        let bytes =
-            fs::read(&other).with_context(|| format!("failed to read {}", other.display()))?;
-        if Digest::of(&bytes) != *digest {
-            tracing::warn!("cached blob {} is corrupt; removing it", other.display());
-            let _ = fs::remove_file(&other);
-            return Ok(false);
-        }
-        self.insert(digest, &bytes, executable)?;
-        Ok(true)
-    }
-}
-
-/// Splits digests into BatchRead calls of at most `BATCH_BYTES` (a larger blob goes alone).
+/// Splits small blobs into BatchRead calls of at most `BATCH_BYTES` and `BATCH_COUNT`.
+/// Blobs over `STREAM_ABOVE_BYTES` do not belong here: they are streamed.
 fn batches(digests: &[Digest]) -> anyhow::Result<Vec<Vec<Digest>>> {
     let mut out = Vec::new();
     let mut current = Vec::new();
     let mut bytes = 0u64;
     for d in digests {
-        // Leave room for the message framing around the blob.
-        if d.size_bytes() > (MAX_MESSAGE_BYTES as u64).saturating_sub(1024 * 1024) {
-            bail!(
-                "blob {d} is too large to read with BatchRead (limit {} MiB)",
-                MAX_MESSAGE_BYTES / (1024 * 1024) - 1
-            );
+        if d.size_bytes() > STREAM_ABOVE_BYTES {
+            bail!("blob {d} is too large for BatchRead: it must be streamed");
         }
         if !current.is_empty()
             && (bytes + d.size_bytes() > BATCH_BYTES || current.len() >= BATCH_COUNT)
@@ -159,6 +42,13 @@ fn batches(digests: &[Digest]) -> anyhow::Result<Vec<Vec<Digest>>> {
         out.push(current);
     }
     Ok(out)
+}
+
+/// Splits digests into those read in batches and those streamed one by one.
+fn by_transfer(digests: Vec<Digest>) -> (Vec<Digest>, Vec<Digest>) {
+    digests
+        .into_iter()
+        .partition(|d| d.size_bytes() <= STREAM_ABOVE_BYTES)
 }
 
 /// Reads one batch and checks every blob against its digest.
@@ -205,19 +95,29 @@ async fn fetch_directories<S: BlobStore>(
             .into_iter()
             .collect();
         wanted.sort();
-        for batch in batches(&wanted)? {
-            for (digest, bytes) in read_verified(store, batch)
+        let (small, large) = by_transfer(wanted);
+        let mut fetched = Vec::new();
+        for batch in batches(&small)? {
+            fetched.extend(
+                read_verified(store, batch)
+                    .await
+                    .context("failed to fetch input directories")?,
+            );
+        }
+        for digest in large {
+            let bytes = cas::read_to_memory(store, digest, MAX_MESSAGE_BYTES as u64)
                 .await
-                .context("failed to fetch input directories")?
-            {
-                let dir = v1::Directory::decode(bytes.as_slice())
-                    .ok()
-                    .filter(|dir| tree::encode_directory(dir) == bytes)
-                    .with_context(|| {
-                        format!("input directory {digest} is not a canonical Directory")
-                    })?;
-                dirs.insert(digest, dir);
-            }
+                .context("failed to fetch an input directory")?;
+            fetched.push((digest, bytes));
+        }
+        for (digest, bytes) in fetched {
+            let dir = v1::Directory::decode(bytes.as_slice())
+                .ok()
+                .filter(|dir| tree::encode_directory(dir) == bytes)
+                .with_context(|| {
+                    format!("input directory {digest} is not a canonical Directory")
+                })?;
+            dirs.insert(digest, dir);
         }
         let mut next = Vec::new();
         for (path, digest) in &level {
@@ -241,6 +141,8 @@ async fn fetch_directories<S: BlobStore>(
 }
 
 /// Makes `dest` (created if needed) hold the input tree named by `root`; `None` leaves it empty.
+/// The tree's blobs are pinned in the cache until the work directory links to them; after
+/// fetching, the cache evicts other blobs down to its budget.
 pub async fn materialise<S: BlobStore>(
     store: &S,
     cache: &BlobCache,
@@ -262,6 +164,8 @@ pub async fn materialise<S: BlobStore>(
             needed.insert((d, f.executable));
         }
     }
+    // Both variants: a missing one may be derived from the other.
+    let _pins = cache.pin(needed.iter().flat_map(|(d, _)| [(*d, false), (*d, true)]));
     let cache2 = cache.clone();
     let missing: Vec<(Digest, bool)> = tokio::task::spawn_blocking(move || {
         let mut missing = Vec::new();
@@ -293,7 +197,8 @@ pub async fn materialise<S: BlobStore>(
             to_fetch.iter().map(Digest::size_bytes).sum::<u64>()
         );
     }
-    for batch in batches(&to_fetch)? {
+    let (small, large) = by_transfer(to_fetch);
+    for batch in batches(&small)? {
         let blobs = read_verified(store, batch)
             .await
             .context("failed to fetch input files")?;
@@ -308,10 +213,17 @@ pub async fn materialise<S: BlobStore>(
                     cache2.insert(d, bytes, exec)?;
                 }
             }
+            cache2.evict_to_budget();
             anyhow::Ok(())
         })
         .await
         .context("failed to fill the blob cache")??;
+    }
+    for d in large {
+        let execs = variants.get(&d).cloned().unwrap_or_default();
+        fetch_streamed(store, cache, d, execs)
+            .await
+            .with_context(|| format!("failed to fetch input file {d}"))?;
     }
 
     let cache2 = cache.clone();
@@ -319,6 +231,40 @@ pub async fn materialise<S: BlobStore>(
     tokio::task::spawn_blocking(move || build_tree(&cache2, &dirs, root, &dest2))
         .await
         .context("failed to build the work directory")?
+}
+
+/// Streams one large blob into the cache (as its first needed variant, then copies it to the
+/// others) without holding it in memory.
+async fn fetch_streamed<S: BlobStore>(
+    store: &S,
+    cache: &BlobCache,
+    digest: Digest,
+    execs: Vec<bool>,
+) -> anyhow::Result<()> {
+    let Some((&first, rest)) = execs.split_first() else {
+        return Ok(());
+    };
+    let tmp = {
+        let cache = cache.clone();
+        tokio::task::spawn_blocking(move || cache.temp_path(&digest))
+            .await
+            .context("failed to prepare the blob cache")??
+    };
+    let file = cas::read_to_file(store, digest, &tmp).await?;
+    let cache = cache.clone();
+    let rest = rest.to_vec();
+    tokio::task::spawn_blocking(move || {
+        cache.adopt(&tmp, file, &digest, first)?;
+        for exec in rest {
+            if !cache.derive(&digest, exec)? {
+                bail!("failed to copy cached blob {digest}");
+            }
+        }
+        cache.evict_to_budget();
+        Ok(())
+    })
+    .await
+    .context("failed to fill the blob cache")?
 }
 
 /// Creates directories, links files from the cache and creates symlinks under `dest`.
@@ -429,7 +375,7 @@ mod tests {
         let src = sample_source();
         let (store, root) = store_of(src.path());
         let data = tempfile::tempdir().expect("tempdir");
-        let cache = BlobCache::open(&data.path().join("cache")).expect("cache");
+        let cache = BlobCache::open(&data.path().join("cache"), 1 << 30).expect("cache");
 
         let w1 = data.path().join("w1");
         materialise(&store, &cache, Some(root), &w1)
@@ -490,7 +436,7 @@ mod tests {
     #[tokio::test]
     async fn no_root_means_an_empty_dir() {
         let data = tempfile::tempdir().expect("tempdir");
-        let cache = BlobCache::open(&data.path().join("cache")).expect("cache");
+        let cache = BlobCache::open(&data.path().join("cache"), 1 << 30).expect("cache");
         let w = data.path().join("w");
         materialise(&MemoryStore::default(), &cache, None, &w)
             .await
@@ -509,7 +455,7 @@ mod tests {
             .expect("lock")
             .insert(hello, b"HELLO\n".to_vec());
         let data = tempfile::tempdir().expect("tempdir");
-        let cache = BlobCache::open(&data.path().join("cache")).expect("cache");
+        let cache = BlobCache::open(&data.path().join("cache"), 1 << 30).expect("cache");
         let e = materialise(&store, &cache, Some(root), &data.path().join("w"))
             .await
             .expect_err("corrupt blob accepted");
@@ -536,8 +482,70 @@ mod tests {
     fn batches_respect_the_byte_budget() {
         let d = |n: u8, size: u64| Digest::from_parts([n; 32], size);
         let mb = 1024 * 1024;
-        let b = batches(&[d(1, 20 * mb), d(2, 20 * mb), d(3, 1), d(4, 40 * mb)]).expect("ok");
-        assert_eq!(b.iter().map(Vec::len).collect::<Vec<_>>(), vec![1, 2, 1]);
-        assert!(batches(&[d(5, 70 * mb)]).is_err());
+        let mut digests: Vec<Digest> = (0..9).map(|n| d(n, 4 * mb)).collect();
+        digests.insert(2, d(100, 1));
+        let b = batches(&digests).expect("ok");
+        assert_eq!(b.iter().map(Vec::len).collect::<Vec<_>>(), vec![8, 2]);
+        let many: Vec<Digest> = (0..BATCH_COUNT + 1).map(|n| d(n as u8, 1)).collect();
+        assert_eq!(batches(&many).expect("ok").len(), 2);
+        assert!(batches(&[d(5, 4 * mb + 1)]).is_err());
+    }
+
+    #[tokio::test]
+    async fn large_inputs_are_streamed_and_a_small_cache_keeps_what_is_in_use() {
+        let src = tempfile::tempdir().expect("tempdir");
+        let big: Vec<u8> = (0..9 * 1024 * 1024 + 5).map(|i| (i % 251) as u8).collect();
+        fs::create_dir_all(src.path().join("bin")).expect("mkdir");
+        fs::write(src.path().join("big.bin"), &big).expect("write");
+        fs::write(src.path().join("bin/big"), &big).expect("write");
+        fs::set_permissions(
+            src.path().join("bin/big"),
+            fs::Permissions::from_mode(0o755),
+        )
+        .expect("chmod");
+        fs::write(src.path().join("small"), "s").expect("write");
+        let (store, root) = store_of(src.path());
+        let big_digest = Digest::of(&big);
+
+        let data = tempfile::tempdir().expect("tempdir");
+        // A budget far below the tree: everything it needs is pinned while it is linked.
+        let cache = BlobCache::open(&data.path().join("cache"), 1024).expect("cache");
+        let stale = Digest::of(b"stale");
+        cache.insert(&stale, b"stale", false).expect("insert");
+        let w = data.path().join("w");
+        materialise(&store, &cache, Some(root), &w)
+            .await
+            .expect("materialise");
+        assert_eq!(fs::read(w.join("big.bin")).expect("big"), big);
+        assert_eq!(fs::read(w.join("bin/big")).expect("bin/big"), big);
+        let mode = fs::metadata(w.join("bin/big"))
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o555);
+        assert_eq!(fs::read_to_string(w.join("small")).expect("small"), "s");
+        assert_eq!(
+            store.streamed_reads.lock().expect("lock").clone(),
+            vec![big_digest],
+            "the large blob is streamed once"
+        );
+        assert!(!store
+            .reads
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|d| **d != big_digest)
+            .any(|d| d.size_bytes() > STREAM_ABOVE_BYTES));
+        // The stale blob made room; the tree's own blobs stayed until it was linked.
+        assert!(!cache.path(&stale, false).exists());
+        // Next materialisation evicts the big ones (now unpinned) once it fetched: the work
+        // directory's links still hold the bytes.
+        cache.evict_to_budget();
+        assert!(cache.bytes() <= 1024, "{}", cache.bytes());
+        assert!(!cache.path(&big_digest, false).exists());
+        assert_eq!(
+            fs::read(w.join("big.bin")).expect("big after eviction"),
+            big
+        );
     }
 }
