@@ -9,6 +9,7 @@ pub mod hubs;
 pub mod model;
 pub mod pki;
 pub mod scheduler;
+pub mod sharding;
 pub mod store;
 
 use anyhow::Context;
