@@ -560,6 +560,15 @@ impl Cas {
         Ok(Some(data))
     }
 
+    /// Whether the blob is stored and its bytes still hash to its digest (read in full, in
+    /// chunks; a corrupt copy is removed, as on any read).
+    pub fn verify(self: &Arc<Self>, d: &Digest) -> bool {
+        match self.open_blob(d) {
+            Ok(Some(reader)) => reader.into_iter().all(|chunk| chunk.is_ok()),
+            _ => false,
+        }
+    }
+
     /// Opens a blob for a streaming read that verifies as it goes: the reader yields chunks
     /// of at most [`READ_CHUNK_BYTES`] and ends with [`CasError::Corrupt`] (after removing the
     /// file) if the bytes did not hash to the digest. `None` if the blob is not stored.

@@ -262,7 +262,8 @@ impl Farm {
         })
     }
 
-    /// The cached result for an action, if every blob it names is still stored.
+    /// The cached result for an action, if every blob it names is still stored intact (each
+    /// is read and hashed: a hit must never hand out a corrupt output).
     fn cache_lookup(&mut self, a: &ActionRecord, now: u64) -> anyhow::Result<Option<CacheEntry>> {
         let entry = self.store.cache_entry(&a.action_digest)?;
         let usable = entry.filter(|e| {
@@ -271,7 +272,7 @@ impl Farm {
                     hash: hex.clone(),
                     size_bytes: *size,
                 })
-                .is_ok_and(|d| self.cas.contains(&d))
+                .is_ok_and(|d| self.cas.verify(&d))
             })
         });
         self.store.add_counter("cache_lookups", 1)?;

@@ -1,0 +1,430 @@
+//! The content-addressed store and the action cache end to end: incremental uploads, results
+//! reused across runs without any agent executing, corrupt blobs never served, and bad trees
+//! and blobs refused with precise statuses.
+use archfarm_proto::{tree, v1, Digest};
+use archfarm_tests::*;
+use prost::Message;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use tonic::Code;
+
+/// Runs `farm run` with a JSON report; returns (exit code, report, stderr).
+fn run(farm: &Farm, args: &[&str]) -> (Option<i32>, Value, String) {
+    let report = farm
+        .dir
+        .path()
+        .join(format!("report-{}.json", rand_suffix()));
+    let report_s = report.to_str().unwrap().to_string();
+    let mut all = vec!["farm", "run", "--json-report", report_s.as_str()];
+    all.extend_from_slice(args);
+    let out = farm.cli(&all);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let text =
+        std::fs::read_to_string(&report).unwrap_or_else(|e| panic!("no report ({e}): {stderr}"));
+    (
+        out.status.code(),
+        serde_json::from_str(&text).unwrap(),
+        stderr,
+    )
+}
+
+fn rand_suffix() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// The highest `executed=N` each agent has logged, summed over agents.
+fn executed(farm: &Farm) -> u64 {
+    farm.agents
+        .iter()
+        .map(|a| {
+            a.log_text()
+                .lines()
+                .filter_map(|l| l.split("executed=").nth(1))
+                .filter_map(|r| {
+                    r.split(|c: char| !c.is_ascii_digit())
+                        .next()?
+                        .parse::<u64>()
+                        .ok()
+                })
+                .max()
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+fn write(dir: &Path, rel: &str, body: &str) {
+    let p = dir.join(rel);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(p, body).unwrap();
+}
+
+fn files_under(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut v: Vec<(PathBuf, Vec<u8>)> = walk(dir)
+        .into_iter()
+        .map(|p| {
+            (
+                p.strip_prefix(dir).unwrap().to_path_buf(),
+                std::fs::read(&p).unwrap(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![];
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        if e.file_type().unwrap().is_dir() {
+            out.extend(walk(&e.path()));
+        } else {
+            out.push(e.path());
+        }
+    }
+    out
+}
+
+const CMD: &str = "mkdir -p out; cat data.txt > out/copy.txt; date +%s%N > out/stamp; echo ran";
+
+#[test]
+fn the_same_job_twice_executes_nothing_the_second_time() {
+    let mut farm = Farm::start(&[]);
+    farm.add_agent("a", &[]);
+    farm.add_agent("b", &[]);
+    farm.wait_ready_agents(2);
+    let (a, b) = (farm.dir.path().join("in-a"), farm.dir.path().join("in-b"));
+    write(&a, "data.txt", "alpha\n");
+    write(&b, "data.txt", "beta\n");
+    let job = |farm: &Farm, input: &Path, dl: &str| {
+        let dl = farm.dir.path().join(dl);
+        let (input, dl_s) = (
+            input.to_str().unwrap().to_string(),
+            dl.to_str().unwrap().to_string(),
+        );
+        let r = run(
+            farm,
+            &[
+                "--platform",
+                "linux/amd64",
+                "--input",
+                &input,
+                "--output",
+                "out",
+                "--download",
+                &dl_s,
+                "--",
+                "sh",
+                "-c",
+                CMD,
+            ],
+        );
+        assert_eq!(r.0, Some(0), "{}", r.2);
+        (r.1, dl)
+    };
+    let (first, dl1) = job(&farm, &a, "dl1");
+    job(&farm, &b, "dl-b1");
+    assert_eq!(
+        (first["ran"].as_u64(), first["cached"].as_u64()),
+        (Some(1), Some(0))
+    );
+    let before = executed(&farm);
+    assert_eq!(before, 2);
+
+    let (second, dl2) = job(&farm, &a, "dl2");
+    assert_eq!(
+        (second["ran"].as_u64(), second["cached"].as_u64()),
+        (Some(0), Some(1)),
+        "{second:#}"
+    );
+    let act = &second["actions"][0];
+    assert_eq!(act["cached"], Value::Bool(true));
+    assert_eq!(
+        act["agent_id"], first["actions"][0]["agent_id"],
+        "provenance is the first run's agent"
+    );
+    assert_eq!(executed(&farm), before, "no agent executed anything");
+    let (f1, f2) = (files_under(&dl1), files_under(&dl2));
+    assert!(!f1.is_empty());
+    assert_eq!(f1, f2, "identical outputs, timestamp included");
+
+    // Change one file of input A: A runs again, B is still cached.
+    write(&a, "data.txt", "alpha, changed\n");
+    let (third, dl3) = job(&farm, &a, "dl3");
+    let (fourth, _) = job(&farm, &b, "dl-b2");
+    assert_eq!(third["ran"].as_u64(), Some(1));
+    assert_eq!(fourth["cached"].as_u64(), Some(1));
+    assert_eq!(executed(&farm), before + 1);
+    assert_eq!(
+        std::fs::read_to_string(dl3.join("linux/amd64/out/copy.txt")).unwrap(),
+        "alpha, changed\n"
+    );
+    // --no-cache runs it anyway.
+    let input = b.to_str().unwrap();
+    let r = run(
+        &farm,
+        &[
+            "--platform",
+            "linux/amd64",
+            "--no-cache",
+            "--input",
+            input,
+            "--output",
+            "out",
+            "--",
+            "sh",
+            "-c",
+            CMD,
+        ],
+    );
+    assert_eq!((r.0, r.1["ran"].as_u64()), (Some(0), Some(1)));
+    let status = farm.status().unwrap();
+    let cas = status.cas.unwrap();
+    assert!(
+        cas.cache_hits_total >= 2 && cas.cache_entries >= 2,
+        "{cas:?}"
+    );
+    farm.assert_no_unexpected_errors(&[]);
+}
+
+#[test]
+fn uploads_send_only_what_is_missing() {
+    let mut farm = Farm::start(&[]);
+    farm.add_agent("a", &[]);
+    farm.wait_ready_agents(1);
+    let input = farm.dir.path().join("tree");
+    for i in 0..50 {
+        write(
+            &input,
+            &format!("dir{}/file{i}.txt", i % 5),
+            &format!("content {i}\n"),
+        );
+    }
+    write(&input, ".farmignore", "*.log\n");
+    write(&input, "skip.log", "ignored\n");
+    let input_s = input.to_str().unwrap().to_string();
+    let up = |farm: &Farm| {
+        let r = run(
+            farm,
+            &[
+                "--platform",
+                "linux/amd64",
+                "--input",
+                &input_s,
+                "--",
+                "true",
+            ],
+        );
+        assert_eq!(r.0, Some(0), "{}", r.2);
+        r.1["upload"].clone()
+    };
+    let cold = up(&farm);
+    assert!(cold["blobs_sent"].as_u64().unwrap() >= 50, "{cold}");
+    let warm = up(&farm);
+    assert_eq!(
+        (warm["blobs_sent"].as_u64(), warm["bytes_sent"].as_u64()),
+        (Some(0), Some(0)),
+        "{warm}"
+    );
+    // One changed file: that blob plus the Directory messages on its path (dir3 and the root).
+    write(&input, "dir3/file8.txt", "changed content\n");
+    let one = up(&farm);
+    assert_eq!(one["blobs_sent"].as_u64(), Some(3), "{one}");
+    let local = tree::build_input_tree(&input).unwrap();
+    let dir3 = local
+        .directories
+        .iter()
+        .find(|(_, b)| {
+            v1::Directory::decode(b.as_slice())
+                .unwrap()
+                .files
+                .iter()
+                .any(|f| f.name == "file8.txt")
+        })
+        .map(|(d, _)| d.size_bytes())
+        .unwrap();
+    let expected = "changed content\n".len() as u64 + dir3 + local.root.size_bytes();
+    assert_eq!(one["bytes_sent"].as_u64(), Some(expected), "{one}");
+    assert!(
+        !local.files.values().any(|p| p.ends_with("skip.log")),
+        ".farmignore honoured"
+    );
+}
+
+#[test]
+fn a_corrupt_blob_is_never_served_and_the_action_runs_again() {
+    let mut farm = Farm::start(&[]);
+    farm.add_agent("a", &[]);
+    farm.wait_ready_agents(1);
+    let cmd = [
+        "--platform",
+        "linux/amd64",
+        "--",
+        "sh",
+        "-c",
+        "echo unique-output-7781",
+    ];
+    let first = run(&farm, &cmd);
+    assert_eq!(first.0, Some(0));
+    // Flip one byte of the stdout blob on the coordinator's disk.
+    let stdout = Digest::of(b"unique-output-7781\n");
+    let path = farm
+        .dir
+        .path()
+        .join("coordinator/cas")
+        .join(&stdout.hex()[..2])
+        .join(format!("{}-{}", stdout.hex(), stdout.size_bytes()));
+    let mut bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    bytes[0] ^= 0x20;
+    std::fs::write(&path, bytes).unwrap();
+    let second = run(&farm, &cmd);
+    assert_eq!(second.0, Some(0), "{}", second.2);
+    assert_eq!(
+        second.1["ran"].as_u64(),
+        Some(1),
+        "the entry naming a corrupt blob is a miss: {:#}",
+        second.1
+    );
+    assert!(farm
+        .coordinator
+        .log_text()
+        .contains("hashes differently on disk"));
+    // The re-run stored a good copy again; the third run is a hit.
+    let third = run(&farm, &cmd);
+    assert_eq!(third.1["cached"].as_u64(), Some(1));
+}
+
+#[test]
+fn bad_blobs_and_bad_trees_get_precise_statuses() {
+    let farm = Farm::start(&[]);
+    let ch = farm.channel(Some(&farm.admin_dir())).unwrap();
+    let upload = |blobs: Vec<v1::Blob>| {
+        let c = ch.clone();
+        farm.block_on(async move {
+            v1::cas_client::CasClient::new(c)
+                .batch_upload(v1::BatchUploadRequest { blobs })
+                .await
+        })
+    };
+    // Digest mismatch and a size that lies.
+    let good = Digest::of(b"hello");
+    let e = upload(vec![v1::Blob {
+        digest: Some(good.to_proto()),
+        data: b"jello".to_vec(),
+    }])
+    .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().contains("declared") && e.message().contains("actual"),
+        "{}",
+        e.message()
+    );
+    let mut lie = good.to_proto();
+    lie.size_bytes = 4;
+    let e = upload(vec![v1::Blob {
+        digest: Some(lie),
+        data: b"hello".to_vec(),
+    }])
+    .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    // Trees: each bad Directory is uploaded (the CAS stores any bytes) and refused at submit.
+    let file = v1::FileNode {
+        name: "f".into(),
+        digest: Some(good.to_proto()),
+        executable: false,
+    };
+    upload(vec![v1::Blob {
+        digest: Some(good.to_proto()),
+        data: b"hello".to_vec(),
+    }])
+    .unwrap();
+    let named = |n: &str| v1::FileNode {
+        name: n.into(),
+        ..file.clone()
+    };
+    let cases: Vec<(&str, v1::Directory, &str)> = vec![
+        (
+            "path traversal",
+            v1::Directory {
+                files: vec![named("..")],
+                ..Default::default()
+            },
+            "is . or ..",
+        ),
+        (
+            "slash in a name",
+            v1::Directory {
+                files: vec![named("a/b")],
+                ..Default::default()
+            },
+            "contains /",
+        ),
+        (
+            "empty name",
+            v1::Directory {
+                files: vec![named("")],
+                ..Default::default()
+            },
+            "empty",
+        ),
+        (
+            "symlink escape",
+            v1::Directory {
+                symlinks: vec![v1::SymlinkNode {
+                    name: "l".into(),
+                    target: "../../etc/passwd".into(),
+                }],
+                ..Default::default()
+            },
+            "leaves the input root",
+        ),
+        (
+            "unsorted",
+            v1::Directory {
+                files: vec![named("b"), named("a")],
+                ..Default::default()
+            },
+            "not sorted",
+        ),
+        (
+            "duplicate",
+            v1::Directory {
+                files: vec![named("a"), named("a")],
+                ..Default::default()
+            },
+            "not sorted",
+        ),
+    ];
+    for (what, dir, expect) in cases {
+        let bytes = dir.encode_to_vec();
+        let d = Digest::of(&bytes);
+        upload(vec![v1::Blob {
+            digest: Some(d.to_proto()),
+            data: bytes,
+        }])
+        .unwrap();
+        let spec = v1::JobSpec {
+            platforms: vec!["linux/amd64".into()],
+            argv: vec!["true".into()],
+            timeout_ms: 60_000,
+            input_root: Some(d.to_proto()),
+            ..Default::default()
+        };
+        let c = ch.clone();
+        let e = farm
+            .block_on(async move {
+                v1::jobs_client::JobsClient::new(c)
+                    .submit(v1::SubmitRequest { spec: Some(spec) })
+                    .await
+            })
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{what}: {e:?}");
+        assert!(e.message().contains(expect), "{what}: {}", e.message());
+    }
+    assert!(farm.status().is_ok(), "the server is still up");
+}
