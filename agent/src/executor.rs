@@ -3,7 +3,7 @@
 //! stdout, stderr and declared outputs are stored in the CAS.
 use crate::blob_cache::BlobCache;
 use crate::cas::{self, BlobSource, BlobStore};
-use crate::{outputs, workspace};
+use crate::{outputs, steps, workspace};
 use anyhow::{bail, Context};
 use archfarm_proto::{v1, Digest, Platform};
 use nix::sys::signal::{killpg, Signal};
@@ -17,7 +17,7 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 /// PATH every action starts with.
@@ -140,6 +140,7 @@ pub fn bare_result(
         peak_memory_bytes: 0,
         output_files: vec![],
         output_directories: vec![],
+        step_results: vec![],
     }
 }
 
@@ -166,19 +167,42 @@ pub fn work_dir_name(action_id: &str, fence: u64) -> String {
     format!("{clean}-{fence}")
 }
 
-/// What a finished process left.
-struct Finished {
-    outcome: v1::ExecutionOutcome,
-    exit_code: i32,
-    message: String,
-    stdout: Vec<u8>,
-    stderr: Vec<u8>,
-    started: SystemTime,
-    duration: Duration,
-    peak_memory_bytes: u64,
+/// What a finished run left.
+pub(crate) struct Finished {
+    pub outcome: v1::ExecutionOutcome,
+    pub exit_code: i32,
+    pub message: String,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub started: SystemTime,
+    pub duration: Duration,
+    pub peak_memory_bytes: u64,
     /// Whether the declared outputs are looked for: the command ran (or its program could not
     /// be started) and the agent is not abandoning it.
-    collect_outputs: bool,
+    pub collect_outputs: bool,
+    /// One per step, in order, for an action made of steps; each names its output blob.
+    pub step_results: Vec<v1::StepResult>,
+    /// The steps' output blobs, uploaded with the result.
+    pub step_blobs: Vec<(Digest, BlobSource)>,
+}
+
+impl Finished {
+    /// A run that never started a process: no output, exit code -1.
+    pub fn not_started(outcome: v1::ExecutionOutcome) -> Self {
+        Finished {
+            outcome,
+            exit_code: -1,
+            message: String::new(),
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            started: SystemTime::now(),
+            duration: Duration::ZERO,
+            peak_memory_bytes: 0,
+            collect_outputs: false,
+            step_results: Vec::new(),
+            step_blobs: Vec::new(),
+        }
+    }
 }
 
 /// Runs `assign` to the end and reports what happened. Never fails: problems that are not
@@ -240,8 +264,9 @@ async fn report<S: BlobStore, L: LogSink>(
     result.started_unix_ms = unix_ms(finished.started);
     result.duration_ms = finished.duration.as_millis() as u64;
     result.peak_memory_bytes = finished.peak_memory_bytes;
+    result.step_results = std::mem::take(&mut finished.step_results);
 
-    let mut blobs = Vec::new();
+    let mut blobs = std::mem::take(&mut finished.step_blobs);
     let declared = assign
         .action
         .as_ref()
@@ -281,7 +306,7 @@ async fn report<S: BlobStore, L: LogSink>(
         }
         result.output_files = collected.files;
         result.output_directories = collected.directories;
-        blobs = collected.blobs;
+        blobs.extend(collected.blobs);
     }
 
     let stdout_digest = Digest::of(&finished.stdout);
@@ -305,12 +330,14 @@ async fn report<S: BlobStore, L: LogSink>(
             result.message = format!("failed to upload the output: {e:#}");
             result.output_files.clear();
             result.output_directories.clear();
+            result.step_results.clear();
         }
     }
     result
 }
 
-/// Prepares the work dir and runs the process in it. `Err` means INFRA_ERROR.
+/// Prepares the work dir and runs the action in it: its one command, or its steps one after
+/// the other. `Err` means INFRA_ERROR.
 async fn run_in<S: BlobStore, L: LogSink>(
     settings: &ExecutorSettings,
     store: &S,
@@ -341,14 +368,14 @@ async fn run_in<S: BlobStore, L: LogSink>(
         }
         None
     };
-    if action.argv.is_empty() {
+    if action.steps.is_empty() && action.argv.is_empty() {
         bail!("the action has an empty argv");
     }
+    if !action.steps.is_empty() && !action.argv.is_empty() {
+        bail!("the action has both an argv and steps");
+    }
     let rel_cwd = Path::new(&action.working_directory);
-    if rel_cwd
-        .components()
-        .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
-    {
+    if !is_relative_inside(rel_cwd) {
         bail!(
             "working directory {:?} must be relative and free of ..",
             action.working_directory
@@ -382,15 +409,8 @@ async fn run_in<S: BlobStore, L: LogSink>(
         r = prepare => r?,
         () = control.token.cancelled() => {
             return Ok(Finished {
-                outcome: control.stopped_outcome(),
-                exit_code: -1,
                 message: control.stopped_message(" before it started"),
-                stdout: Vec::new(),
-                stderr: Vec::new(),
-                started: SystemTime::now(),
-                duration: Duration::ZERO,
-                peak_memory_bytes: 0,
-                collect_outputs: false,
+                ..Finished::not_started(control.stopped_outcome())
             });
         }
     };
@@ -415,34 +435,238 @@ async fn run_in<S: BlobStore, L: LogSink>(
         .find(|(k, _)| k == "PATH")
         .map(|(_, v)| v.clone())
         .unwrap_or_default();
+    let prepared = Prepared {
+        work_dir: work_dir.to_path_buf(),
+        env,
+        search_path,
+        wrapper,
+    };
+    let action_timeout = match action.timeout_ms {
+        0 => DEFAULT_TIMEOUT,
+        ms => Duration::from_millis(ms),
+    };
+    if !action.steps.is_empty() {
+        return steps::run_steps(
+            settings,
+            logs,
+            assign,
+            &prepared,
+            action_timeout,
+            control,
+        )
+        .await;
+    }
 
-    let argv0 = &action.argv[0];
+    let program = prepared.program(&action.argv, &cwd);
+    let run = run_process(
+        settings,
+        &program,
+        Capture::Live(logs),
+        action_timeout,
+        control,
+    )
+    .await?;
+    let ran = match run {
+        ProcessRun::NotStarted { exit_code, line } => {
+            logs.send(v1::LogStream::Stderr, line.clone()).await;
+            return Ok(Finished {
+                outcome: v1::ExecutionOutcome::Exited,
+                exit_code,
+                stderr: line,
+                collect_outputs: true,
+                ..Finished::not_started(v1::ExecutionOutcome::Exited)
+            });
+        }
+        ProcessRun::Ran(ran) => ran,
+    };
+    settings.executed.fetch_add(1, Ordering::Relaxed);
+    let (stdout, stderr) = match ran.captured {
+        Captured::Streams { stdout, stderr } => (stdout, stderr),
+        Captured::Merged(_) => bail!("the output was captured in the wrong mode"),
+    };
+    let (outcome, exit_code, message) = match ran.ending {
+        Ending::Exited(status) => (
+            v1::ExecutionOutcome::Exited,
+            exit_code(status),
+            String::new(),
+        ),
+        Ending::TimedOut(status) => (
+            v1::ExecutionOutcome::TimedOut,
+            status.code().unwrap_or(-1),
+            format!(
+                "timed out after {} ms; the process group was sent SIGTERM, then SIGKILL",
+                action_timeout.as_millis()
+            ),
+        ),
+        Ending::Cancelled(status) => (
+            control.stopped_outcome(),
+            status.code().unwrap_or(-1),
+            control.stopped_message(""),
+        ),
+    };
+    Ok(Finished {
+        outcome,
+        exit_code,
+        message,
+        stdout,
+        stderr,
+        started: ran.started,
+        duration: ran.duration,
+        peak_memory_bytes: ran.peak_memory_bytes,
+        // An abandoned action runs again elsewhere: its outputs are not worth the wait.
+        collect_outputs: outcome != v1::ExecutionOutcome::InfraError,
+        step_results: Vec::new(),
+        step_blobs: Vec::new(),
+    })
+}
+
+/// Whether `path` is relative and stays inside the directory it is joined to (no `..`, no
+/// root).
+pub(crate) fn is_relative_inside(path: &Path) -> bool {
+    path.components()
+        .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+}
+
+/// What every process of one action shares: its materialised work dir and its environment.
+pub(crate) struct Prepared {
+    /// The action's work dir (its input root).
+    pub work_dir: PathBuf,
+    /// The whole environment: PATH, HOME, TMPDIR, then the action's variables.
+    pub env: Vec<(String, String)>,
+    /// The PATH programs without a '/' are looked up on.
+    pub search_path: String,
+    /// The emulator every program runs under, when the action is emulated.
+    pub wrapper: Option<PathBuf>,
+}
+
+impl Prepared {
+    /// `argv` run in `cwd` with this action's environment and emulator.
+    pub fn program<'a>(&'a self, argv: &'a [String], cwd: &'a Path) -> Program<'a> {
+        Program {
+            argv,
+            cwd,
+            env: &self.env,
+            search_path: &self.search_path,
+            wrapper: self.wrapper.as_deref(),
+        }
+    }
+}
+
+/// One process to start.
+pub(crate) struct Program<'a> {
+    /// Program and arguments; not empty.
+    pub argv: &'a [String],
+    /// Where it runs; argv[0] containing '/' is resolved against it.
+    pub cwd: &'a Path,
+    /// Its whole environment.
+    pub env: &'a [(String, String)],
+    /// PATH for argv[0] without a '/'.
+    pub search_path: &'a str,
+    /// Emulator that runs the resolved program, if any.
+    pub wrapper: Option<&'a Path>,
+}
+
+/// Where a process's output goes.
+pub(crate) enum Capture<'a, L> {
+    /// stdout and stderr on their own pipes, each streamed live to the sink and kept (the
+    /// first `CAPTURE_BYTES`) for the result.
+    Live(&'a L),
+    /// stdout and stderr on one pipe, in the order written, copied whole into this new file
+    /// and hashed; nothing is streamed.
+    Merged(&'a Path),
+}
+
+/// The output a process left, by capture mode.
+pub(crate) enum Captured {
+    /// What `Capture::Live` kept of each stream.
+    Streams { stdout: Vec<u8>, stderr: Vec<u8> },
+    /// The digest of the file `Capture::Merged` wrote.
+    Merged(Digest),
+}
+
+/// How an attempt to run one process went.
+pub(crate) enum ProcessRun {
+    /// The program could not be started: exit code 127 (not found) or 126 (not executable),
+    /// and the line a shell would print.
+    NotStarted { exit_code: i32, line: Vec<u8> },
+    /// It ran.
+    Ran(Ran),
+}
+
+/// A process that ran, and its whole process group that is gone.
+pub(crate) struct Ran {
+    /// How it ended.
+    pub ending: Ending,
+    /// When it was spawned.
+    pub started: SystemTime,
+    /// From spawn until the group leader was reaped.
+    pub duration: Duration,
+    /// Highest sampled resident memory of its process group.
+    pub peak_memory_bytes: u64,
+    /// Its output.
+    pub captured: Captured,
+}
+
+/// Runs one process in its own process group with stdin from /dev/null, until it exits, the
+/// `timeout` passes or `control` stops it; either way the whole group is killed at the end,
+/// and output pipes held by processes that escaped the group are given up after
+/// `PIPE_DRAIN`. `Err` is the agent's problem (spawn failed for another reason than a
+/// missing or non-executable program, the capture file could not be written).
+pub(crate) async fn run_process<L: LogSink>(
+    settings: &ExecutorSettings,
+    program: &Program<'_>,
+    capture: Capture<'_, L>,
+    timeout: Duration,
+    control: &ActionControl,
+) -> anyhow::Result<ProcessRun> {
+    let argv0 = &program.argv[0];
+    let mut merged = None;
     let started = SystemTime::now();
     let started_at = Instant::now();
-    let spawned = match resolve_program(argv0, &cwd, &search_path) {
+    let spawned = match resolve_program(argv0, program.cwd, program.search_path) {
         Err(e) => Err(e),
-        Ok(program) => {
-            let mut cmd = match &wrapper {
+        Ok(resolved) => {
+            let mut cmd = match program.wrapper {
                 Some(w) => {
                     let mut c = tokio::process::Command::new(w);
-                    c.arg(&program);
+                    c.arg(&resolved);
                     c
                 }
                 None => {
-                    let mut c = tokio::process::Command::new(&program);
+                    let mut c = tokio::process::Command::new(&resolved);
                     c.arg0(argv0);
                     c
                 }
             };
-            cmd.args(&action.argv[1..])
+            cmd.args(&program.argv[1..])
                 .env_clear()
-                .envs(env.iter().map(|(k, v)| (k, v)))
-                .current_dir(&cwd)
+                .envs(program.env.iter().map(|(k, v)| (k, v)))
+                .current_dir(program.cwd)
                 .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
                 .process_group(0)
                 .kill_on_drop(true);
+            match capture {
+                Capture::Live(_) => {
+                    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+                }
+                Capture::Merged(path) => {
+                    let file = tokio::fs::File::create(path)
+                        .await
+                        .with_context(|| format!("failed to create {}", path.display()))?;
+                    let (writer, reader) = tokio::net::unix::pipe::pipe()
+                        .context("failed to create an output pipe")?;
+                    let writer = writer
+                        .into_blocking_fd()
+                        .context("failed to create an output pipe")?;
+                    let writer2 = writer
+                        .try_clone()
+                        .context("failed to duplicate an output pipe")?;
+                    cmd.stdout(writer).stderr(writer2);
+                    merged = Some((reader, file));
+                }
+            }
+            // `cmd` (holding the parent's copies of the pipes' write ends) is dropped here,
+            // so the pipes end when the last process holding them does.
             cmd.spawn()
         }
     };
@@ -456,47 +680,33 @@ async fn run_in<S: BlobStore, L: LogSink>(
                 _ => return Err(e).with_context(|| format!("failed to start {argv0}")),
             };
             let line = format!("failed to start {argv0}: {e}\n").into_bytes();
-            logs.send(v1::LogStream::Stderr, line.clone()).await;
-            return Ok(Finished {
-                outcome: v1::ExecutionOutcome::Exited,
-                exit_code,
-                message: String::new(),
-                stdout: Vec::new(),
-                stderr: line,
-                started,
-                duration: Duration::ZERO,
-                peak_memory_bytes: 0,
-                collect_outputs: true,
-            });
+            return Ok(ProcessRun::NotStarted { exit_code, line });
         }
     };
-    settings.executed.fetch_add(1, Ordering::Relaxed);
     let pgid = child
         .id()
         .and_then(|id| i32::try_from(id).ok())
         .context("the spawned process has no pid")?;
-    let stdout = child.stdout.take().context("stdout was not piped")?;
-    let stderr = child.stderr.take().context("stderr was not piped")?;
-
-    let timeout = match action.timeout_ms {
-        0 => DEFAULT_TIMEOUT,
-        ms => Duration::from_millis(ms),
+    let pipes = match (capture, merged) {
+        (Capture::Live(logs), _) => Pipes::Live {
+            logs,
+            stdout: child.stdout.take().context("stdout was not piped")?,
+            stderr: child.stderr.take().context("stderr was not piped")?,
+        },
+        (Capture::Merged(path), Some((reader, file))) => Pipes::Merged { path, reader, file },
+        (Capture::Merged(_), None) => bail!("the output pipe was not created"),
     };
+
     let leader_done = CancellationToken::new();
     let stop_reading = CancellationToken::new();
     let readers = async {
-        let both = async {
-            tokio::join!(
-                read_stream(stdout, v1::LogStream::Stdout, logs, &stop_reading),
-                read_stream(stderr, v1::LogStream::Stderr, logs, &stop_reading),
-            )
-        };
-        tokio::pin!(both);
+        let all = pipes.read(&stop_reading);
+        tokio::pin!(all);
         tokio::select! {
-            r = &mut both => r,
+            r = &mut all => r,
             () = async { leader_done.cancelled().await; tokio::time::sleep(PIPE_DRAIN).await } => {
                 stop_reading.cancel();
-                both.await
+                all.await
             }
         }
     };
@@ -506,46 +716,101 @@ async fn run_in<S: BlobStore, L: LogSink>(
         r
     };
     let sampler = sample_peak_memory(pgid, &leader_done);
-    let ((out, err), supervised, peak) = tokio::join!(readers, supervised, sampler);
+    let (captured, supervised, peak) = tokio::join!(readers, supervised, sampler);
     let (ending, ended_at) = supervised?;
-    let duration = ended_at.saturating_duration_since(started_at);
-
-    let (outcome, exit_code, message) = match ending {
-        Ending::Exited(status) => (
-            v1::ExecutionOutcome::Exited,
-            exit_code(status),
-            String::new(),
-        ),
-        Ending::TimedOut(status) => (
-            v1::ExecutionOutcome::TimedOut,
-            status.code().unwrap_or(-1),
-            format!(
-                "timed out after {} ms; the process group was sent SIGTERM, then SIGKILL",
-                timeout.as_millis()
-            ),
-        ),
-        Ending::Cancelled(status) => (
-            control.stopped_outcome(),
-            status.code().unwrap_or(-1),
-            control.stopped_message(""),
-        ),
-    };
-    Ok(Finished {
-        outcome,
-        exit_code,
-        message,
-        stdout: out,
-        stderr: err,
+    Ok(ProcessRun::Ran(Ran {
+        ending,
         started,
-        duration,
+        duration: ended_at.saturating_duration_since(started_at),
         peak_memory_bytes: peak,
-        // An abandoned action runs again elsewhere: its outputs are not worth the wait.
-        collect_outputs: outcome != v1::ExecutionOutcome::InfraError,
-    })
+        captured: captured?,
+    }))
+}
+
+/// The read ends of a running process's output.
+enum Pipes<'a, L> {
+    Live {
+        logs: &'a L,
+        stdout: tokio::process::ChildStdout,
+        stderr: tokio::process::ChildStderr,
+    },
+    Merged {
+        path: &'a Path,
+        reader: tokio::net::unix::pipe::Receiver,
+        file: tokio::fs::File,
+    },
+}
+
+impl<L: LogSink> Pipes<'_, L> {
+    /// Reads every pipe to its end (or until `stop`).
+    async fn read(self, stop: &CancellationToken) -> anyhow::Result<Captured> {
+        match self {
+            Pipes::Live {
+                logs,
+                stdout,
+                stderr,
+            } => {
+                let (stdout, stderr) = tokio::join!(
+                    read_stream(stdout, v1::LogStream::Stdout, logs, stop),
+                    read_stream(stderr, v1::LogStream::Stderr, logs, stop),
+                );
+                Ok(Captured::Streams { stdout, stderr })
+            }
+            Pipes::Merged { path, reader, file } => {
+                copy_to_file(reader, file, path, stop).await.map(Captured::Merged)
+            }
+        }
+    }
+}
+
+/// Copies a pipe to its end (or until `stop`) into `file`, hashing as it goes. A failed write
+/// is reported after the pipe has been drained, so the writer never blocks on a full pipe.
+async fn copy_to_file<R: AsyncRead + Unpin>(
+    mut pipe: R,
+    mut file: tokio::fs::File,
+    path: &Path,
+    stop: &CancellationToken,
+) -> anyhow::Result<Digest> {
+    let mut hasher = blake3::Hasher::new();
+    let mut written = 0u64;
+    let mut failed: Option<std::io::Error> = None;
+    let mut buf = vec![0u8; CHUNK_BYTES];
+    loop {
+        let n = tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            r = pipe.read(&mut buf) => match r {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::debug!("failed to read the output pipe: {e}");
+                    break;
+                }
+            },
+        };
+        if failed.is_some() {
+            continue;
+        }
+        match file.write_all(&buf[..n]).await {
+            Ok(()) => {
+                hasher.update(&buf[..n]);
+                written += n as u64;
+            }
+            Err(e) => failed = Some(e),
+        }
+    }
+    if failed.is_none() {
+        failed = file.flush().await.err();
+    }
+    match failed {
+        None => Ok(Digest::from_hasher(&hasher, written)),
+        Some(e) => Err(e).with_context(|| format!("failed to write {}", path.display())),
+    }
 }
 
 /// The exit code a shell would report: the code, or 128 + the signal that ended it.
-fn exit_code(status: ExitStatus) -> i32 {
+pub(crate) fn exit_code(status: ExitStatus) -> i32 {
     status
         .code()
         .or_else(|| status.signal().map(|s| 128 + s))
@@ -637,7 +902,8 @@ async fn read_stream<R: AsyncRead + Unpin, L: LogSink>(
     kept
 }
 
-enum Ending {
+/// How a supervised process ended.
+pub(crate) enum Ending {
     Exited(ExitStatus),
     TimedOut(ExitStatus),
     Cancelled(ExitStatus),

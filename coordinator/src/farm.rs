@@ -103,6 +103,25 @@ pub struct Completion {
     pub output_trees: Vec<Digest>,
     /// False when the result names a malformed digest: recorded, never cached.
     pub cacheable: bool,
+    /// Per step, for actions made of steps.
+    pub steps: Vec<StepCompletion>,
+}
+
+/// What one step of an action did, as the farm needs it.
+#[derive(Clone, Debug)]
+pub struct StepCompletion {
+    /// The step's name.
+    pub name: String,
+    /// Exit code.
+    pub exit_code: i32,
+    /// Run time.
+    pub duration_ms: u64,
+    /// Killed by its watchdog.
+    pub timed_out: bool,
+    /// Its output blob.
+    pub output: Option<Digest>,
+    /// The wire StepResult, encoded, as reported.
+    pub encoded: Vec<u8>,
 }
 
 /// Action-cache figures.
@@ -390,19 +409,24 @@ impl Farm {
     }
 
     /// Accepts a validated job and its actions, then places what it can.
-    /// `input_digests` are every blob of the job's input tree; they stay pinned in the CAS
+    /// `pins` names every blob of an action's input tree; they stay pinned in the CAS
     /// while an action needs them. Actions whose result is in the action cache (and whose job
     /// did not ask for `no_cache`) complete at once, marked cached.
     pub fn submit(
         &mut self,
         mut job: JobRecord,
         actions: Vec<ActionRecord>,
-        input_digests: &[Digest],
+        pins: &dyn Fn(&ActionId) -> Vec<Digest>,
         now: u64,
     ) -> anyhow::Result<()> {
         let mut cached = Vec::new();
         let mut queued = Vec::new();
+        let mut done = Vec::new();
         for mut a in actions {
+            if a.state.is_final() {
+                done.push(a);
+                continue;
+            }
             let hit = if a.spec.no_cache || a.action_digest.is_empty() {
                 None
             } else {
@@ -425,6 +449,7 @@ impl Farm {
                 None => queued.push(a),
             }
         }
+        cached.extend(done);
         job.finished = queued.is_empty();
         self.store.put_job(&job)?;
         for a in cached.iter().chain(queued.iter()) {
@@ -437,7 +462,7 @@ impl Farm {
                 .publish(&job.id, JobUpdate::Action(Box::new(a.clone())));
         }
         for a in queued {
-            self.cas.pin(a.id.as_str(), input_digests.iter().copied());
+            self.cas.pin(a.id.as_str(), pins(&a.id));
             self.hubs
                 .publish(&job.id, JobUpdate::Action(Box::new(a.clone())));
             self.active_by_job
@@ -654,6 +679,9 @@ impl Farm {
         }
         let mut a = action;
         a.lease = None;
+        if !a.spec.steps.is_empty() && c.outcome != Outcome::InfraError {
+            self.record_steps(&a, &c, now)?;
+        }
         let result = ResultRecord {
             encoded: c.encoded.clone(),
             fence,
@@ -700,6 +728,64 @@ impl Farm {
         a.result = Some(result);
         self.finish(a)?;
         Ok((true, String::new()))
+    }
+
+    /// Records the steps' durations, and passing results under their step cache keys.
+    fn record_steps(&mut self, a: &ActionRecord, c: &Completion, now: u64) -> anyhow::Result<()> {
+        let platform = a.spec.platform.to_string();
+        for s in &c.steps {
+            let Some(spec) = a.spec.steps.iter().find(|x| x.name == s.name) else {
+                continue;
+            };
+            let item = if spec.history_key.is_empty() {
+                &spec.name
+            } else {
+                &spec.history_key
+            };
+            if s.exit_code >= 0 || s.timed_out {
+                self.store.record_duration(&platform, item, s.duration_ms)?;
+            }
+            let passing = s.exit_code == 0 && !s.timed_out;
+            if passing && !spec.cache_key.is_empty() && c.cacheable {
+                if let Some(out) = s.output.filter(|d| self.cas.contains(d)) {
+                    self.store.put_step_entry(
+                        &spec.cache_key,
+                        &StepCacheEntry {
+                            encoded: s.encoded.clone(),
+                            platform: a.spec.platform.clone(),
+                            recorded_unix_ms: now,
+                            output: Some((out.hex(), out.size_bytes())),
+                        },
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The stored passing result for a step cache key, if its output is stored intact.
+    pub fn step_lookup(
+        &mut self,
+        cache_key: &str,
+        now: u64,
+    ) -> anyhow::Result<Option<StepCacheEntry>> {
+        let entry = self
+            .store
+            .step_entry(cache_key)?
+            .filter(|e| match &e.output {
+                Some((hex, size)) => Digest::from_proto(&archfarm_proto::v1::Digest {
+                    hash: hex.clone(),
+                    size_bytes: *size,
+                })
+                .is_ok_and(|d| self.cas.verify(&d)),
+                None => false,
+            });
+        self.store.add_counter("cache_lookups", 1)?;
+        if entry.is_some() {
+            self.store.add_counter("cache_hits", 1)?;
+        }
+        self.cache_window.push_back((now, entry.is_some()));
+        Ok(entry)
     }
 
     /// Records a final action and closes its job when it was the last one.
@@ -1069,6 +1155,7 @@ mod tests {
                             allow_emulation,
                             output_paths: vec![],
                             no_cache: false,
+                            steps: vec![],
                         },
                         state: ActionState::Queued,
                         attempts: 0,
@@ -1081,6 +1168,7 @@ mod tests {
                         action_digest: String::new(),
                         cached: false,
                         started_unix_ms: 0,
+                        predicted_ms: 0,
                     }
                     .with_digest(key)
                 })
@@ -1095,7 +1183,7 @@ mod tests {
                 description: String::new(),
                 finished: false,
             };
-            self.farm.submit(record, actions, &[], now).unwrap();
+            self.farm.submit(record, actions, &|_| vec![], now).unwrap();
             job
         }
 
@@ -1165,6 +1253,7 @@ mod tests {
                 named_blobs: blobs.to_vec(),
                 output_trees: vec![],
                 cacheable: true,
+                steps: vec![],
             };
             self.farm
                 .completed(
@@ -1186,6 +1275,7 @@ mod tests {
                 named_blobs: vec![],
                 output_trees: vec![],
                 cacheable: true,
+                steps: vec![],
             };
             self.farm
                 .completed(
@@ -1254,6 +1344,64 @@ mod tests {
             (a.state, a.cached),
             (ActionState::Running, false),
             "a miss, run again"
+        );
+    }
+
+    #[test]
+    fn passing_steps_are_cached_and_every_step_duration_is_recorded() {
+        let mut h = Harness::new();
+        h.join("a", &[("linux/s390x", false)], 0);
+        let job = h.submit(&["linux/s390x"], false, 0);
+        let id = format!("{job}/linux/s390x");
+        let step = |name: &str, key: &str| StepSpec {
+            name: name.into(),
+            argv: vec!["./pkg.test".into()],
+            working_directory: String::new(),
+            input_root: None,
+            timeout_ms: 0,
+            history_key: format!("example.com/{name}"),
+            cache_key: key.into(),
+        };
+        let mut a = h.farm.active[&ActionId(id.clone())].clone();
+        a.spec.steps = vec![step("ok", &"a".repeat(64)), step("bad", &"b".repeat(64))];
+        h.farm.active.insert(a.id.clone(), a);
+        let fence = h.assigns("a")[0].1;
+        let out = Digest::of(b"PASS\n");
+        h.farm.cas.put(&out, b"PASS\n").unwrap();
+        let done = |name: &str, exit_code: i32, ms: u64| StepCompletion {
+            name: name.into(),
+            exit_code,
+            duration_ms: ms,
+            timed_out: false,
+            output: Some(out),
+            encoded: vec![9],
+        };
+        let c = Completion {
+            outcome: Outcome::Exited,
+            exit_code: 1,
+            message: String::new(),
+            encoded: vec![],
+            named_blobs: vec![],
+            output_trees: vec![],
+            cacheable: true,
+            steps: vec![done("ok", 0, 1_500), done("bad", 1, 700)],
+        };
+        h.farm
+            .completed(&AgentId("a".into()), &ActionId(id), fence, c, 5)
+            .unwrap();
+        let hit = h.farm.step_lookup(&"a".repeat(64), 6).unwrap().unwrap();
+        assert_eq!(
+            (hit.encoded, hit.platform.to_string()),
+            (vec![9], "linux/s390x".to_string())
+        );
+        assert!(
+            h.farm.step_lookup(&"b".repeat(64), 6).unwrap().is_none(),
+            "failures are not cached"
+        );
+        let d = |item: &str| h.farm.store.duration("linux/s390x", item).unwrap();
+        assert_eq!(
+            (d("example.com/ok"), d("example.com/bad")),
+            (Some(1_500), Some(700))
         );
     }
 

@@ -147,6 +147,39 @@ pub struct AgentRecord {
     pub revoked: bool,
 }
 
+/// One step of an action made of steps (see the wire Step).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepSpec {
+    /// Unique name; the step's input is mounted at this directory.
+    pub name: String,
+    /// Program and arguments.
+    pub argv: Vec<String>,
+    /// Working directory relative to the step's directory.
+    pub working_directory: String,
+    /// The step's input tree (hex, size), if any.
+    pub input_root: Option<(String, u64)>,
+    /// Watchdog in milliseconds (0: none).
+    pub timeout_ms: u64,
+    /// Key of the duration history.
+    pub history_key: String,
+    /// Client-computed cache key (hex) or empty.
+    pub cache_key: String,
+}
+
+/// A stored passing step result, reusable by any job with the same step cache key.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StepCacheEntry {
+    /// Protobuf encoding of the StepResult as the agent reported it.
+    #[serde(with = "hex_bytes")]
+    pub encoded: Vec<u8>,
+    /// Platform it ran on.
+    pub platform: Platform,
+    /// Unix ms it was recorded.
+    pub recorded_unix_ms: u64,
+    /// The output blob (hex, size); a hit needs it stored intact.
+    pub output: Option<(String, u64)>,
+}
+
 /// What to run, after the job's spec was expanded for one platform.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ActionSpec {
@@ -172,6 +205,9 @@ pub struct ActionSpec {
     /// Skip the action cache lookup.
     #[serde(default)]
     pub no_cache: bool,
+    /// Steps, for actions made of steps (then argv is empty).
+    #[serde(default)]
+    pub steps: Vec<StepSpec>,
 }
 
 /// Lifecycle of an action.
@@ -290,6 +326,9 @@ pub struct ActionRecord {
     /// Unix ms the current or last lease started.
     #[serde(default)]
     pub started_unix_ms: u64,
+    /// Expected run time from recorded durations (actions made of steps).
+    #[serde(default)]
+    pub predicted_ms: u64,
 }
 
 /// A submitted job.

@@ -417,6 +417,17 @@ pub fn build_input_tree(root: &Path) -> anyhow::Result<LocalTree> {
 /// is): lists the entries, hashes the files in parallel on the current rayon pool, then encodes
 /// the Directory messages bottom-up.
 pub fn build_tree(root: &Path, options: &BuildOptions) -> anyhow::Result<LocalTree> {
+    build_tree_reporting(root, options, &|_| {})
+}
+
+/// [`build_tree`], calling `on_file` with each file's digest as soon as it is hashed (from the
+/// hashing threads, in no particular order, once per path): a client can ask the CAS about
+/// those while the rest is still being hashed.
+pub fn build_tree_reporting(
+    root: &Path,
+    options: &BuildOptions,
+    on_file: &(dyn Fn(Digest) + Sync),
+) -> anyhow::Result<LocalTree> {
     use anyhow::Context;
     #[derive(Default)]
     struct Node {
@@ -460,7 +471,12 @@ pub fn build_tree(root: &Path, options: &BuildOptions) -> anyhow::Result<LocalTr
     // Second pass: hash every file in parallel.
     let hashed: Vec<(Digest, bool)> = file_paths
         .par_iter()
-        .map(|p| hash_file_with_mode(p).with_context(|| format!("failed to hash {}", p.display())))
+        .map(|p| {
+            let hashed = hash_file_with_mode(p)
+                .with_context(|| format!("failed to hash {}", p.display()))?;
+            on_file(hashed.0);
+            Ok(hashed)
+        })
         .collect::<anyhow::Result<_>>()?;
     stats.files = hashed.len() as u64;
     stats.file_bytes = hashed.iter().map(|(d, _)| d.size_bytes()).sum();

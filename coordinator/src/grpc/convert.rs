@@ -1,5 +1,5 @@
 //! Wire messages to farm records and back; the only place both kinds meet.
-use crate::farm::{AgentCommand, Completion, Outcome};
+use crate::farm::{AgentCommand, Completion, Outcome, StepCompletion};
 use crate::hubs::JobUpdate;
 use crate::model::*;
 use archfarm_proto::{v1, Digest};
@@ -37,6 +37,22 @@ pub fn action_to_proto(spec: &ActionSpec) -> v1::Action {
         timeout_ms: spec.timeout_ms,
         allow_emulation: spec.allow_emulation,
         output_paths: spec.output_paths.clone(),
+        steps: spec
+            .steps
+            .iter()
+            .map(|st| v1::Step {
+                name: st.name.clone(),
+                argv: st.argv.clone(),
+                working_directory: st.working_directory.clone(),
+                input_root: st.input_root.as_ref().map(|(h, s)| v1::Digest {
+                    hash: h.clone(),
+                    size_bytes: *s,
+                }),
+                timeout_ms: st.timeout_ms,
+                history_key: st.history_key.clone(),
+                cache_key: st.cache_key.clone(),
+            })
+            .collect(),
     }
 }
 
@@ -75,6 +91,8 @@ pub fn action_status(a: &ActionRecord) -> v1::ActionStatus {
         cached: a.cached,
         action_digest: a.action_digest.clone(),
         started_unix_ms: a.started_unix_ms,
+        predicted_ms: a.predicted_ms,
+        step_names: a.spec.steps.iter().map(|s| s.name.clone()).collect(),
     }
 }
 
@@ -167,6 +185,18 @@ pub fn completion_from_proto(r: &v1::ExecutionResult) -> Completion {
             output_trees.push(root);
         }
     }
+    let steps = r
+        .step_results
+        .iter()
+        .map(|st| StepCompletion {
+            name: st.name.clone(),
+            exit_code: st.exit_code,
+            duration_ms: st.duration_ms,
+            timed_out: st.timed_out,
+            output: st.output.as_ref().and_then(|d| Digest::from_proto(d).ok()),
+            encoded: st.encode_to_vec(),
+        })
+        .collect();
     Completion {
         outcome,
         exit_code: r.exit_code,
@@ -175,6 +205,7 @@ pub fn completion_from_proto(r: &v1::ExecutionResult) -> Completion {
         named_blobs,
         output_trees,
         cacheable,
+        steps,
     }
 }
 

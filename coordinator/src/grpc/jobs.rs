@@ -64,7 +64,8 @@ pub fn check_output_path(p: &str) -> Result<(), String> {
 
 /// Checks every field of a job spec that needs no store; the message names the field.
 pub fn validate_spec(spec: &v1::JobSpec) -> Result<ValidSpec, Status> {
-    if spec.platforms.is_empty() {
+    let steps = !spec.step_sets.is_empty();
+    if spec.platforms.is_empty() && !steps {
         return Err(invalid("platforms: at least one platform is required"));
     }
     if spec.platforms.len() > MAX_PLATFORMS {
@@ -78,7 +79,7 @@ pub fn validate_spec(spec: &v1::JobSpec) -> Result<ValidSpec, Status> {
         }
         platforms.push(platform);
     }
-    if spec.argv.is_empty() || spec.argv[0].is_empty() {
+    if !steps && (spec.argv.is_empty() || spec.argv[0].is_empty()) {
         return Err(invalid("argv: a command is required (argv is empty)"));
     }
     let argv_bytes: usize = spec.argv.iter().map(|a| a.len() + 1).sum();
@@ -194,8 +195,71 @@ fn job_status_of(shared: &SharedRef, id: &JobId) -> Option<v1::JobStatus> {
     load_job(shared, id).ok().map(|(j, a)| job_status(&j, &a))
 }
 
+impl JobsService {
+    async fn submit_step_sets(
+        &self,
+        who: &Principal,
+        spec: v1::JobSpec,
+        valid: ValidSpec,
+    ) -> Result<Response<v1::SubmitResponse>, Status> {
+        let shared = self.0.clone();
+        let sets = super::step_sets::validate(&spec)?;
+        let now = shared.now();
+        let seq = shared.store.next_counter("job").map_err(internal)?;
+        let job_id = JobId(format!("j-{seq:06}"));
+        let (s, j, sp) = (shared.clone(), job_id.clone(), spec.clone());
+        let exp = tokio::task::spawn_blocking(move || {
+            super::step_sets::expand(&s, &j, seq, &sp, sets, &valid.env, &valid.labels, now)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("step expansion failed: {e}")))??;
+        let steps: usize = spec.step_sets.iter().map(|s| s.steps.len()).sum();
+        let description = if spec.description.is_empty() {
+            format!("{steps} steps on {} platforms", spec.step_sets.len())
+        } else {
+            spec.description.clone()
+        };
+        let job = JobRecord {
+            id: job_id.clone(),
+            seq,
+            spec: spec.encode_to_vec(),
+            submitter: who.name.clone(),
+            submitted_unix_ms: now,
+            actions: exp.actions.iter().map(|a| a.id.clone()).collect(),
+            description,
+            finished: false,
+        };
+        let pins = exp.pins;
+        shared
+            .farm()?
+            .submit(
+                job,
+                exp.actions,
+                &|id| pins.get(id).cloned().unwrap_or_default(),
+                now,
+            )
+            .map_err(internal)?;
+        tracing::info!(job = %job_id, by = %who.name, steps, "job of step sets submitted");
+        Ok(Response::new(v1::SubmitResponse { job_id: job_id.0 }))
+    }
+}
+
 #[tonic::async_trait]
 impl Jobs for JobsService {
+    async fn lookup_steps(
+        &self,
+        req: Request<v1::LookupStepsRequest>,
+    ) -> Result<Response<v1::LookupStepsResponse>, Status> {
+        authorize(&self.0, &req, &[Role::Client])?;
+        let keys = req.into_inner().cache_keys;
+        let (shared, now) = (self.0.clone(), self.0.now());
+        let hits =
+            tokio::task::spawn_blocking(move || super::step_sets::lookup(&shared, &keys, now))
+                .await
+                .map_err(|e| Status::internal(format!("lookup failed: {e}")))??;
+        Ok(Response::new(v1::LookupStepsResponse { hits }))
+    }
+
     async fn submit(
         &self,
         req: Request<v1::SubmitRequest>,
@@ -207,6 +271,9 @@ impl Jobs for JobsService {
             .spec
             .ok_or_else(|| invalid("spec: missing"))?;
         let valid = validate_spec(&spec)?;
+        if !spec.step_sets.is_empty() {
+            return self.submit_step_sets(&who, spec, valid).await;
+        }
         let input_digests = match valid.input_root {
             Some(root) => {
                 let s = shared.clone();
@@ -243,6 +310,7 @@ impl Jobs for JobsService {
                     allow_emulation: spec.allow_emulation,
                     output_paths: valid.output_paths.clone(),
                     no_cache: spec.no_cache,
+                    steps: vec![],
                 },
                 state: ActionState::Queued,
                 attempts: 0,
@@ -254,6 +322,7 @@ impl Jobs for JobsService {
                 unservable_since_unix_ms: None,
                 cached: false,
                 started_unix_ms: 0,
+                predicted_ms: 0,
             })
             .map(|mut a: ActionRecord| {
                 a.action_digest = super::convert::action_digest(&a.spec).hex();
@@ -272,7 +341,7 @@ impl Jobs for JobsService {
         };
         shared
             .farm()?
-            .submit(job, actions, &input_digests, now)
+            .submit(job, actions, &|_| input_digests.clone(), now)
             .map_err(internal)?;
         tracing::info!(job = %job_id, by = %who.name, platforms = ?spec.platforms, "job submitted");
         Ok(Response::new(v1::SubmitResponse { job_id: job_id.0 }))
@@ -502,7 +571,7 @@ impl Jobs for JobsService {
 
 /// Checks that the input tree is well formed and every blob it names is stored; returns
 /// every digest of the tree (directories and files).
-fn check_input_tree(shared: &SharedRef, root: Digest) -> Result<Vec<Digest>, Status> {
+pub fn check_input_tree(shared: &SharedRef, root: Digest) -> Result<Vec<Digest>, Status> {
     let (dirs, files) =
         tree::walk_tree(root, |d| shared.cas.get(d).ok().flatten()).map_err(|e| match e {
             tree::TreeError::MissingDirectory { .. } => {

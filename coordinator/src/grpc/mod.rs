@@ -7,6 +7,7 @@ pub mod convert;
 pub mod jobs;
 pub mod join;
 pub mod session;
+pub mod step_sets;
 
 use crate::cas::Cas;
 use crate::farm::{Farm, FarmError};

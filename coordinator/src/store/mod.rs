@@ -3,7 +3,7 @@
 //! so a `kill -9` after a reply loses nothing the reply promised.
 use crate::model::{
     ActionId, ActionRecord, AgentId, AgentRecord, CacheEntry, JobId, JobRecord, Principal,
-    TokenRecord,
+    StepCacheEntry, TokenRecord,
 };
 use anyhow::{bail, Context};
 use serde::{de::DeserializeOwned, Serialize};
@@ -23,6 +23,8 @@ pub struct Store {
     jobs: sled::Tree,
     actions: sled::Tree,
     action_cache: sled::Tree,
+    step_cache: sled::Tree,
+    durations: sled::Tree,
 }
 
 fn encode<T: Serialize>(v: &T) -> anyhow::Result<Vec<u8>> {
@@ -65,6 +67,8 @@ impl Store {
             jobs: db.open_tree("jobs")?,
             actions: db.open_tree("actions")?,
             action_cache: db.open_tree("action_cache")?,
+            step_cache: db.open_tree("step_cache")?,
+            durations: db.open_tree("durations")?,
             meta,
             db,
         };
@@ -112,6 +116,33 @@ impl Store {
         self.action_cache.remove(action_digest)?;
         Ok(())
     }
+    /// Stores a passing step result under its cache key.
+    pub fn put_step_entry(&self, cache_key: &str, e: &StepCacheEntry) -> anyhow::Result<()> {
+        self.put(&self.step_cache, cache_key, e)
+    }
+    /// The step cache entry for a key.
+    pub fn step_entry(&self, cache_key: &str) -> anyhow::Result<Option<StepCacheEntry>> {
+        self.get("step cache", &self.step_cache, cache_key)
+    }
+
+    /// Records a run of a work item on a platform: the history is a moving average
+    /// (new = (old + run) / 2) in milliseconds.
+    pub fn record_duration(&self, platform: &str, item: &str, ms: u64) -> anyhow::Result<()> {
+        let key = format!("{platform}|{item}");
+        let old = self.duration(platform, item)?;
+        let new = old.map_or(ms, |o| (o + ms) / 2);
+        self.durations.insert(key, &new.to_be_bytes())?;
+        Ok(())
+    }
+    /// The recorded duration of a work item on a platform.
+    pub fn duration(&self, platform: &str, item: &str) -> anyhow::Result<Option<u64>> {
+        Ok(self
+            .durations
+            .get(format!("{platform}|{item}"))?
+            .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
+            .map(u64::from_be_bytes))
+    }
+
     /// Entries in the action cache.
     pub fn cache_entries(&self) -> usize {
         self.action_cache.len()

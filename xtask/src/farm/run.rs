@@ -128,6 +128,9 @@ impl RunArgs {
             description: self.description.clone().unwrap_or_default(),
             output_paths: output_paths(&self.outputs)?,
             no_cache: self.no_cache,
+            step_sets: vec![],
+            shards: 0,
+            shard_target_ms: 0,
         })
     }
 }
