@@ -1,6 +1,7 @@
 //! Runs one assigned action: a fresh work dir with its inputs, a clean environment, its own
 //! process group (so timeout and cancel kill the whole tree), live output, and a result whose
-//! stdout, stderr and declared outputs are stored in the CAS.
+//! stdout, stderr and declared outputs are stored in the CAS. `run_process` (spawn, watch,
+//! kill the group, capture) is shared with the actions made of steps in steps.rs.
 use crate::blob_cache::BlobCache;
 use crate::cas::{self, BlobSource, BlobStore};
 use crate::{outputs, steps, workspace};
@@ -49,8 +50,8 @@ pub struct ExecutorSettings {
     pub emulators: HashMap<Platform, PathBuf>,
     /// Host name, for results.
     pub hostname: String,
-    /// Processes spawned since the agent started: the actions it actually executed (an
-    /// action-cache hit never gets here).
+    /// Actions that spawned a process since the agent started: the actions it actually
+    /// executed (an action-cache hit never gets here; an action made of steps counts once).
     pub executed: Arc<AtomicU64>,
 }
 
@@ -72,6 +73,11 @@ impl ActionControl {
         self.token.cancel();
     }
 
+    /// Whether the action was asked to stop.
+    pub(crate) fn is_stopped(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
     /// Stops the action because the agent goes away: not the command's fault, so the outcome
     /// is INFRA_ERROR and the coordinator runs it again elsewhere.
     pub fn abandon(&self, reason: &str) {
@@ -81,7 +87,7 @@ impl ActionControl {
     }
 
     /// The message a stopped action reports; `when` is e.g. " before it started".
-    fn stopped_message(&self, when: &str) -> String {
+    pub(crate) fn stopped_message(&self, when: &str) -> String {
         if self.abandoned.load(std::sync::atomic::Ordering::SeqCst) {
             format!("stopped{when}: {}", self.reason())
         } else {
@@ -90,7 +96,7 @@ impl ActionControl {
     }
 
     /// The outcome a stopped action reports.
-    fn stopped_outcome(&self) -> v1::ExecutionOutcome {
+    pub(crate) fn stopped_outcome(&self) -> v1::ExecutionOutcome {
         if self.abandoned.load(std::sync::atomic::Ordering::SeqCst) {
             v1::ExecutionOutcome::InfraError
         } else {
@@ -265,6 +271,9 @@ async fn report<S: BlobStore, L: LogSink>(
     result.duration_ms = finished.duration.as_millis() as u64;
     result.peak_memory_bytes = finished.peak_memory_bytes;
     result.step_results = std::mem::take(&mut finished.step_results);
+    for step in &mut result.step_results {
+        step.agent_id = agent_id.to_string();
+    }
 
     let mut blobs = std::mem::take(&mut finished.step_blobs);
     let declared = assign
@@ -446,15 +455,7 @@ async fn run_in<S: BlobStore, L: LogSink>(
         ms => Duration::from_millis(ms),
     };
     if !action.steps.is_empty() {
-        return steps::run_steps(
-            settings,
-            logs,
-            assign,
-            &prepared,
-            action_timeout,
-            control,
-        )
-        .await;
+        return steps::run_steps(settings, logs, assign, &prepared, action_timeout, control).await;
     }
 
     let program = prepared.program(&action.argv, &cwd);
@@ -756,9 +757,9 @@ impl<L: LogSink> Pipes<'_, L> {
                 );
                 Ok(Captured::Streams { stdout, stderr })
             }
-            Pipes::Merged { path, reader, file } => {
-                copy_to_file(reader, file, path, stop).await.map(Captured::Merged)
-            }
+            Pipes::Merged { path, reader, file } => copy_to_file(reader, file, path, stop)
+                .await
+                .map(Captured::Merged),
         }
     }
 }
@@ -1019,13 +1020,13 @@ async fn sample_peak_memory(pgid: i32, done: &CancellationToken) -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::cas::memory::MemoryStore;
     use archfarm_proto::tree;
 
     #[derive(Default)]
-    struct Collect(Mutex<Vec<(v1::LogStream, Vec<u8>)>>);
+    pub(crate) struct Collect(Mutex<Vec<(v1::LogStream, Vec<u8>)>>);
 
     impl LogSink for Collect {
         async fn send(&self, stream: v1::LogStream, data: Vec<u8>) {
@@ -1034,7 +1035,7 @@ mod tests {
     }
 
     impl Collect {
-        fn text(&self, stream: v1::LogStream) -> String {
+        pub(crate) fn text(&self, stream: v1::LogStream) -> String {
             let chunks = self.0.lock().expect("lock");
             let bytes: Vec<u8> = chunks
                 .iter()
@@ -1045,13 +1046,13 @@ mod tests {
         }
     }
 
-    struct Fixture {
+    pub(crate) struct Fixture {
         _dir: tempfile::TempDir,
-        settings: ExecutorSettings,
-        store: MemoryStore,
+        pub settings: ExecutorSettings,
+        pub store: MemoryStore,
     }
 
-    fn fixture() -> Fixture {
+    pub(crate) fn fixture() -> Fixture {
         let dir = tempfile::tempdir().expect("tempdir");
         let settings = ExecutorSettings {
             work_root: dir.path().join("work"),
@@ -1069,7 +1070,7 @@ mod tests {
         }
     }
 
-    fn assign(argv: &[&str], timeout_ms: u64) -> v1::Assign {
+    pub(crate) fn assign(argv: &[&str], timeout_ms: u64) -> v1::Assign {
         v1::Assign {
             action_id: "job-1/linux/amd64".into(),
             fence: 7,
@@ -1086,13 +1087,13 @@ mod tests {
         }
     }
 
-    fn blob(store: &MemoryStore, d: Option<&v1::Digest>) -> String {
+    pub(crate) fn blob(store: &MemoryStore, d: Option<&v1::Digest>) -> String {
         let d = Digest::from_proto_required(d).expect("digest");
         let blobs = store.blobs.lock().expect("lock");
         String::from_utf8_lossy(blobs.get(&d).expect("blob uploaded")).into_owned()
     }
 
-    fn outcome(r: &v1::ExecutionResult) -> v1::ExecutionOutcome {
+    pub(crate) fn outcome(r: &v1::ExecutionResult) -> v1::ExecutionOutcome {
         v1::ExecutionOutcome::try_from(r.outcome).expect("outcome")
     }
 

@@ -9,6 +9,7 @@ pub mod executor;
 pub mod host;
 pub mod join;
 pub mod outputs;
+pub mod steps;
 pub mod workspace;
 
 pub use config::{AgentArgs, AgentConfig, Emulator};
