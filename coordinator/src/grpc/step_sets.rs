@@ -30,8 +30,7 @@ pub struct ValidStepSet {
 fn valid_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 200
-        && n != "."
-        && n != ".."
+        && !n.starts_with('.')
         && n.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
@@ -69,7 +68,7 @@ pub fn validate(spec: &v1::JobSpec) -> Result<Vec<ValidStepSet>, Status> {
             let at = format!("step_sets: {platform}: step {:?}", st.name);
             if !valid_name(&st.name) {
                 return Err(invalid(format!(
-                    "{at}: a name must be 1..200 bytes of [A-Za-z0-9._-]"
+                    "{at}: a name must be 1..200 bytes of [A-Za-z0-9._-], not starting with ".""
                 )));
             }
             if !names.insert(st.name.clone()) {
@@ -328,6 +327,14 @@ pub fn expand(
                 base_spec(steps, Some((root_digest.hex(), root_digest.size_bytes()))),
             );
             a.predicted_ms = shard.expected_ms;
+            // Room for every step's watchdog (or the job's timeout per step) and a minute.
+            let budget: u64 = a
+                .spec
+                .steps
+                .iter()
+                .map(|s| if s.timeout_ms > 0 { s.timeout_ms } else { spec.timeout_ms })
+                .sum();
+            a.spec.timeout_ms = (budget + 60_000).min(super::jobs::MAX_TIMEOUT_MS);
             exp.pins.insert(id, pins);
             exp.actions.push(a);
         }
