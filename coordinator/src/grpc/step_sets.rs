@@ -68,7 +68,7 @@ pub fn validate(spec: &v1::JobSpec) -> Result<Vec<ValidStepSet>, Status> {
             let at = format!("step_sets: {platform}: step {:?}", st.name);
             if !valid_name(&st.name) {
                 return Err(invalid(format!(
-                    "{at}: a name must be 1..200 bytes of [A-Za-z0-9._-], not starting with ".""
+                    "{at}: a name must be 1..200 bytes of [A-Za-z0-9._-], not starting with a dot"
                 )));
             }
             if !names.insert(st.name.clone()) {
@@ -332,7 +332,13 @@ pub fn expand(
                 .spec
                 .steps
                 .iter()
-                .map(|s| if s.timeout_ms > 0 { s.timeout_ms } else { spec.timeout_ms })
+                .map(|s| {
+                    if s.timeout_ms > 0 {
+                        s.timeout_ms
+                    } else {
+                        spec.timeout_ms
+                    }
+                })
                 .sum();
             a.spec.timeout_ms = (budget + 60_000).min(super::jobs::MAX_TIMEOUT_MS);
             exp.pins.insert(id, pins);
