@@ -267,7 +267,7 @@ fn ensure_tools() -> anyhow::Result<bool> {
     Ok(true)
 }
 
-fn run_checked(command: &mut Command, what: &str) -> anyhow::Result<()> {
+pub(crate) fn run_checked(command: &mut Command, what: &str) -> anyhow::Result<()> {
     let status = command
         .status()
         .with_context(|| format!("failed to {what}: cannot start {command:?}"))?;
@@ -440,7 +440,7 @@ pub fn stop_farm(dir: &Path) -> anyhow::Result<usize> {
 }
 
 /// The last `n` lines of a log file, for error messages.
-fn log_tail(path: &Path, n: usize) -> String {
+pub(crate) fn log_tail(path: &Path, n: usize) -> String {
     match std::fs::read_to_string(path) {
         Ok(text) => {
             let lines: Vec<&str> = text.lines().collect();

@@ -182,6 +182,13 @@ impl Jobs for Fake {
         Ok(Response::new(v1::CancelJobResponse { cancelled: 0 }))
     }
 
+    async fn lookup_steps(
+        &self,
+        _: Request<v1::LookupStepsRequest>,
+    ) -> Result<Response<v1::LookupStepsResponse>, Status> {
+        Err(Status::unimplemented("not in the fake"))
+    }
+
     async fn farm_status(
         &self,
         _: Request<v1::FarmStatusRequest>,

@@ -1,5 +1,10 @@
-//! `cargo xtask bench ...`: measurements of a running farm. `latency` times a trivial job end
-//! to end through the same code as `farm run`, so it measures what CI would feel.
+//! `cargo xtask bench ...`: measurements of a farm. `latency` times a trivial job end to end
+//! through the same code as `farm run`, so it measures what CI would feel; `cas` measures the
+//! content-addressed store (ingest against b3sum, warm re-upload, FindMissing, big blobs).
+
+pub mod cas;
+pub mod private;
+
 use crate::farm::display::format_duration;
 use crate::farm::run::{run_job, RunArgs, RunOutput};
 use crate::farm::{FarmClient, FarmOptions};
@@ -19,6 +24,10 @@ pub struct BenchArgs {
 pub enum BenchCommand {
     /// Run `echo hi` N times; time to the first output line and to the end, from submit.
     Latency(LatencyArgs),
+    /// Ingest a source tree (cold and warm) next to b3sum, FindMissing of 100k digests, and a
+    /// 1 GiB blob up and down. Uses the farm given (default: the demo farm that `cargo xtask
+    /// demo` starts) or, when none answers, a private coordinator it starts and stops itself.
+    Cas(cas::CasArgs),
 }
 
 /// `cargo xtask bench latency [--runs N]`.
@@ -41,6 +50,7 @@ pub struct LatencyArgs {
 pub async fn run(args: BenchArgs) -> anyhow::Result<u8> {
     match args.command {
         BenchCommand::Latency(args) => latency(&args).await,
+        BenchCommand::Cas(args) => cas::run(&args).await,
     }
 }
 

@@ -14,6 +14,9 @@ use std::path::{Path, PathBuf};
 pub const MAX_BATCH_BLOB_BYTES: u64 = 4 << 20;
 /// A batch is closed once adding the next blob would take it past this many bytes.
 pub const BATCH_TARGET_BYTES: u64 = 16 << 20;
+/// ... or once it holds this many blobs (smaller batches of small files spread over more
+/// upload calls in flight).
+pub const BATCH_MAX_BLOBS: usize = 256;
 /// Digests per FindMissing call (about 80 bytes each on the wire: 8 MB a call).
 pub const FIND_MISSING_BATCH: usize = 100_000;
 /// Bytes per Cas.Write message and per read from the file behind it.
@@ -22,13 +25,16 @@ pub const STREAM_CHUNK_BYTES: usize = 1 << 20;
 const CHUNKS_IN_FLIGHT: usize = 4;
 
 /// Groups blobs into batches in the given order: a batch holds blobs while their total stays
-/// within [`BATCH_TARGET_BYTES`]; a bigger blob goes alone.
+/// within [`BATCH_TARGET_BYTES`] and their count within [`BATCH_MAX_BLOBS`]; a bigger blob
+/// goes alone.
 pub fn plan_batches(blobs: &[Digest]) -> Vec<Vec<Digest>> {
     let mut batches: Vec<Vec<Digest>> = Vec::new();
     let mut current: Vec<Digest> = Vec::new();
     let mut current_bytes = 0u64;
     for d in blobs {
-        if !current.is_empty() && current_bytes + d.size_bytes() > BATCH_TARGET_BYTES {
+        let full =
+            current_bytes + d.size_bytes() > BATCH_TARGET_BYTES || current.len() >= BATCH_MAX_BLOBS;
+        if !current.is_empty() && full {
             batches.push(std::mem::take(&mut current));
             current_bytes = 0;
         }
@@ -383,6 +389,9 @@ mod tests {
             ]
         );
         assert!(plan_batches(&[]).is_empty());
+        let many = vec![blob(1); BATCH_MAX_BLOBS + 1];
+        let counts: Vec<usize> = plan_batches(&many).iter().map(Vec::len).collect();
+        assert_eq!(counts, [BATCH_MAX_BLOBS, 1]);
     }
 
     #[test]

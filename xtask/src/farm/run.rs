@@ -40,7 +40,9 @@ pub struct RunArgs {
     /// Let agents that emulate a platform (qemu-user) run it; native agents are preferred.
     #[arg(long)]
     pub allow_emulation: bool,
-    /// Directory uploaded as the input root, the command's working tree.
+    /// Directory uploaded as the input root, the command's working tree. `.git` and whatever
+    /// `.farmignore` files (gitignore syntax) name are left out; only blobs the farm lacks are
+    /// sent.
     #[arg(long, value_name = "DIR")]
     pub input: Option<PathBuf>,
     /// Environment variable for the command; repeatable.
@@ -1383,6 +1385,56 @@ mod tests {
         let mut c = status("linux/s390x", ActionState::Cancelled, None);
         c.reason = "cancelled: by Ctrl-C".into();
         assert_eq!(progress_line(&c), "[linux/s390x] cancelled: by Ctrl-C");
+    }
+
+    #[test]
+    fn the_json_report_has_each_action_with_cached_and_exit_code() {
+        let mut hit = status("linux/arm64", ActionState::Succeeded, Some(0));
+        hit.cached = true;
+        let ran = status("linux/s390x", ActionState::Failed, Some(3));
+        let lost = status("linux/amd64", ActionState::Unschedulable, None);
+        let outcome = RunOutcome {
+            job_id: "j1".into(),
+            exit_code: 3,
+            job: Some(JobStatus {
+                spec: Some(v1::JobSpec {
+                    platforms: platforms(&["linux/s390x", "linux/arm64", "linux/amd64"]),
+                    ..Default::default()
+                }),
+                actions: vec![hit, ran, lost],
+                ..Default::default()
+            }),
+            upload: None,
+            downloads: Vec::new(),
+            timings: RunTimings {
+                first_line: None,
+                total: Duration::ZERO,
+            },
+        };
+        let v = outcome.report_json();
+        assert_eq!(v["job_id"], "j1");
+        assert_eq!(v["exit_code"], 3);
+        assert_eq!(
+            (v["ran"].as_u64(), v["cached"].as_u64()),
+            (Some(1), Some(1))
+        );
+        let a = &v["actions"];
+        assert_eq!(a[0]["platform"], "linux/s390x");
+        assert_eq!(
+            (a[0]["state"].as_str(), a[0]["exit_code"].as_i64()),
+            (Some("failed"), Some(3))
+        );
+        assert_eq!(
+            (a[1]["cached"].as_bool(), a[1]["outcome"].as_str()),
+            (Some(true), Some("exited"))
+        );
+        assert_eq!(a[2]["exit_code"], serde_json::Value::Null);
+        assert_eq!(a[2]["output_files"], serde_json::json!([]));
+        assert_eq!(v["upload"], serde_json::Value::Null);
+        assert_eq!(
+            ran_cached_line(&outcome.job.unwrap().actions),
+            "1 ran, 1 cached"
+        );
     }
 
     #[test]

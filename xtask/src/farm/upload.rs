@@ -1,22 +1,27 @@
 //! Puts a local input tree into the farm's CAS: hashes the directory into a Merkle tree
-//! (honouring `.farmignore`), asks the CAS which blobs it lacks, and uploads only those: small
-//! ones in BatchUpload batches, big ones streamed from their files with Cas.Write.
+//! (honouring `.farmignore`), asks the CAS which blobs it lacks — file digests while the rest
+//! is still being hashed, so that a warm re-upload costs little more than hashing — and
+//! uploads only those: small ones in BatchUpload batches, big ones streamed from their files
+//! with Cas.Write.
 use super::blobs::{batch_upload, find_missing, plan_batches, write_file, MAX_BATCH_BLOB_BYTES};
 use super::display::mib;
 use super::FarmClient;
 use anyhow::{bail, Context};
-use archfarm_proto::tree::{build_input_tree, LocalTree};
+use archfarm_proto::tree::{build_input_tree, build_tree_reporting, BuildOptions, LocalTree};
 use archfarm_proto::{v1, Digest};
 use futures::{StreamExt, TryStreamExt};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
+use std::collections::HashSet;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 /// Uploads bigger than this get a progress bar (when stderr is a terminal).
 pub const PROGRESS_BAR_BYTES: u64 = 16 << 20;
-/// Upload calls in flight at once.
-const UPLOADS_IN_FLIGHT: usize = 4;
+/// Upload calls in flight at once: the coordinator stores each batch on a thread of its own
+/// and waits for the disk (fsync) per blob, so several small batches at once keep it busier
+/// than a few big ones (at most 8 x 16 MiB in memory).
+const UPLOADS_IN_FLIGHT: usize = 8;
 
 /// What an upload did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,14 +85,53 @@ pub async fn hash_dir(dir: &Path) -> anyhow::Result<LocalTree> {
         .with_context(|| format!("failed to hash the input tree {}", dir.display()))
 }
 
-/// Hashes `dir` and uploads what the CAS lacks.
+/// File digests gathered before one FindMissing call while hashing goes on.
+const FIND_MISSING_WHILE_HASHING: usize = 2048;
+
+/// Hashes `dir` and uploads what the CAS lacks. File digests are looked up while hashing goes
+/// on; the Directory messages once the tree is built.
 pub async fn upload_dir(
     client: &mut FarmClient,
     dir: &Path,
     progress: Progress,
 ) -> anyhow::Result<UploadReport> {
-    let tree = hash_dir(dir).await?;
-    upload_tree(client, &tree, progress).await
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Digest>();
+    let owned = dir.to_path_buf();
+    let hashing = tokio::task::spawn_blocking(move || {
+        let options = BuildOptions {
+            honour_farmignore: true,
+        };
+        build_tree_reporting(&owned, &options, &|d| {
+            let _ = tx.send(d);
+        })
+    });
+    let mut asked: HashSet<Digest> = HashSet::new();
+    let mut missing = Vec::new();
+    let mut pending = Vec::new();
+    let mut received = Vec::new();
+    let mut lookups = Ok(());
+    while rx
+        .recv_many(&mut received, FIND_MISSING_WHILE_HASHING)
+        .await
+        > 0
+    {
+        pending.extend(received.drain(..).filter(|d| asked.insert(*d)));
+        if pending.len() >= FIND_MISSING_WHILE_HASHING && lookups.is_ok() {
+            match find_missing(client, &pending).await {
+                Ok(m) => missing.extend(m),
+                Err(e) => lookups = Err(e),
+            }
+            pending.clear();
+        }
+    }
+    let tree = hashing
+        .await
+        .context("failed to join the hashing task")?
+        .with_context(|| format!("failed to hash the input tree {}", dir.display()))?;
+    lookups?;
+    pending.extend(tree.directories.keys().filter(|d| asked.insert(**d)));
+    missing.extend(find_missing(client, &pending).await?);
+    send_missing(client, &tree, missing, progress).await
 }
 
 /// One upload call.
@@ -98,7 +142,7 @@ enum Upload {
     Stream(Digest, PathBuf),
 }
 
-/// Uploads the blobs of `tree` that the CAS lacks.
+/// Uploads the blobs of an already built `tree` that the CAS lacks.
 pub async fn upload_tree(
     client: &mut FarmClient,
     tree: &LocalTree,
@@ -108,6 +152,21 @@ pub async fn upload_tree(
     all.sort();
     all.dedup();
     let missing = find_missing(client, &all).await?;
+    send_missing(client, tree, missing, progress).await
+}
+
+/// Uploads `missing`, blobs of `tree`, and reports against all of the tree's blobs.
+async fn send_missing(
+    client: &mut FarmClient,
+    tree: &LocalTree,
+    mut missing: Vec<Digest>,
+    progress: Progress,
+) -> anyhow::Result<UploadReport> {
+    let mut all = tree.all_digests();
+    all.sort();
+    all.dedup();
+    missing.sort();
+    missing.dedup();
     let bytes_total: u64 = all.iter().map(Digest::size_bytes).sum();
     let bytes_sent: u64 = missing.iter().map(Digest::size_bytes).sum();
     let (small, big): (Vec<Digest>, Vec<Digest>) = missing

@@ -1,0 +1,173 @@
+//! A private coordinator for benchmarks: built from this checkout, started from target/debug
+//! on a free loopback port with its data in a temporary directory under target/, and stopped
+//! (SIGTERM, then SIGKILL) when the benchmark ends, so that a benchmark needs no farm running
+//! and always starts from an empty store.
+use crate::demo::{log_tail, run_checked};
+use crate::farm::status::farm_status;
+use crate::farm::{FarmClient, FarmOptions};
+use crate::paths;
+use anyhow::{bail, Context};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long the coordinator gets to answer.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long it gets between SIGTERM and SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// A coordinator process this run started; stopped on [`PrivateCoordinator::stop`] or drop.
+pub struct PrivateCoordinator {
+    child: Child,
+    dir: tempfile::TempDir,
+    /// How to reach it as its admin.
+    pub options: FarmOptions,
+}
+
+impl PrivateCoordinator {
+    /// Starts `program`, or target/debug/archfarm-coordinator after building it (a no-op when
+    /// it is fresh), and waits until it answers FarmStatus.
+    pub async fn start(program: Option<&Path>) -> anyhow::Result<(Self, FarmClient)> {
+        let program = match program {
+            Some(p) => p.to_path_buf(),
+            None => {
+                build_coordinator()?;
+                paths::debug_binary("archfarm-coordinator")
+            }
+        };
+        Self::start_program(&program).await
+    }
+
+    async fn start_program(program: &Path) -> anyhow::Result<(Self, FarmClient)> {
+        let target = paths::target_dir();
+        std::fs::create_dir_all(&target)
+            .with_context(|| format!("failed to create {}", target.display()))?;
+        let dir = tempfile::Builder::new()
+            .prefix("bench-coordinator-")
+            .tempdir_in(&target)
+            .context("failed to create a directory for the private coordinator")?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .context("failed to find a free port")?
+            .port();
+        let log_path = dir.path().join("coordinator.log");
+        let log = std::fs::File::create(&log_path)
+            .with_context(|| format!("failed to create {}", log_path.display()))?;
+        let log_err = log.try_clone().context("failed to open the log twice")?;
+        let data = dir.path().join("data");
+        let child = Command::new(program)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--data-dir")
+            .arg(&data)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("failed to start {}", program.display()))?;
+        let mut me = Self {
+            child,
+            options: FarmOptions {
+                coordinator: format!("https://127.0.0.1:{port}"),
+                credentials: data.join("admin"),
+            },
+            dir,
+        };
+        let client = me.wait_until_up().await?;
+        Ok((me, client))
+    }
+
+    async fn wait_until_up(&mut self) -> anyhow::Result<FarmClient> {
+        let log = self.dir.path().join("coordinator.log");
+        let ca = self.options.credentials.join("ca.pem");
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut last_error = format!("{} does not exist yet", ca.display());
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                bail!(
+                    "failed to start a private coordinator: it exited with {status}\n{}",
+                    log_tail(&log, 30)
+                );
+            }
+            if ca.exists() {
+                let attempt = async {
+                    let mut client = FarmClient::connect(&self.options).await?;
+                    farm_status(&mut client, 1).await?;
+                    anyhow::Ok(client)
+                };
+                match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+                    Ok(Ok(client)) => return Ok(client),
+                    Ok(Err(e)) => last_error = format!("{e:#}"),
+                    Err(_) => last_error = "no answer within 5 s".to_string(),
+                }
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "failed to start a private coordinator: no answer within {}s \
+                     ({last_error})\n{}",
+                    START_TIMEOUT.as_secs(),
+                    log_tail(&log, 30)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The coordinator's log so far.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("coordinator.log")
+    }
+
+    /// SIGTERM, then SIGKILL after a grace period; the data directory goes with the handle.
+    pub fn stop(mut self) {
+        self.terminate();
+    }
+
+    fn terminate(&mut self) {
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return;
+        }
+        let Ok(raw) = i32::try_from(self.child.id()) else {
+            return;
+        };
+        let _ = kill(Pid::from_raw(raw), Signal::SIGTERM);
+        let deadline = Instant::now() + STOP_GRACE;
+        while Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `cargo build -p archfarm-coordinator` in this workspace.
+fn build_coordinator() -> anyhow::Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    run_checked(
+        Command::new(cargo)
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "archfarm-coordinator",
+                "--bin",
+                "archfarm-coordinator",
+            ])
+            .current_dir(paths::workspace_root()),
+        "build the coordinator",
+    )
+}
+
+impl Drop for PrivateCoordinator {
+    fn drop(&mut self) {
+        self.terminate();
+    }
+}
