@@ -1,6 +1,7 @@
 //! The content-addressed store and the action cache end to end: incremental uploads, results
 //! reused across runs without any agent executing, corrupt blobs never served, and bad trees
 //! and blobs refused with precise statuses.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 use archfarm_proto::{tree, v1, Digest};
 use archfarm_tests::*;
 use prost::Message;

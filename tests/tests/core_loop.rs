@@ -1,5 +1,6 @@
 //! The core loop end to end: join, roles, run, emulation, lost agents, restarts, cancel and
 //! bad input, with real processes and real TLS on loopback.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 use archfarm_proto::v1;
 use archfarm_tests::*;
 use nix::sys::signal::Signal;

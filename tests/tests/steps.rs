@@ -1,5 +1,6 @@
 //! Jobs made of step sets end to end: sharding into actions, every step run in its own
 //! directory with its own watchdog, passing steps cached and skipped on the next run.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 use archfarm_proto::{tree, v1, Digest};
 use archfarm_tests::*;
 use prost::Message;
