@@ -286,13 +286,15 @@ impl Farm {
     fn cache_lookup(&mut self, a: &ActionRecord, now: u64) -> anyhow::Result<Option<CacheEntry>> {
         let entry = self.store.cache_entry(&a.action_digest)?;
         let usable = entry.filter(|e| {
-            e.blobs.iter().all(|(hex, size)| {
-                Digest::from_proto(&archfarm_proto::v1::Digest {
-                    hash: hex.clone(),
-                    size_bytes: *size,
+            // A result produced under emulation never answers a job that forbids emulation.
+            (!e.emulated || a.spec.allow_emulation)
+                && e.blobs.iter().all(|(hex, size)| {
+                    Digest::from_proto(&archfarm_proto::v1::Digest {
+                        hash: hex.clone(),
+                        size_bytes: *size,
+                    })
+                    .is_ok_and(|d| self.cas.verify(&d))
                 })
-                .is_ok_and(|d| self.cas.verify(&d))
-            })
         });
         self.store.add_counter("cache_lookups", 1)?;
         if usable.is_some() {
@@ -755,6 +757,7 @@ impl Farm {
                             platform: a.spec.platform.clone(),
                             recorded_unix_ms: now,
                             output: Some((out.hex(), out.size_bytes())),
+                            emulated: a.last_agent.as_ref().is_some_and(|(_, e)| *e),
                         },
                     )?;
                 }
@@ -767,11 +770,13 @@ impl Farm {
     pub fn step_lookup(
         &mut self,
         cache_key: &str,
+        allow_emulation: bool,
         now: u64,
     ) -> anyhow::Result<Option<StepCacheEntry>> {
         let entry = self
             .store
             .step_entry(cache_key)?
+            .filter(|e| !e.emulated || allow_emulation)
             .filter(|e| match &e.output {
                 Some((hex, size)) => Digest::from_proto(&archfarm_proto::v1::Digest {
                     hash: hex.clone(),
@@ -1389,13 +1394,20 @@ mod tests {
         h.farm
             .completed(&AgentId("a".into()), &ActionId(id), fence, c, 5)
             .unwrap();
-        let hit = h.farm.step_lookup(&"a".repeat(64), 6).unwrap().unwrap();
+        let hit = h
+            .farm
+            .step_lookup(&"a".repeat(64), false, 6)
+            .unwrap()
+            .unwrap();
         assert_eq!(
             (hit.encoded, hit.platform.to_string()),
             (vec![9], "linux/s390x".to_string())
         );
         assert!(
-            h.farm.step_lookup(&"b".repeat(64), 6).unwrap().is_none(),
+            h.farm
+                .step_lookup(&"b".repeat(64), false, 6)
+                .unwrap()
+                .is_none(),
             "failures are not cached"
         );
         let d = |item: &str| h.farm.store.duration("linux/s390x", item).unwrap();

@@ -129,7 +129,17 @@ pub async fn run(
                 .max_encoding_message_size(m),
         )
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            // tonic's own nodelay setting does not reach sockets from an incoming stream;
+            // without it large CAS transfers crawl (Nagle plus delayed ACKs).
+            tokio_stream::StreamExt::map(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                |s| {
+                    if let Ok(s) = &s {
+                        let _ = s.set_nodelay(true);
+                    }
+                    s
+                },
+            ),
             shutdown.cancelled(),
         )
         .await

@@ -178,6 +178,9 @@ pub struct StepCacheEntry {
     pub recorded_unix_ms: u64,
     /// The output blob (hex, size); a hit needs it stored intact.
     pub output: Option<(String, u64)>,
+    /// Produced under emulation: a hit only for jobs that allow emulation.
+    #[serde(default)]
+    pub emulated: bool,
 }
 
 /// What to run, after the job's spec was expanded for one platform.

@@ -151,7 +151,10 @@ fn step_sets_are_sharded_run_with_watchdogs_and_cached() {
     let k = keys.to_vec();
     let hits = farm.block_on(async move {
         v1::jobs_client::JobsClient::new(ch)
-            .lookup_steps(v1::LookupStepsRequest { cache_keys: k })
+            .lookup_steps(v1::LookupStepsRequest {
+                cache_keys: k,
+                allow_emulation: false,
+            })
             .await
             .unwrap()
             .into_inner()

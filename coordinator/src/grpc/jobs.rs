@@ -251,12 +251,14 @@ impl Jobs for JobsService {
         req: Request<v1::LookupStepsRequest>,
     ) -> Result<Response<v1::LookupStepsResponse>, Status> {
         authorize(&self.0, &req, &[Role::Client])?;
-        let keys = req.into_inner().cache_keys;
+        let r = req.into_inner();
+        let (keys, allow) = (r.cache_keys, r.allow_emulation);
         let (shared, now) = (self.0.clone(), self.0.now());
-        let hits =
-            tokio::task::spawn_blocking(move || super::step_sets::lookup(&shared, &keys, now))
-                .await
-                .map_err(|e| Status::internal(format!("lookup failed: {e}")))??;
+        let hits = tokio::task::spawn_blocking(move || {
+            super::step_sets::lookup(&shared, &keys, allow, now)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("lookup failed: {e}")))??;
         Ok(Response::new(v1::LookupStepsResponse { hits }))
     }
 

@@ -195,7 +195,7 @@ pub fn expand(
             } else {
                 shared
                     .farm()?
-                    .step_lookup(&st.cache_key, now)
+                    .step_lookup(&st.cache_key, spec.allow_emulation, now)
                     .map_err(internal)?
             };
             match hit {
@@ -352,6 +352,7 @@ pub fn expand(
 pub fn lookup(
     shared: &SharedRef,
     keys: &[String],
+    allow_emulation: bool,
     now: u64,
 ) -> Result<Vec<v1::StepCacheHit>, Status> {
     if keys.len() > 100_000 {
@@ -363,7 +364,11 @@ pub fn lookup(
             return Err(invalid(format!("cache_keys: {k:?} is not 64 hex digits")));
         }
         let key = k.to_ascii_lowercase();
-        if let Some(e) = shared.farm()?.step_lookup(&key, now).map_err(internal)? {
+        if let Some(e) = shared
+            .farm()?
+            .step_lookup(&key, allow_emulation, now)
+            .map_err(internal)?
+        {
             let mut r = v1::StepResult::decode(e.encoded.as_slice()).unwrap_or_default();
             r.cached = true;
             hits.push(v1::StepCacheHit {
