@@ -88,6 +88,8 @@ pub async fn latency(args: &LatencyArgs) -> anyhow::Result<u8> {
     let mut job = RunArgs::new([args.platform.clone()], ["echo", "hi"]);
     job.allow_emulation = args.allow_emulation;
     job.description = Some("cargo xtask bench latency".to_string());
+    // Every run must reach an agent: the action cache would answer repeats at once.
+    job.no_cache = true;
     let mut first_lines = Vec::new();
     let mut totals = Vec::new();
     for i in 1..=args.runs {
