@@ -80,6 +80,8 @@ pub enum FarmCommand {
     Cancel(cancel::CancelArgs),
     /// Show one job's actions.
     Job(job::JobArgs),
+    /// Go tests: cross-compiled here, run natively per platform, cached, sharded.
+    GoTest(crate::gotest::GoTestArgs),
 }
 
 /// Runs one farm command; returns the process exit code.
@@ -92,6 +94,7 @@ pub async fn run_command(cli: FarmCli) -> anyhow::Result<u8> {
         FarmCommand::Agents { command } => agents::command(&mut client, &command).await,
         FarmCommand::Cancel(args) => cancel::command(&mut client, &args).await,
         FarmCommand::Job(args) => job::command(&mut client, &args).await,
+        FarmCommand::GoTest(args) => crate::gotest::command(&mut client, &args).await,
     }
 }
 
