@@ -22,7 +22,7 @@ pub mod verdict;
 pub mod watch;
 
 use crate::farm::args::{ensure_unique, parse_env_var, EnvVarArg};
-use crate::farm::blobs::read_blob;
+use crate::farm::blobs::{batch_read, plan_batches, read_blob, MAX_BATCH_BLOB_BYTES};
 use crate::farm::upload::{upload_tree, Progress};
 use crate::farm::{rpc, FarmClient};
 use anyhow::{bail, Context};
@@ -46,8 +46,8 @@ pub const DEFAULT_PLATFORM: &str = "linux/amd64";
 pub const DEFAULT_SHARD_TARGET: Duration = Duration::from_secs(120);
 /// Platforms where Go's race detector exists.
 pub const RACE_ARCHES: &[&str] = &["amd64", "arm64", "ppc64le"];
-/// Step outputs read from the CAS and converted at once.
-const PARALLEL_CONVERSIONS: usize = 4;
+/// Step outputs converted by `go tool test2json` at once.
+const PARALLEL_CONVERSIONS: usize = 8;
 
 /// `cargo xtask farm go-test [options] PACKAGES...`.
 #[derive(clap::Args, Debug, Clone)]
@@ -516,40 +516,75 @@ fn step_results(job: &JobStatus) -> (ByStep<StepResult>, ByStep<String>) {
     (results, missing)
 }
 
+/// The output blob a step result names; None for no output.
+fn output_digest(step: &StepResult) -> anyhow::Result<Option<Digest>> {
+    match step.output.as_ref() {
+        Some(d) => {
+            let d = Digest::from_proto(d).context("the step result names a bad output digest")?;
+            Ok((d.size_bytes() > 0).then_some(d))
+        }
+        None => Ok(None),
+    }
+}
+
+/// Reads the small outputs of `steps` in BatchRead batches (one call for many packages
+/// rather than one each). A batch that fails is left out: its blobs are read one by one later,
+/// so that one missing blob spoils only its own package.
+async fn prefetch_outputs<'a>(
+    client: &mut FarmClient,
+    steps: impl IntoIterator<Item = &'a StepResult>,
+) -> HashMap<Digest, Vec<u8>> {
+    let mut small: Vec<Digest> = steps
+        .into_iter()
+        .filter_map(|s| output_digest(s).ok().flatten())
+        .filter(|d| d.size_bytes() <= MAX_BATCH_BLOB_BYTES)
+        .collect();
+    small.sort();
+    small.dedup();
+    let mut fetched = HashMap::new();
+    for batch in plan_batches(&small) {
+        if let Ok(blobs) = batch_read(client, &batch).await {
+            fetched.extend(batch.into_iter().zip(blobs));
+        }
+    }
+    fetched
+}
+
 /// A step's output converted into events.
 async fn step_events(
     client: &mut FarmClient,
     cwd: &Path,
     import_path: &str,
     step: &StepResult,
+    prefetched: &HashMap<Digest, Vec<u8>>,
 ) -> anyhow::Result<Vec<TestEvent>> {
-    let raw = match step.output.as_ref() {
-        Some(d) => {
-            let d = Digest::from_proto(d).context("the step result names a bad output digest")?;
-            if d.size_bytes() == 0 {
-                Vec::new()
-            } else {
-                read_blob(client, d)
-                    .await
-                    .with_context(|| format!("failed to read the output of {import_path}"))?
-            }
-        }
+    let raw = match output_digest(step)? {
+        Some(d) => match prefetched.get(&d) {
+            Some(bytes) => bytes.clone(),
+            None => read_blob(client, d)
+                .await
+                .with_context(|| format!("failed to read the output of {import_path}"))?,
+        },
         None => Vec::new(),
     };
     test2json(cwd, import_path, &raw).await
 }
 
-/// Converts the step results of `units` into package results, a few at a time.
+/// Converts step results into package results: outputs read in batches, then converted a few
+/// at a time.
 async fn convert(
-    client: &FarmClient,
+    client: &mut FarmClient,
     cwd: &Path,
     items: Vec<(String, String, StepResult)>,
 ) -> Vec<PackageResult> {
+    let prefetched = prefetch_outputs(client, items.iter().map(|(_, _, s)| s)).await;
+    let prefetched = &prefetched;
+    let shared = client.clone();
     futures::stream::iter(items)
         .map(|(import_path, platform, step)| {
-            let mut client = client.clone();
+            let mut client = shared.clone();
             async move {
-                match step_events(&mut client, cwd, &import_path, &step).await {
+                match step_events(&mut client, cwd, &import_path, &step, prefetched).await {
                     Ok(events) => PackageResult::from_step(&import_path, &platform, &step, events),
                     Err(e) => PackageResult::without_run(
                         &import_path,
@@ -858,6 +893,7 @@ pub async fn command(client: &mut FarmClient, args: &GoTestArgs) -> anyhow::Resu
         let spec = rerun_job.spec(args, minor, &job_env);
         let finished = run_steps(client, spec, verbosity, count).await?;
         let (ran, missing) = step_results(&finished);
+        let prefetched = prefetch_outputs(client, ran.values()).await;
         for (s, _) in &rerun_job.steps {
             let k = (s.unit.platform.clone(), s.unit.step_name.clone());
             let Some(step) = ran.get(&k) else {
@@ -869,16 +905,17 @@ pub async fn command(client: &mut FarmClient, args: &GoTestArgs) -> anyhow::Resu
                 );
                 continue;
             };
-            let events = match step_events(client, &cwd, &s.unit.import_path, step).await {
-                Ok(e) => e,
-                Err(e) => {
-                    eprintln!(
-                        "rerun of {} on {}: {e:#}",
-                        s.unit.import_path, s.unit.platform
-                    );
-                    continue;
-                }
-            };
+            let events =
+                match step_events(client, &cwd, &s.unit.import_path, step, &prefetched).await {
+                    Ok(e) => e,
+                    Err(e) => {
+                        eprintln!(
+                            "rerun of {} on {}: {e:#}",
+                            s.unit.import_path, s.unit.platform
+                        );
+                        continue;
+                    }
+                };
             if let Some(r) = results.get_mut(&(s.unit.import_path.clone(), s.unit.platform.clone()))
             {
                 r.apply_rerun(step, events);
