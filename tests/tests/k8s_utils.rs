@@ -1,0 +1,199 @@
+//! Real Kubernetes code through the farm: k8s.io/utils' unit tests (Debian's
+//! golang-k8s-utils-dev) cross-compiled once and run on linux/amd64 natively and on arm64,
+//! ppc64le, s390x and riscv64 emulated agents. Each package's verdict must equal running the
+//! same test binary directly, and a second run must be entirely cached.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+use archfarm_tests::*;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const FOREIGN: [&str; 4] = ["arm64", "ppc64le", "s390x", "riscv64"];
+
+/// Copies the GOPATH tree that holds k8s.io/utils (read-only under /usr/share).
+fn gopath(dir: &Path) -> PathBuf {
+    let dst = dir.join("gopath");
+    let st = Command::new("cp")
+        .args(["-r", "/usr/share/gocode"])
+        .arg(&dst)
+        .status()
+        .unwrap();
+    assert!(
+        st.success(),
+        "copy /usr/share/gocode (install golang-k8s-utils-dev)"
+    );
+    dst
+}
+
+fn go_env(cmd: &mut Command, gopath: &Path, cache: &Path) {
+    cmd.env("GO111MODULE", "off")
+        .env("GOPATH", gopath)
+        .env("GOCACHE", cache)
+        .env("CGO_ENABLED", "0");
+}
+
+/// Package verdicts from a `go test -json` stream: import path -> "pass" | "fail" | "skip".
+fn verdicts(stream: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for line in stream.lines() {
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        if v.get("Test").is_some_and(|t| !t.is_null()) {
+            continue;
+        }
+        if let (Some(pkg), Some(action)) = (v["Package"].as_str(), v["Action"].as_str()) {
+            if matches!(action, "pass" | "fail" | "skip") {
+                out.insert(pkg.to_string(), action.to_string());
+            }
+        }
+    }
+    out
+}
+
+/// Runs the package's test binary for `arch` directly (natively or under qemu-user) in the
+/// package directory, as `go test` would; returns "pass" or "fail".
+fn direct_verdict(gopath: &Path, cache: &Path, bins: &Path, pkg: &str, arch: &str) -> String {
+    let bin = bins
+        .join(arch)
+        .join(format!("{}.test", pkg.replace('/', "_")));
+    std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+    let mut build = Command::new("go");
+    build
+        .args(["test", "-c", "-o"])
+        .arg(&bin)
+        .arg(pkg)
+        .env("GOOS", "linux")
+        .env("GOARCH", arch);
+    go_env(&mut build, gopath, cache);
+    let out = build.output().unwrap();
+    assert!(
+        out.status.success(),
+        "go test -c {pkg} for {arch}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !bin.exists() {
+        return "skip".into(); // no test files
+    }
+    let mut run = if arch == "amd64" {
+        Command::new(&bin)
+    } else {
+        let mut c = Command::new(qemu_for(arch));
+        c.arg(&bin);
+        c
+    };
+    run.args(["-test.timeout=150s", "-test.count=1"])
+        .current_dir(gopath.join("src").join(pkg));
+    let st = run
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    if st.success() { "pass" } else { "fail" }.into()
+}
+
+#[test]
+fn k8s_utils_unit_tests_on_five_platforms_match_direct_runs_and_cache() {
+    let mut farm = Farm::start(&[]);
+    farm.add_agent("amd64", &["--slots", "2"]);
+    for arch in FOREIGN {
+        let emulate = format!("linux/{arch}={}", qemu_for(arch));
+        farm.add_agent(
+            arch,
+            &["--no-native", "--emulate", &emulate, "--slots", "2"],
+        );
+    }
+    farm.wait_ready_agents(5);
+    let gp = gopath(farm.dir.path());
+    let cache = farm.dir.path().join("gocache");
+    let src = gp.join("src/k8s.io/utils");
+    let (json, junit) = (farm.dir.path().join("json"), farm.dir.path().join("junit"));
+    let go_test = |extra: &[&str]| {
+        let mut args = vec![
+            "farm",
+            "go-test",
+            "--allow-emulation",
+            "--platform",
+            "linux/amd64",
+        ];
+        for arch in FOREIGN {
+            args.push("--platform");
+            args.push(Box::leak(format!("linux/{arch}").into_boxed_str()));
+        }
+        args.extend_from_slice(extra);
+        args.push("./...");
+        let mut cmd = farm.cli_command(&args, &farm.admin_dir());
+        cmd.current_dir(&src);
+        go_env(&mut cmd, &gp, &cache);
+        let out = cmd.output().unwrap();
+        farm.cli_log.borrow_mut().push(format!(
+            "$ xtask {}\n[exit {:?}]\n--- stdout\n{}--- stderr\n{}",
+            args.join(" "),
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+        out
+    };
+    let j = json.to_str().unwrap().to_string();
+    let u = junit.to_str().unwrap().to_string();
+    let first = go_test(&["--json", &j, "--junit", &u, "--shards", "2"]);
+    let stdout = String::from_utf8_lossy(&first.stdout).into_owned();
+    let bins = farm.dir.path().join("direct");
+    let mut mismatches = Vec::new();
+    let mut any_fail = false;
+    for arch in std::iter::once("amd64").chain(FOREIGN) {
+        let stream = std::fs::read_to_string(json.join(format!("linux_{arch}.json"))).unwrap();
+        let farm_verdicts = verdicts(&stream);
+        assert!(
+            farm_verdicts.len() >= 20,
+            "{arch}: only {} packages in the stream",
+            farm_verdicts.len()
+        );
+        assert!(junit.join(format!("junit_linux_{arch}.xml")).exists());
+        for (pkg, got) in &farm_verdicts {
+            let want = direct_verdict(&gp, &cache, &bins, pkg, arch);
+            any_fail |= got == "fail";
+            if got != &want {
+                mismatches.push(format!("{pkg} on {arch}: farm {got}, direct {want}"));
+            }
+        }
+    }
+    assert!(
+        mismatches.is_empty(),
+        "verdicts differ:\n{}\n{stdout}",
+        mismatches.join("\n")
+    );
+    assert_eq!(
+        first.status.success(),
+        !any_fail,
+        "exit code follows the verdicts:\n{stdout}"
+    );
+    assert!(
+        stdout.contains('*') || stdout.to_lowercase().contains("emulated"),
+        "emulated runs are marked:\n{stdout}"
+    );
+
+    // Nothing changed: every package on every platform comes from the cache.
+    let second = go_test(&[]);
+    let text = String::from_utf8_lossy(&second.stdout).into_owned()
+        + &String::from_utf8_lossy(&second.stderr);
+    assert!(text.contains("cached"), "{text}");
+    let executed_before: u64 = farm
+        .agents
+        .iter()
+        .map(|a| a.log_text().matches("action finished").count() as u64)
+        .sum();
+    let third = go_test(&[]);
+    let executed_after: u64 = farm
+        .agents
+        .iter()
+        .map(|a| a.log_text().matches("action finished").count() as u64)
+        .sum();
+    assert_eq!(
+        executed_before, executed_after,
+        "a warm run executes nothing on any agent"
+    );
+    assert_eq!(second.status.code(), third.status.code());
+}
