@@ -82,6 +82,8 @@ pub enum FarmCommand {
     Job(job::JobArgs),
     /// Go tests: cross-compiled here, run natively per platform, cached, sharded.
     GoTest(crate::gotest::GoTestArgs),
+    /// Go commands for many platforms: pure Go cross-compiled, cgo built natively, cached.
+    GoBuild(crate::gobuild::GoBuildArgs),
 }
 
 /// Runs one farm command; returns the process exit code.
@@ -95,6 +97,7 @@ pub async fn run_command(cli: FarmCli) -> anyhow::Result<u8> {
         FarmCommand::Cancel(args) => cancel::command(&mut client, &args).await,
         FarmCommand::Job(args) => job::command(&mut client, &args).await,
         FarmCommand::GoTest(args) => crate::gotest::command(&mut client, &args).await,
+        FarmCommand::GoBuild(args) => crate::gobuild::command(&mut client, &args).await,
     }
 }
 
