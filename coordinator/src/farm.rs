@@ -383,10 +383,19 @@ impl Farm {
     }
     /// Slots an agent uses now.
     pub fn slots_used(&self, agent: &AgentId) -> u32 {
-        self.active
+        let held: Vec<&ActionRecord> = self
+            .active
             .values()
             .filter(|a| a.lease.as_ref().is_some_and(|l| &l.agent == agent))
-            .count() as u32
+            .collect();
+        if held.iter().any(|a| a.spec.exclusive) {
+            // An exclusive action has the whole agent.
+            return self
+                .agents
+                .get(agent)
+                .map_or(1, |a| a.record.facts.slots.max(1));
+        }
+        held.len() as u32
     }
 
     /// Registers a freshly joined agent.
@@ -953,6 +962,7 @@ impl Farm {
                 platform: &a.spec.platform,
                 labels: &a.spec.required_labels,
                 allow_emulation: a.spec.allow_emulation,
+                exclusive: a.spec.exclusive,
             };
             if views
                 .iter()
@@ -1016,6 +1026,7 @@ impl Farm {
                 platform: &a.spec.platform,
                 labels: &a.spec.required_labels,
                 allow_emulation: a.spec.allow_emulation,
+                exclusive: a.spec.exclusive,
             };
             let Some((agent, emulated)) = scheduler::choose_agent(&views, &req) else {
                 continue;
@@ -1035,7 +1046,11 @@ impl Farm {
             a.started_unix_ms = now;
             self.save(&a)?;
             if let Some(v) = views.iter_mut().find(|v| v.id == agent) {
-                v.used += 1;
+                v.used = if a.spec.exclusive {
+                    v.slots
+                } else {
+                    v.used + 1
+                };
             }
             self.send(
                 &agent,
@@ -1075,6 +1090,7 @@ mod tests {
         rx: HashMap<String, mpsc::UnboundedReceiver<AgentCommand>>,
         conns: HashMap<String, u64>,
         seq: u64,
+        exclusive: bool,
     }
 
     fn offers(list: &[(&str, bool)]) -> AgentFacts {
@@ -1102,6 +1118,7 @@ mod tests {
                 rx: HashMap::new(),
                 conns: HashMap::new(),
                 seq: 0,
+                exclusive: false,
             }
         }
 
@@ -1161,6 +1178,7 @@ mod tests {
                             output_paths: vec![],
                             no_cache: false,
                             steps: vec![],
+                            exclusive: self.exclusive,
                         },
                         state: ActionState::Queued,
                         attempts: 0,
@@ -1415,6 +1433,35 @@ mod tests {
             (d("example.com/ok"), d("example.com/bad")),
             (Some(1_500), Some(700))
         );
+    }
+
+    #[test]
+    fn an_exclusive_action_has_the_agent_to_itself() {
+        let mut h = Harness::new();
+        h.join("a", &[("linux/amd64", false)], 0);
+        h.farm
+            .agents
+            .get_mut(&AgentId("a".into()))
+            .unwrap()
+            .record
+            .facts
+            .slots = 2;
+        let plain = h.submit(&["linux/amd64"], false, 0);
+        assert_eq!(h.assigns("a").len(), 1);
+        h.exclusive = true;
+        h.submit(&["linux/amd64"], false, 1);
+        h.exclusive = false;
+        assert!(h.assigns("a").is_empty(), "waits for the agent to be idle");
+        let fence = 1;
+        h.complete("a", &format!("{plain}/linux/amd64"), fence, 0, 3);
+        assert_eq!(h.assigns("a").len(), 1, "now it starts");
+        assert_eq!(
+            h.farm.slots_used(&AgentId("a".into())),
+            2,
+            "and takes every slot"
+        );
+        h.submit(&["linux/amd64"], false, 4);
+        assert!(h.assigns("a").is_empty(), "nothing runs beside it");
     }
 
     #[test]

@@ -211,6 +211,9 @@ pub struct ActionSpec {
     /// Steps, for actions made of steps (then argv is empty).
     #[serde(default)]
     pub steps: Vec<StepSpec>,
+    /// Takes the whole agent.
+    #[serde(default)]
+    pub exclusive: bool,
 }
 
 /// Lifecycle of an action.

@@ -37,6 +37,7 @@ pub fn action_to_proto(spec: &ActionSpec) -> v1::Action {
         timeout_ms: spec.timeout_ms,
         allow_emulation: spec.allow_emulation,
         output_paths: spec.output_paths.clone(),
+        exclusive: spec.exclusive,
         steps: spec
             .steps
             .iter()

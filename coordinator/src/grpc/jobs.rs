@@ -313,6 +313,7 @@ impl Jobs for JobsService {
                     output_paths: valid.output_paths.clone(),
                     no_cache: spec.no_cache,
                     steps: vec![],
+                    exclusive: spec.exclusive,
                 },
                 state: ActionState::Queued,
                 attempts: 0,

@@ -220,6 +220,7 @@ pub fn expand(
             output_paths: vec![],
             no_cache: spec.no_cache,
             steps,
+            exclusive: spec.exclusive,
         };
         let record = |id: ActionId, spec: ActionSpec| ActionRecord {
             id,

@@ -34,6 +34,8 @@ pub struct Requirement<'a> {
     pub labels: &'a Labels,
     /// Emulated agents allowed.
     pub allow_emulation: bool,
+    /// Needs an idle agent, and takes all of it.
+    pub exclusive: bool,
 }
 
 /// Placement preference; smaller is better.
@@ -71,7 +73,7 @@ pub fn choose_agent<'a>(
 ) -> Option<(AgentId, bool)> {
     agents
         .into_iter()
-        .filter(|a| a.used < a.slots)
+        .filter(|a| a.used < a.slots && (!req.exclusive || a.used == 0))
         .filter_map(|a| {
             can_serve(a, req).map(|emulated| Score {
                 emulated,
@@ -170,6 +172,7 @@ mod tests {
             platform,
             labels,
             allow_emulation: allow,
+            exclusive: false,
         }
     }
 
@@ -210,6 +213,25 @@ mod tests {
         a.draining = false;
         a.connected = false;
         assert_eq!(choose_agent([&a], &req(&amd, &want, false)), None);
+    }
+
+    #[test]
+    fn exclusive_work_waits_for_an_idle_agent() {
+        let amd = p("linux/amd64");
+        let none = Labels::new();
+        let mut r = req(&amd, &none, false);
+        r.exclusive = true;
+        let busy = agent("busy", &[("linux/amd64", false)], 1);
+        let idle = agent("idle", &[("linux/amd64", false)], 0);
+        assert_eq!(
+            choose_agent([&busy], &r),
+            None,
+            "one slot of two used is not idle"
+        );
+        assert_eq!(
+            choose_agent([&busy, &idle], &r),
+            Some((AgentId("idle".into()), false))
+        );
     }
 
     #[test]

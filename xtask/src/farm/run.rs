@@ -133,6 +133,7 @@ impl RunArgs {
             step_sets: vec![],
             shards: 0,
             shard_target_ms: 0,
+            exclusive: false,
         })
     }
 }

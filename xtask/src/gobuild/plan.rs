@@ -256,6 +256,7 @@ impl BuildSettings {
             step_sets: Vec::new(),
             shards: 0,
             shard_target_ms: 0,
+            exclusive: false,
         })
     }
 }

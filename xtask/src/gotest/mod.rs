@@ -446,6 +446,7 @@ impl StepJob<'_> {
             step_sets,
             shards,
             shard_target_ms,
+            exclusive: false,
         }
     }
 }
