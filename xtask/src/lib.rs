@@ -6,6 +6,7 @@ pub mod bench;
 pub mod ci;
 pub mod demo;
 pub mod farm;
+pub mod ginkgo;
 pub mod gobuild;
 pub mod gotest;
 pub mod paths;

@@ -84,6 +84,9 @@ pub enum FarmCommand {
     GoTest(crate::gotest::GoTestArgs),
     /// Go commands for many platforms: pure Go cross-compiled, cgo built natively, cached.
     GoBuild(crate::gobuild::GoBuildArgs),
+    /// A ginkgo suite (node-e2e): specs listed by a dry run, sharded by location, run only on
+    /// agents labelled node-e2e, each shard with the agent to itself.
+    Ginkgo(crate::ginkgo::GinkgoArgs),
 }
 
 /// Runs one farm command; returns the process exit code.
@@ -98,6 +101,7 @@ pub async fn run_command(cli: FarmCli) -> anyhow::Result<u8> {
         FarmCommand::Job(args) => job::command(&mut client, &args).await,
         FarmCommand::GoTest(args) => crate::gotest::command(&mut client, &args).await,
         FarmCommand::GoBuild(args) => crate::gobuild::command(&mut client, &args).await,
+        FarmCommand::Ginkgo(args) => crate::ginkgo::command(&mut client, &args).await,
     }
 }
 

@@ -479,10 +479,10 @@ async fn run_steps(
 }
 
 /// By (platform, step name).
-type ByStep<T> = HashMap<(String, String), T>;
+pub(crate) type ByStep<T> = HashMap<(String, String), T>;
 
 /// Step results of a finished job by (platform, step name), and for steps without one, why.
-fn step_results(job: &JobStatus) -> (ByStep<StepResult>, ByStep<String>) {
+pub(crate) fn step_results(job: &JobStatus) -> (ByStep<StepResult>, ByStep<String>) {
     let mut results = HashMap::new();
     let mut missing = HashMap::new();
     for a in &job.actions {
@@ -518,7 +518,7 @@ fn step_results(job: &JobStatus) -> (ByStep<StepResult>, ByStep<String>) {
 }
 
 /// The output blob a step result names; None for no output.
-fn output_digest(step: &StepResult) -> anyhow::Result<Option<Digest>> {
+pub(crate) fn output_digest(step: &StepResult) -> anyhow::Result<Option<Digest>> {
     match step.output.as_ref() {
         Some(d) => {
             let d = Digest::from_proto(d).context("the step result names a bad output digest")?;
@@ -531,7 +531,7 @@ fn output_digest(step: &StepResult) -> anyhow::Result<Option<Digest>> {
 /// Reads the small outputs of `steps` in BatchRead batches (one call for many packages
 /// rather than one each). A batch that fails is left out: its blobs are read one by one later,
 /// so that one missing blob spoils only its own package.
-async fn prefetch_outputs<'a>(
+pub(crate) async fn prefetch_outputs<'a>(
     client: &mut FarmClient,
     steps: impl IntoIterator<Item = &'a StepResult>,
 ) -> HashMap<Digest, Vec<u8>> {
