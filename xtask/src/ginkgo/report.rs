@@ -320,6 +320,16 @@ fn seconds(s: f64) -> Duration {
     Duration::try_from_secs_f64(s.max(0.0)).unwrap_or_default()
 }
 
+/// The failure's own message from a verdict block: the first line after the code location
+/// block (which ends at the first blank line), as ginkgo's JUnit reporter puts it first.
+pub fn failure_message(detail: &str) -> Option<&str> {
+    detail
+        .lines()
+        .skip_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+}
+
 fn non_success(kind: NonSuccessKind, message: &str, ty: &str, text: &str) -> TestCaseStatus {
     let mut st = TestCaseStatus::non_success(kind);
     st.set_message(message);
@@ -363,14 +373,14 @@ pub fn junit_report(
                     }
                     st
                 }
-                Some(Outcome::Failed) => {
-                    non_success(NonSuccessKind::Failure, "Failure", "Failure", &r.detail)
-                }
-                Some(Outcome::Panicked) => {
-                    non_success(NonSuccessKind::Failure, "Panic", "Panic", &r.detail)
-                }
-                Some(Outcome::TimedOut) => {
-                    non_success(NonSuccessKind::Failure, "Timeout", "Timeout", &r.detail)
+                Some(o @ (Outcome::Failed | Outcome::Panicked | Outcome::TimedOut)) => {
+                    let ty = match o {
+                        Outcome::Panicked => "Panic",
+                        Outcome::TimedOut => "Timeout",
+                        _ => "Failure",
+                    };
+                    let message = failure_message(&r.detail).unwrap_or(ty);
+                    non_success(NonSuccessKind::Failure, message, ty, &r.detail)
                 }
                 Some(Outcome::Unfinished) => non_success(
                     NonSuccessKind::Error,
@@ -488,6 +498,11 @@ mod tests {
             .children()
             .find(|f| f.has_tag_name("failure"))
             .unwrap();
+        assert_eq!(
+            f.attribute("message"),
+            Some("archfarm fixture failure: E2E_FAIL=1 asks this spec to fail")
+        );
+        assert_eq!(f.attribute("type"), Some("Failure"));
         assert!(f
             .text()
             .unwrap()
