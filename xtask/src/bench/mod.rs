@@ -1,8 +1,10 @@
 //! `cargo xtask bench ...`: measurements of a farm. `latency` times a trivial job end to end
 //! through the same code as `farm run`, so it measures what CI would feel; `cas` measures the
-//! content-addressed store (ingest against b3sum, warm re-upload, FindMissing, big blobs).
+//! content-addressed store (ingest against b3sum, warm re-upload, FindMissing, big blobs); `k8s`
+//! sets the farm against the QEMU path CI uses today on k8s.io/utils.
 
 pub mod cas;
+pub mod k8s;
 pub mod private;
 
 use crate::farm::display::format_duration;
@@ -28,6 +30,10 @@ pub enum BenchCommand {
     /// 1 GiB blob up and down. Uses the farm given (default: the demo farm that `cargo xtask
     /// demo` starts) or, when none answers, a private coordinator it starts and stops itself.
     Cas(cas::CasArgs),
+    /// k8s.io/utils' unit tests: (a) the Go toolchain under qemu-user per foreign platform,
+    /// (b) the farm cold and (c) warm on all platforms at once, (d) Go's cached `go test`;
+    /// prints the ratios (a)/(b) and (c)/(d). Starts and stops its own farm.
+    K8s(k8s::K8sArgs),
 }
 
 /// `cargo xtask bench latency [--runs N]`.
@@ -51,6 +57,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<u8> {
     match args.command {
         BenchCommand::Latency(args) => latency(&args).await,
         BenchCommand::Cas(args) => cas::run(&args).await,
+        BenchCommand::K8s(args) => k8s::run(&args).await,
     }
 }
 
