@@ -2,7 +2,8 @@
 //! against Debian's golang-github-onsi-ginkgo-dev and golang-gomega-dev in /usr/share/gocode):
 //! the specs run in shards only on the agent labelled node-e2e, every spec the dry run lists
 //! runs exactly once across the shards, a failing spec fails the run and shows in the JUnit
-//! file, and a farm without a node-e2e agent leaves the suite unschedulable, saying why.
+//! file, a farm without a node-e2e agent leaves the suite unschedulable, saying why, and a
+//! label filter (ginkgo v2 only) is refused for this v1 suite.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 use archfarm_proto::v1;
 use archfarm_tests::*;
@@ -313,4 +314,23 @@ fn without_a_node_e2e_agent_the_suite_is_unschedulable() {
     );
     let plain = farm.agents[0].log_text();
     assert!(!plain.contains("action finished"), "{plain}");
+
+    // Labels are a ginkgo v2 feature: refused for this v1 suite before anything is built.
+    let (out, text) = ginkgo(
+        &farm,
+        &fixtures,
+        &gopath,
+        &[
+            "--platform",
+            "linux/amd64",
+            "--label-filter",
+            "NodeConformance",
+            SUITE,
+        ],
+    );
+    assert_ne!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("ginkgo v2 feature") && text.contains("--focus"),
+        "{text}"
+    );
 }
