@@ -593,6 +593,7 @@ async fn measure_in(
         (cold, per_platform, warm)
     };
     let n = farm_platforms.len();
+    let b_makespans = b.as_ref().map(|r| r.makespans.clone()).unwrap_or_default();
     let b_time = record(
         &mut rows,
         &mut failed,
@@ -606,7 +607,10 @@ async fn measure_in(
                 elapsed: *t,
                 complete: true,
             }),
-            "from the start of (b) to the end of the platform's last shard (same run)",
+            format!(
+                "from the start of (b) to the end of its last shard; run on agents: {}",
+                b_makespans.get(platform).map_or("?", String::as_str)
+            ),
         ));
     }
     let c_time = record(
@@ -1179,6 +1183,56 @@ async fn go_cached(setup: &Setup) -> anyhow::Result<(Row, Row)> {
 struct FarmRun {
     elapsed: Duration,
     detail: String,
+    /// Per platform, its makespan line (shards and their longest run).
+    makespans: BTreeMap<String, String>,
+}
+
+/// What `farm go-test` says about a run, for the table.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct FarmNotes {
+    /// The verdict counts (its last line), e.g. `130 pass`.
+    pub counts: String,
+    /// `26 packages with tests on 5 platforms: 0 cached, 130 to build and run`.
+    pub plan: Option<String>,
+    /// `built 130 of 130 test binaries in 1m 2s` (cross-compiled on this machine).
+    pub built: Option<String>,
+    /// `uploaded 227 of 227 blobs (...)`.
+    pub uploaded: Option<String>,
+    /// Per platform: `3 shards, predicted makespan 1m 30s, actual 6.2s`.
+    pub makespans: BTreeMap<String, String>,
+}
+
+impl FarmNotes {
+    /// Picks the lines out of `farm go-test`'s output.
+    pub fn parse(output: &str) -> Self {
+        let mut notes = Self {
+            counts: output
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+            ..Self::default()
+        };
+        for line in output.lines().map(str::trim) {
+            if line.contains(" packages with tests on ") || line.contains(" package with tests on ")
+            {
+                notes.plan = Some(line.to_string());
+            } else if line.starts_with("built ") && line.contains(" test binar") {
+                notes.built = Some(line.to_string());
+            } else if line.starts_with("uploaded ") {
+                notes.uploaded = Some(line.to_string());
+            } else if let Some((platform, rest)) = line.split_once(": ") {
+                if rest.contains("predicted makespan") && !platform.contains(' ') {
+                    notes
+                        .makespans
+                        .insert(platform.to_string(), rest.to_string());
+                }
+            }
+        }
+        notes
+    }
 }
 
 /// An agent process this benchmark started.
@@ -1341,17 +1395,19 @@ impl BenchFarm {
                 tail(&output, 20)
             );
         }
-        // The last line is the verdict count, e.g. "130 passed, 2 failed".
-        let counts = output
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or_default()
-            .trim()
-            .to_string();
+        let notes = FarmNotes::parse(&output);
+        let mut detail = format!("exit {}; {}", code.unwrap_or(-1), notes.counts);
+        for line in [&notes.plan, &notes.built, &notes.uploaded]
+            .into_iter()
+            .flatten()
+        {
+            detail.push_str("; ");
+            detail.push_str(line);
+        }
         Ok(FarmRun {
             elapsed,
-            detail: format!("exit {}; {counts}", code.unwrap_or(-1)),
+            detail,
+            makespans: notes.makespans,
         })
     }
 
@@ -1572,6 +1628,35 @@ mod tests {
             s.words(),
             "2 ok (1 cached), 2 FAIL (k8s.io/utils/exec, k8s.io/utils/mount), 1 without tests"
         );
+    }
+
+    #[test]
+    fn farm_output_is_summarised() {
+        let out = "?   \tk8s.io/utils/clock\t[no test files]\n\
+                   26 packages with tests on 2 platforms: 0 cached, 52 to build and run\n\
+                   built 52 of 52 test binaries in 35s\n\
+                   uploaded 227 of 227 blobs (161.0 MiB sent, 0.0 MiB already in the farm)\n\
+                   job j-000001: running 52 packages on 2 platforms in 6 shards\n\
+                   [linux/amd64] succeeded in 1.4s on agent vm-c3ae19 (native) (9 packages)\n\
+                   linux/amd64: 3 shards, predicted makespan 1m 30s, actual 5.1s\n\
+                   linux/arm64: 3 shards, predicted makespan 1m 30s, actual 6.2s\n\
+                   52 pass\n";
+        let n = FarmNotes::parse(out);
+        assert_eq!(n.counts, "52 pass");
+        assert_eq!(
+            n.plan.as_deref(),
+            Some("26 packages with tests on 2 platforms: 0 cached, 52 to build and run")
+        );
+        assert_eq!(
+            n.built.as_deref(),
+            Some("built 52 of 52 test binaries in 35s")
+        );
+        assert!(n.uploaded.unwrap().starts_with("uploaded 227 of 227 blobs"));
+        assert_eq!(
+            n.makespans["linux/arm64"],
+            "3 shards, predicted makespan 1m 30s, actual 6.2s"
+        );
+        assert_eq!(n.makespans.len(), 2);
     }
 
     #[test]
