@@ -2,6 +2,7 @@
 //! platforms, Merkle input trees, and the TLS channel.
 
 pub mod digest;
+pub mod digest_cache;
 pub mod platform;
 pub mod tls;
 pub mod tree;

@@ -277,11 +277,21 @@ pub const SMALL_FILE_BYTES: u64 = 1 << 20;
 /// Hashes a file with blake3; returns its digest and whether it has an executable bit. The
 /// size is the count of bytes hashed, so a file that grows meanwhile still gets a true digest.
 pub fn hash_file_with_mode(path: &Path) -> std::io::Result<(Digest, bool)> {
-    use std::io::Read;
+    hash_file_with_metadata(path).map(|(d, meta)| (d, is_executable(&meta)))
+}
+
+/// Whether any executable bit is set.
+fn is_executable(meta: &std::fs::Metadata) -> bool {
     use std::os::unix::fs::PermissionsExt;
+    meta.permissions().mode() & 0o111 != 0
+}
+
+/// Hashes a file with blake3; returns its digest and the metadata of the opened file as it was
+/// before its bytes were read.
+fn hash_file_with_metadata(path: &Path) -> std::io::Result<(Digest, std::fs::Metadata)> {
+    use std::io::Read;
     let mut file = std::fs::File::open(path)?;
     let meta = file.metadata()?;
-    let executable = meta.permissions().mode() & 0o111 != 0;
     let digest = if meta.len() <= SMALL_FILE_BYTES {
         let mut buf = Vec::with_capacity(meta.len() as usize + 1);
         file.read_to_end(&mut buf)?;
@@ -292,7 +302,42 @@ pub fn hash_file_with_mode(path: &Path) -> std::io::Result<(Digest, bool)> {
         hasher.update_mmap_rayon(path)?;
         Digest::from_hasher(&hasher, hasher.count())
     };
-    Ok((digest, executable))
+    Ok((digest, meta))
+}
+
+/// File digests remembered between runs and keyed by file metadata — a client's digest cache,
+/// as Bazel and ccache keep one — so that building the tree of an unchanged directory again
+/// reads metadata instead of bytes. [`build_tree_remembering`] asks it before hashing a file
+/// and tells it every digest the tree uses. Paths are relative to the tree's root.
+pub trait DigestMemo: Sync {
+    /// The digest of the regular file at `rel`, if one was remembered for exactly the
+    /// metadata `meta` (from `lstat`).
+    fn recall(&self, rel: &Path, meta: &std::fs::Metadata) -> Option<Digest>;
+    /// The file at `rel` had `digest` while its metadata was `meta`: from `lstat` for a
+    /// recalled digest, from the open file before its bytes were read for a fresh one.
+    fn remember(&self, rel: &Path, meta: &std::fs::Metadata, digest: Digest);
+}
+
+/// The digest and executable bit of the file at `path`, `rel` below the root: recalled from
+/// `memo` when it knows the file's metadata, else hashed (and remembered).
+fn hash_remembering(
+    path: &Path,
+    rel: &Path,
+    memo: &dyn DigestMemo,
+) -> std::io::Result<(Digest, bool)> {
+    let meta = std::fs::symlink_metadata(path)?;
+    if meta.is_file() {
+        if let Some(d) = memo.recall(rel, &meta) {
+            memo.remember(rel, &meta, d);
+            return Ok((d, is_executable(&meta)));
+        }
+    }
+    let (d, meta) = hash_file_with_metadata(path)?;
+    // A file that changed size while it was read is not remembered.
+    if d.size_bytes() == meta.len() {
+        memo.remember(rel, &meta, d);
+    }
+    Ok((d, is_executable(&meta)))
 }
 
 /// Hashes a file with blake3.
@@ -428,6 +473,17 @@ pub fn build_tree_reporting(
     options: &BuildOptions,
     on_file: &(dyn Fn(Digest) + Sync),
 ) -> anyhow::Result<LocalTree> {
+    build_tree_remembering(root, options, None, on_file)
+}
+
+/// [`build_tree_reporting`] with a digest memo: a file whose metadata `memo` recognises is not
+/// read at all.
+pub fn build_tree_remembering(
+    root: &Path,
+    options: &BuildOptions,
+    memo: Option<&dyn DigestMemo>,
+    on_file: &(dyn Fn(Digest) + Sync),
+) -> anyhow::Result<LocalTree> {
     use anyhow::Context;
     #[derive(Default)]
     struct Node {
@@ -437,7 +493,7 @@ pub fn build_tree_reporting(
     }
     let root = resolve_root(root)?;
     // First pass: list everything.
-    let mut nodes: BTreeMap<PathBuf, Node> = BTreeMap::new();
+    let mut nodes: HashMap<PathBuf, Node> = HashMap::new();
     nodes.insert(root.clone(), Node::default());
     let mut file_paths: Vec<PathBuf> = Vec::new();
     let mut stats = TreeStats {
@@ -472,8 +528,11 @@ pub fn build_tree_reporting(
     let hashed: Vec<(Digest, bool)> = file_paths
         .par_iter()
         .map(|p| {
-            let hashed = hash_file_with_mode(p)
-                .with_context(|| format!("failed to hash {}", p.display()))?;
+            let hashed = match memo {
+                Some(memo) => hash_remembering(p, p.strip_prefix(&root).unwrap_or(p), memo),
+                None => hash_file_with_mode(p),
+            }
+            .with_context(|| format!("failed to hash {}", p.display()))?;
             on_file(hashed.0);
             Ok(hashed)
         })

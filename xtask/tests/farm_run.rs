@@ -410,8 +410,9 @@ impl Drop for TempDir {
 
 #[tokio::test]
 async fn big_files_are_streamed_and_a_second_upload_sends_nothing() {
-    use xtask::farm::upload::{upload_dir, Progress};
+    use xtask::farm::upload::{upload_dir_with, Progress};
     let input = TempDir::new("upload-twice");
+    let digests = TempDir::new("upload-twice-digest-cache");
     let big: Vec<u8> = (0..(5u32 << 20) + 3).map(|i| (i % 251) as u8).collect();
     std::fs::write(input.0.join("big.bin"), &big).unwrap();
     std::fs::create_dir_all(input.0.join("src")).unwrap();
@@ -422,7 +423,7 @@ async fn big_files_are_streamed_and_a_second_upload_sends_nothing() {
     let fake = Fake::default();
     let mut client = start(&fake).await;
 
-    let first = upload_dir(&mut client, &input.0, Progress::Hidden)
+    let first = upload_dir_with(&mut client, &input.0, Progress::Hidden, Some(&digests.0))
         .await
         .unwrap();
     // Root and src directories; big.bin, a.go, b.go and .farmignore.
@@ -444,7 +445,7 @@ async fn big_files_are_streamed_and_a_second_upload_sends_nothing() {
         .unwrap()
         .contains_key(&Digest::of(b"never uploaded")));
 
-    let second = upload_dir(&mut client, &input.0, Progress::Hidden)
+    let second = upload_dir_with(&mut client, &input.0, Progress::Hidden, Some(&digests.0))
         .await
         .unwrap();
     assert_eq!(second.root, first.root);
@@ -453,7 +454,7 @@ async fn big_files_are_streamed_and_a_second_upload_sends_nothing() {
 
     // One changed file: that blob and the two Directory messages above it.
     std::fs::write(input.0.join("src/b.go"), "package b // changed").unwrap();
-    let third = upload_dir(&mut client, &input.0, Progress::Hidden)
+    let third = upload_dir_with(&mut client, &input.0, Progress::Hidden, Some(&digests.0))
         .await
         .unwrap();
     assert_eq!(third.blobs_sent, 3);

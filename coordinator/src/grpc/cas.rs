@@ -3,7 +3,7 @@
 //! `read_blob`) so tests drive exactly what the RPCs run; file IO stays on blocking threads.
 use super::auth::authorize;
 use super::{internal, SharedRef};
-use crate::cas::{Cas, CasError};
+use crate::cas::{Cas, CasError, VerifiedBlob};
 use crate::model::Role;
 use archfarm_proto::v1::{self, cas_server::Cas as CasRpc};
 use archfarm_proto::Digest;
@@ -17,8 +17,6 @@ use tonic::{Request, Response, Status};
 pub struct CasService(pub SharedRef);
 
 const ROLES: &[Role] = &[Role::Client, Role::Agent];
-/// Threads writing the blobs of one BatchUpload (their fsyncs overlap).
-const UPLOAD_WRITERS: usize = 8;
 /// Most digests in one FindMissing or BatchRead call.
 pub const MAX_DIGESTS: usize = 200_000;
 /// Largest blob Read verifies in full before it sends the first byte. Larger blobs are
@@ -56,8 +54,9 @@ pub fn write_digest(first: Option<&v1::WriteRequest>) -> Result<Digest, Status> 
     Digest::from_proto(d).map_err(|e| Status::invalid_argument(format!("{NO_DIGEST}: {e}")))
 }
 
-/// Checks a BatchUpload: every blob carries a valid digest its bytes hash to.
-pub fn check_upload(blobs: Vec<v1::Blob>) -> Result<Vec<(Digest, Vec<u8>)>, Status> {
+/// Checks a BatchUpload: every blob carries a valid digest its bytes hash to. (Hashing, so it
+/// runs on a blocking thread.)
+pub fn check_upload(blobs: Vec<v1::Blob>) -> Result<Vec<VerifiedBlob>, Status> {
     let mut parsed = Vec::with_capacity(blobs.len());
     for (i, b) in blobs.into_iter().enumerate() {
         let d = parse(
@@ -66,13 +65,13 @@ pub fn check_upload(blobs: Vec<v1::Blob>) -> Result<Vec<(Digest, Vec<u8>)>, Stat
                 .as_ref()
                 .ok_or_else(|| Status::invalid_argument(format!("blob #{i} has no digest")))?,
         )?;
-        let actual = Digest::of(&b.data);
-        if actual != d {
-            return Err(Status::invalid_argument(format!(
-                "blob #{i} does not match its digest: declared {d}, actual {actual}; nothing was stored"
-            )));
-        }
-        parsed.push((d, b.data));
+        let blob = VerifiedBlob::check(d, b.data).map_err(|e| match e {
+            CasError::Mismatch { declared, actual } => Status::invalid_argument(format!(
+                "blob #{i} does not match its digest: declared {declared}, actual {actual}; nothing was stored"
+            )),
+            e => cas_status("upload", e),
+        })?;
+        parsed.push(blob);
     }
     Ok(parsed)
 }
@@ -258,36 +257,19 @@ impl CasRpc for CasService {
         req: Request<v1::BatchUploadRequest>,
     ) -> Result<Response<v1::BatchUploadResponse>, Status> {
         authorize(&self.0, &req, ROLES)?;
-        let parsed = check_upload(req.into_inner().blobs)?;
+        let blobs = req.into_inner().blobs;
         let shared = self.0.clone();
-        let stored = tokio::task::spawn_blocking(move || -> Result<u32, CasError> {
-            // Each durable write waits for an fsync; overlapping them is most of the speed.
-            let per = parsed.len().div_ceil(UPLOAD_WRITERS).max(1);
-            std::thread::scope(|scope| {
-                let handles: Vec<_> = parsed
-                    .chunks(per)
-                    .map(|chunk| {
-                        let cas = &shared.cas;
-                        scope.spawn(move || -> Result<u32, CasError> {
-                            let mut n = 0;
-                            for (d, data) in chunk {
-                                n += u32::from(cas.put(d, data)?);
-                            }
-                            Ok(n)
-                        })
-                    })
-                    .collect();
-                handles.into_iter().try_fold(0u32, |acc, h| {
-                    let n = h
-                        .join()
-                        .map_err(|_| CasError::Io(anyhow::anyhow!("a blob writer panicked")))??;
-                    Ok(acc + n)
-                })
-            })
+        // One group commit per call (see `Cas::put_batch`): the answer comes once every blob
+        // of the batch is durable.
+        let stored = tokio::task::spawn_blocking(move || -> Result<u32, Status> {
+            let verified = check_upload(blobs)?;
+            shared
+                .cas
+                .put_batch(&verified)
+                .map_err(|e| cas_status("upload", e))
         })
         .await
-        .map_err(|e| Status::internal(format!("upload task failed: {e}")))?
-        .map_err(|e| cas_status("upload", e))?;
+        .map_err(|e| Status::internal(format!("upload task failed: {e}")))??;
         Ok(Response::new(v1::BatchUploadResponse { stored }))
     }
 
@@ -373,8 +355,8 @@ mod tests {
         out
     }
 
-    fn leftovers(dir: &tempfile::TempDir) -> usize {
-        std::fs::read_dir(dir.path().join("tmp")).unwrap().count()
+    fn leftovers(cas: &Cas) -> usize {
+        cas.temp_files()
     }
 
     async fn read_all(
@@ -451,7 +433,7 @@ mod tests {
             ),
         ];
         for (name, messages, wanted) in cases {
-            let (dir, cas) = open();
+            let (_dir, cas) = open();
             let err = write_blob(cas.clone(), tokio_stream::iter(messages))
                 .await
                 .expect_err(name);
@@ -464,7 +446,7 @@ mod tests {
                 );
             }
             assert_eq!(cas.stats().blobs, 0, "{name}: something was stored");
-            assert_eq!(leftovers(&dir), 0, "{name}: a temp file was left behind");
+            assert_eq!(leftovers(&cas), 0, "{name}: a temp file was left behind");
         }
     }
 
@@ -521,7 +503,7 @@ mod tests {
 
     #[tokio::test]
     async fn streaming_write_of_a_multi_mib_blob_in_uneven_chunks() {
-        let (dir, cas) = open();
+        let (_dir, cas) = open();
         let (d, data) = blob(3, 6 * crate::cas::READ_CHUNK_BYTES + 4321);
         let stored = write_blob(
             cas.clone(),
@@ -541,7 +523,7 @@ mod tests {
         let f = cas.stats();
         assert_eq!(f.uploaded_bytes, d.size_bytes());
         assert_eq!(f.deduplicated_bytes, d.size_bytes());
-        assert_eq!(leftovers(&dir), 0);
+        assert_eq!(leftovers(&cas), 0);
 
         // One flipped byte in the middle: refused, naming both digests, nothing left behind.
         let (e, mut evil) = blob(4, 5 * crate::cas::READ_CHUNK_BYTES + 1);
@@ -560,13 +542,13 @@ mod tests {
             err.message()
         );
         assert!(!cas.contains(&e));
-        assert_eq!(leftovers(&dir), 0);
+        assert_eq!(leftovers(&cas), 0);
         assert_eq!(cas.stats().blobs, 1);
     }
 
     #[tokio::test]
     async fn a_client_that_breaks_off_leaves_nothing() {
-        let (dir, cas) = open();
+        let (_dir, cas) = open();
         let (d, data) = blob(5, 3000);
         let messages = vec![
             msg(Some(d.to_proto()), &data[..1000]),
@@ -576,7 +558,7 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::Cancelled);
-        assert_eq!(leftovers(&dir), 0);
+        assert_eq!(leftovers(&cas), 0);
         assert!(!cas.contains(&d));
     }
 

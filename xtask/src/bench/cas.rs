@@ -1,7 +1,9 @@
 //! `cargo xtask bench cas`: the content-addressed store, measured in one run.
 //! (a) cold ingest of a source tree (hash + FindMissing + upload, as `farm run --input` does)
-//! next to `b3sum` over the same files, (b) warm re-upload of the same tree next to hashing alone, (c) FindMissing latency
-//! for 100k random digests, (d) Cas.Write and Cas.Read of a 1 GiB blob over loopback.
+//! next to `b3sum` over the same files, (b) warm re-upload of the same tree (digest cache +
+//! FindMissing, and without the cache: hash + FindMissing) next to hashing alone, (c)
+//! FindMissing latency for 100k random digests, (d) Cas.Write and Cas.Read of a 1 GiB blob
+//! over loopback. The digest cache is a private one that starts empty, so (a) is cold.
 //! Slow figures are reported, never fatal: the exit code is non-zero only when a measurement
 //! failed.
 use super::private::PrivateCoordinator;
@@ -9,7 +11,7 @@ use super::spread;
 use crate::farm::blobs::{find_missing, read_to_file, write_file, STREAM_CHUNK_BYTES};
 use crate::farm::display::{format_bytes, format_duration, mib};
 use crate::farm::status::farm_status;
-use crate::farm::upload::{hash_dir, upload_dir, Progress, UploadReport};
+use crate::farm::upload::{hash_dir, upload_dir_with, Progress, UploadReport};
 use crate::farm::{FarmClient, FarmOptions};
 use crate::paths;
 use anyhow::{bail, Context};
@@ -163,6 +165,13 @@ pub async fn run(args: &CasArgs) -> anyhow::Result<u8> {
         bail!("--only takes letters of abcd, not {c:?}");
     }
     let (mut client, coordinator) = connect(args).await?;
+    let target = paths::target_dir();
+    std::fs::create_dir_all(&target)
+        .with_context(|| format!("failed to create {}", target.display()))?;
+    let digests = tempfile::Builder::new()
+        .prefix("bench-digests-")
+        .tempdir_in(&target)
+        .context("failed to create a directory for the digest cache")?;
     let mut rows = Vec::new();
     let mut failed = false;
     let mut record = |what: String, result: anyhow::Result<Vec<Row>>| match result {
@@ -176,11 +185,12 @@ pub async fn run(args: &CasArgs) -> anyhow::Result<u8> {
     if part('a') {
         eprintln!("(a) cold ingest of {}", args.tree.display());
         let what = format!("ingest {} (cold)", args.tree.display());
-        record(what, ingest_rows(&mut client, args).await);
+        record(what, ingest_rows(&mut client, args, digests.path()).await);
     }
     if part('b') {
         eprintln!("(b) warm re-upload");
-        record("warm re-upload".into(), warm_rows(&mut client, args).await);
+        let rows = warm_rows(&mut client, args, digests.path()).await;
+        record("warm re-upload".into(), rows);
     }
     if part('c') {
         eprintln!("(c) FindMissing of {FIND_MISSING_DIGESTS} digests");
@@ -207,8 +217,13 @@ fn warm_page_cache(files: &[PathBuf]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// (a): cold ingest, b3sum, and their ratio.
-async fn ingest_rows(client: &mut FarmClient, args: &CasArgs) -> anyhow::Result<Vec<Row>> {
+/// (a): cold ingest (with the empty digest cache in `digests`, which it fills), b3sum, and
+/// their ratio.
+async fn ingest_rows(
+    client: &mut FarmClient,
+    args: &CasArgs,
+    digests: &Path,
+) -> anyhow::Result<Vec<Row>> {
     let options = BuildOptions {
         honour_farmignore: true,
     };
@@ -229,7 +244,7 @@ async fn ingest_rows(client: &mut FarmClient, args: &CasArgs) -> anyhow::Result<
     }
 
     let started = Instant::now();
-    let report = upload_dir(client, &args.tree, Progress::Hidden).await?;
+    let report = upload_dir_with(client, &args.tree, Progress::Hidden, Some(digests)).await?;
     let total = started.elapsed();
     let mut rows = vec![Row::new(
         format!("ingest {} (cold)", args.tree.display()),
@@ -339,11 +354,19 @@ async fn b3sum_time(files: &[PathBuf]) -> anyhow::Result<(Duration, usize, PathB
     .context("failed to join the b3sum task")?
 }
 
-/// (b): hashing alone against hashing + FindMissing + upload of a tree the farm holds.
-async fn warm_rows(client: &mut FarmClient, args: &CasArgs) -> anyhow::Result<Vec<Row>> {
+/// (b): hashing alone against re-uploading a tree the farm holds: with the digest cache in
+/// `digests` (stat + FindMissing) and without it (hash + FindMissing).
+async fn warm_rows(
+    client: &mut FarmClient,
+    args: &CasArgs,
+    digests: &Path,
+) -> anyhow::Result<Vec<Row>> {
+    // The farm holds the tree and the cache knows it, also when part (a) did not run.
+    upload_dir_with(client, &args.tree, Progress::Hidden, Some(digests)).await?;
     let mut hash_only = Vec::new();
-    let mut warm = Vec::new();
-    let mut last: Option<UploadReport> = None;
+    let mut cached = Vec::new();
+    let mut uncached = Vec::new();
+    let mut last: Option<(UploadReport, UploadReport)> = None;
     let mut bytes = 0;
     for _ in 0..args.warm_runs {
         let started = Instant::now();
@@ -352,14 +375,27 @@ async fn warm_rows(client: &mut FarmClient, args: &CasArgs) -> anyhow::Result<Ve
         bytes = tree.stats.file_bytes;
 
         let started = Instant::now();
-        let report = upload_dir(client, &args.tree, Progress::Hidden).await?;
-        warm.push(started.elapsed());
-        last = Some(report);
+        let with = upload_dir_with(client, &args.tree, Progress::Hidden, Some(digests)).await?;
+        cached.push(started.elapsed());
+
+        let started = Instant::now();
+        let without = upload_dir_with(client, &args.tree, Progress::Hidden, None).await?;
+        uncached.push(started.elapsed());
+        last = Some((with, without));
     }
-    let report = last.context("no warm run")?;
-    let (Some(h), Some(w)) = (spread(&hash_only), spread(&warm)) else {
+    let (with, without) = last.context("no warm run")?;
+    let (Some(h), Some(c), Some(u)) = (spread(&hash_only), spread(&cached), spread(&uncached))
+    else {
         bail!("no warm run");
     };
+    let sent = |r: &UploadReport| {
+        format!(
+            "{} blobs sent, {} sent",
+            r.blobs_sent,
+            format_bytes(r.bytes_sent)
+        )
+    };
+    let ratio = |t: Duration| t.as_secs_f64() / h.median.as_secs_f64();
     Ok(vec![
         Row::new(
             "hash only (warm page cache)",
@@ -372,14 +408,25 @@ async fn warm_rows(client: &mut FarmClient, args: &CasArgs) -> anyhow::Result<Ve
             ),
         ),
         Row::new(
-            "warm re-upload (hash + FindMissing)",
-            Some(w.median),
-            rate(bytes, w.median),
+            "warm re-upload (digest cache + FindMissing)",
+            Some(c.median),
+            rate(bytes, c.median),
             format!(
-                "{} blobs sent, {} sent; {:.2}x of hash only (aim: at most 1.00x)",
-                report.blobs_sent,
-                format_bytes(report.bytes_sent),
-                w.median.as_secs_f64() / h.median.as_secs_f64()
+                "{}; {:.2}x of hash only (aim: at most 1.00x); min {}",
+                sent(&with),
+                ratio(c.median),
+                format_duration_precise(c.min)
+            ),
+        ),
+        Row::new(
+            "warm re-upload, no digest cache (hash + FindMissing)",
+            Some(u.median),
+            rate(bytes, u.median),
+            format!(
+                "{}; {:.2}x of hash only; min {}",
+                sent(&without),
+                ratio(u.median),
+                format_duration_precise(u.min)
             ),
         ),
     ])
