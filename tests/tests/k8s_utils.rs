@@ -138,7 +138,20 @@ fn k8s_utils_unit_tests_on_five_platforms_match_direct_runs_and_cache() {
     };
     let j = json.to_str().unwrap().to_string();
     let u = junit.to_str().unwrap().to_string();
-    let first = go_test(&["--json", &j, "--junit", &u, "--shards", "2"]);
+    // A short test timeout bounds a qemu deadlock (Go's own timeout fails the test; the
+    // watchdog follows 30 s later); one rerun absorbs it, as CI would.
+    let first = go_test(&[
+        "--json",
+        &j,
+        "--junit",
+        &u,
+        "--shards",
+        "2",
+        "--timeout",
+        "60s",
+        "--rerun-fails",
+        "1",
+    ]);
     let stdout = String::from_utf8_lossy(&first.stdout).into_owned();
     let bins = farm.dir.path().join("direct");
     let mut mismatches = Vec::new();
@@ -153,10 +166,21 @@ fn k8s_utils_unit_tests_on_five_platforms_match_direct_runs_and_cache() {
         );
         assert!(junit.join(format!("junit_linux_{arch}.xml")).exists());
         for (pkg, got) in &farm_verdicts {
-            let want = direct_verdict(&gp, &cache, &bins, pkg, arch);
             any_fail |= got == "fail";
-            if got != &want {
-                mismatches.push(format!("{pkg} on {arch}: farm {got}, direct {want}"));
+            // qemu-user sometimes deadlocks a forked child (DESIGN.md: up to a fifth of the
+            // runs of k8s.io/utils/exec on s390x), so a direct run under emulation can fail
+            // where the farm's passed, or the other way round: a verdict counts as different
+            // only if three direct runs all disagree with the farm.
+            let tries = if arch == "amd64" { 1 } else { 3 };
+            let direct: Vec<String> = (0..tries)
+                .map(|_| direct_verdict(&gp, &cache, &bins, pkg, arch))
+                .take_while(|want| want != got)
+                .collect();
+            if direct.len() == tries {
+                mismatches.push(format!(
+                    "{pkg} on {arch}: farm {got}, direct {}",
+                    direct.join("/")
+                ));
             }
         }
     }
@@ -176,7 +200,7 @@ fn k8s_utils_unit_tests_on_five_platforms_match_direct_runs_and_cache() {
     );
 
     // Nothing changed: every package on every platform comes from the cache.
-    let second = go_test(&[]);
+    let second = go_test(&["--timeout", "60s"]);
     let text = String::from_utf8_lossy(&second.stdout).into_owned()
         + &String::from_utf8_lossy(&second.stderr);
     assert!(text.contains("cached"), "{text}");
@@ -185,7 +209,7 @@ fn k8s_utils_unit_tests_on_five_platforms_match_direct_runs_and_cache() {
         .iter()
         .map(|a| a.log_text().matches("action finished").count() as u64)
         .sum();
-    let third = go_test(&[]);
+    let third = go_test(&["--timeout", "60s"]);
     let executed_after: u64 = farm
         .agents
         .iter()
