@@ -230,16 +230,16 @@ impl Farm {
             farm.active.insert(a.id.clone(), a);
         }
         // Pin the input trees of the queued and running actions again.
-        let mut trees: HashMap<(String, u64), Vec<Digest>> = HashMap::new();
-        let roots: Vec<(ActionId, (String, u64))> = farm
+        let mut trees: HashMap<Digest, Vec<Digest>> = HashMap::new();
+        let roots: Vec<(ActionId, Digest)> = farm
             .active
             .values()
-            .filter_map(|a| a.spec.input_root.clone().map(|r| (a.id.clone(), r)))
+            .filter_map(|a| a.spec.input_root.map(|r| (a.id.clone(), r)))
             .collect();
-        for (id, (hex, size)) in roots {
+        for (id, root) in roots {
             let digests = trees
-                .entry((hex.clone(), size))
-                .or_insert_with(|| farm.tree_digests(&hex, size))
+                .entry(root)
+                .or_insert_with(|| farm.tree_digests(root))
                 .clone();
             farm.cas.pin(id.as_str(), digests);
         }
@@ -247,13 +247,7 @@ impl Farm {
     }
 
     /// Every digest of the stored tree under a root (what is there of it).
-    fn tree_digests(&self, hex: &str, size: u64) -> Vec<Digest> {
-        let Ok(root) = Digest::from_proto(&archfarm_proto::v1::Digest {
-            hash: hex.to_string(),
-            size_bytes: size,
-        }) else {
-            return vec![];
-        };
+    fn tree_digests(&self, root: Digest) -> Vec<Digest> {
         match tree::walk_tree(root, |d| self.cas.get(d).ok().flatten()) {
             Ok((dirs, files)) => dirs.into_keys().chain(files).collect(),
             Err(e) => {
@@ -281,20 +275,17 @@ impl Farm {
         })
     }
 
-    /// The cached result for an action, if every blob it names is still stored intact (each
-    /// is read and hashed: a hit must never hand out a corrupt output).
-    fn cache_lookup(&mut self, a: &ActionRecord, now: u64) -> anyhow::Result<Option<CacheEntry>> {
-        let entry = self.store.cache_entry(&a.action_digest)?;
-        let usable = entry.filter(|e| {
-            // A result produced under emulation never answers a job that forbids emulation.
-            (!e.emulated || a.spec.allow_emulation)
-                && e.blobs.iter().all(|(hex, size)| {
-                    Digest::from_proto(&archfarm_proto::v1::Digest {
-                        hash: hex.clone(),
-                        size_bytes: *size,
-                    })
-                    .is_ok_and(|d| self.cas.verify(&d))
-                })
+    /// The stored result for a key, if every blob it names is still stored intact (each is
+    /// read and hashed: a hit must never hand out a corrupt output) and its provenance suits
+    /// the job: a result produced under emulation never answers a job that forbids emulation.
+    pub fn cache_lookup(
+        &mut self,
+        key: CacheKey<'_>,
+        allow_emulation: bool,
+        now: u64,
+    ) -> anyhow::Result<Option<CacheEntry>> {
+        let usable = self.store.cache_entry(key)?.filter(|e| {
+            (!e.emulated || allow_emulation) && e.blobs.iter().all(|d| self.cas.verify(d))
         });
         self.store.add_counter("cache_lookups", 1)?;
         if usable.is_some() {
@@ -307,12 +298,40 @@ impl Farm {
         Ok(usable)
     }
 
-    /// Stores a successful result under the action's digest, if all its blobs are stored.
+    /// Stores a result reported under `a`'s lease, if every blob it names is stored.
     fn cache_record(
         &mut self,
+        key: CacheKey<'_>,
         a: &ActionRecord,
-        agent: &AgentId,
-        emulated: bool,
+        encoded: &[u8],
+        mut blobs: Vec<Digest>,
+        now: u64,
+    ) -> anyhow::Result<()> {
+        if let Some(missing) = blobs.iter().find(|d| !self.cas.contains(d)) {
+            tracing::warn!(action = %a.id, "not caching: blob {missing} named by the result is not stored");
+            return Ok(());
+        }
+        let Some((agent, emulated)) = a.last_agent.clone() else {
+            return Ok(());
+        };
+        blobs.sort();
+        blobs.dedup();
+        let entry = CacheEntry {
+            encoded: encoded.to_vec(),
+            agent,
+            platform: a.spec.platform.clone(),
+            emulated,
+            recorded_unix_ms: now,
+            blobs,
+        };
+        self.store.put_cache_entry(key, &entry)
+    }
+
+    /// Stores a successful action's result under its action digest, with the whole output
+    /// trees among the blobs a hit needs.
+    fn cache_action_result(
+        &mut self,
+        a: &ActionRecord,
         c: &Completion,
         now: u64,
     ) -> anyhow::Result<()> {
@@ -329,24 +348,13 @@ impl Farm {
                 }
             }
         }
-        if let Some(missing) = blobs.iter().find(|d| !self.cas.contains(d)) {
-            tracing::warn!(action = %a.id, "not caching: blob {missing} named by the result is not stored");
-            return Ok(());
-        }
-        blobs.sort();
-        blobs.dedup();
-        let entry = CacheEntry {
-            result: ResultRecord {
-                encoded: c.encoded.clone(),
-                fence: 0,
-            },
-            agent: agent.clone(),
-            platform: a.spec.platform.clone(),
-            emulated,
-            recorded_unix_ms: now,
-            blobs: blobs.iter().map(|d| (d.hex(), d.size_bytes())).collect(),
-        };
-        self.store.put_cache_entry(&a.action_digest, &entry)
+        self.cache_record(
+            CacheKey::Action(&a.action_digest),
+            a,
+            &c.encoded,
+            blobs,
+            now,
+        )
     }
 
     /// The store underneath.
@@ -441,7 +449,11 @@ impl Farm {
             let hit = if a.spec.no_cache || a.action_digest.is_empty() {
                 None
             } else {
-                self.cache_lookup(&a, now)?
+                self.cache_lookup(
+                    CacheKey::Action(&a.action_digest),
+                    a.spec.allow_emulation,
+                    now,
+                )?
             };
             match hit {
                 Some(e) => {
@@ -454,7 +466,10 @@ impl Farm {
                         e.recorded_unix_ms
                     );
                     a.last_agent = Some((e.agent.clone(), e.emulated));
-                    a.result = Some(e.result);
+                    a.result = Some(ResultRecord {
+                        encoded: e.encoded,
+                        fence: 0,
+                    });
                     cached.push(a);
                 }
                 None => queued.push(a),
@@ -720,8 +735,7 @@ impl Farm {
             }
             Outcome::Exited if c.exit_code == 0 => {
                 a.state = ActionState::Succeeded;
-                let emulated = a.last_agent.as_ref().is_some_and(|(_, e)| *e);
-                self.cache_record(&a, agent, emulated, &c, now)?;
+                self.cache_action_result(&a, &c, now)?;
             }
             Outcome::Exited => {
                 a.state = ActionState::Failed;
@@ -748,58 +762,24 @@ impl Farm {
             let Some(spec) = a.spec.steps.iter().find(|x| x.name == s.name) else {
                 continue;
             };
-            let item = if spec.history_key.is_empty() {
-                &spec.name
-            } else {
-                &spec.history_key
-            };
             if s.exit_code >= 0 || s.timed_out {
-                self.store.record_duration(&platform, item, s.duration_ms)?;
+                self.store
+                    .record_duration(&platform, spec.history_item(), s.duration_ms)?;
             }
             let passing = s.exit_code == 0 && !s.timed_out;
             if passing && !spec.cache_key.is_empty() && c.cacheable {
-                if let Some(out) = s.output.filter(|d| self.cas.contains(d)) {
-                    self.store.put_step_entry(
-                        &spec.cache_key,
-                        &StepCacheEntry {
-                            encoded: s.encoded.clone(),
-                            platform: a.spec.platform.clone(),
-                            recorded_unix_ms: now,
-                            output: Some((out.hex(), out.size_bytes())),
-                            emulated: a.last_agent.as_ref().is_some_and(|(_, e)| *e),
-                        },
+                if let Some(out) = s.output {
+                    self.cache_record(
+                        CacheKey::Step(&spec.cache_key),
+                        a,
+                        &s.encoded,
+                        vec![out],
+                        now,
                     )?;
                 }
             }
         }
         Ok(())
-    }
-
-    /// The stored passing result for a step cache key, if its output is stored intact.
-    pub fn step_lookup(
-        &mut self,
-        cache_key: &str,
-        allow_emulation: bool,
-        now: u64,
-    ) -> anyhow::Result<Option<StepCacheEntry>> {
-        let entry = self
-            .store
-            .step_entry(cache_key)?
-            .filter(|e| !e.emulated || allow_emulation)
-            .filter(|e| match &e.output {
-                Some((hex, size)) => Digest::from_proto(&archfarm_proto::v1::Digest {
-                    hash: hex.clone(),
-                    size_bytes: *size,
-                })
-                .is_ok_and(|d| self.cas.verify(&d)),
-                None => false,
-            });
-        self.store.add_counter("cache_lookups", 1)?;
-        if entry.is_some() {
-            self.store.add_counter("cache_hits", 1)?;
-        }
-        self.cache_window.push_back((now, entry.is_some()));
-        Ok(entry)
     }
 
     /// Records a final action and closes its job when it was the last one.
@@ -1093,6 +1073,20 @@ mod tests {
         exclusive: bool,
     }
 
+    /// A process exit that names `blobs` (encoded as three marker bytes).
+    fn exited(exit_code: i32, blobs: &[Digest]) -> Completion {
+        Completion {
+            outcome: Outcome::Exited,
+            exit_code,
+            message: String::new(),
+            encoded: vec![1, 2, 3],
+            named_blobs: blobs.to_vec(),
+            output_trees: vec![],
+            cacheable: true,
+            steps: vec![],
+        }
+    }
+
     fn offers(list: &[(&str, bool)]) -> AgentFacts {
         AgentFacts {
             offers: list
@@ -1162,38 +1156,29 @@ mod tests {
                 .iter()
                 .map(|p| {
                     let platform: Platform = p.parse().unwrap();
-                    ActionRecord {
-                        id: ActionId::new(&job, &platform),
-                        job: job.clone(),
-                        job_seq: self.seq,
-                        spec: ActionSpec {
-                            argv: vec!["true".into()],
-                            env: vec![],
-                            working_directory: String::new(),
-                            input_root: None,
-                            platform,
-                            required_labels: Labels::new(),
-                            timeout_ms: 60_000,
-                            allow_emulation,
-                            output_paths: vec![],
-                            no_cache: false,
-                            steps: vec![],
-                            exclusive: self.exclusive,
-                        },
-                        state: ActionState::Queued,
-                        attempts: 0,
-                        queued_unix_ms: now,
-                        lease: None,
-                        last_agent: None,
-                        reason: String::new(),
-                        result: None,
-                        unservable_since_unix_ms: None,
-                        action_digest: String::new(),
-                        cached: false,
-                        started_unix_ms: 0,
-                        predicted_ms: 0,
-                    }
-                    .with_digest(key)
+                    let spec = ActionSpec {
+                        argv: vec!["true".into()],
+                        env: vec![],
+                        working_directory: String::new(),
+                        input_root: None,
+                        platform: platform.clone(),
+                        required_labels: Labels::new(),
+                        timeout_ms: 60_000,
+                        allow_emulation,
+                        output_paths: vec![],
+                        no_cache: false,
+                        steps: vec![],
+                        exclusive: self.exclusive,
+                    };
+                    let mut a = ActionRecord::queued(
+                        ActionId::new(&job, &platform),
+                        &job,
+                        self.seq,
+                        spec,
+                        now,
+                    );
+                    a.action_digest = key.to_string();
+                    a
                 })
                 .collect();
             let record = JobRecord {
@@ -1260,6 +1245,12 @@ mod tests {
                 .unwrap();
         }
 
+        /// Reports a result for `action` under `fence`, as `agent`'s session would.
+        fn report(&mut self, agent: &str, action: &str, fence: u64, c: Completion, now: u64) {
+            let (agent, action) = (AgentId(agent.into()), ActionId(action.into()));
+            self.farm.completed(&agent, &action, fence, c, now).unwrap();
+        }
+
         fn complete_with(
             &mut self,
             agent: &str,
@@ -1268,54 +1259,11 @@ mod tests {
             blobs: &[Digest],
             now: u64,
         ) {
-            let c = Completion {
-                outcome: Outcome::Exited,
-                exit_code: 0,
-                message: String::new(),
-                encoded: vec![1, 2, 3],
-                named_blobs: blobs.to_vec(),
-                output_trees: vec![],
-                cacheable: true,
-                steps: vec![],
-            };
-            self.farm
-                .completed(
-                    &AgentId(agent.into()),
-                    &ActionId(action.into()),
-                    fence,
-                    c,
-                    now,
-                )
-                .unwrap();
+            self.report(agent, action, fence, exited(0, blobs), now);
         }
 
         fn complete(&mut self, agent: &str, action: &str, fence: u64, exit_code: i32, now: u64) {
-            let c = Completion {
-                outcome: Outcome::Exited,
-                exit_code,
-                message: String::new(),
-                encoded: vec![],
-                named_blobs: vec![],
-                output_trees: vec![],
-                cacheable: true,
-                steps: vec![],
-            };
-            self.farm
-                .completed(
-                    &AgentId(agent.into()),
-                    &ActionId(action.into()),
-                    fence,
-                    c,
-                    now,
-                )
-                .unwrap();
-        }
-    }
-
-    impl ActionRecord {
-        fn with_digest(mut self, key: &str) -> Self {
-            self.action_digest = key.to_string();
-            self
+            self.report(agent, action, fence, exited(exit_code, &[]), now);
         }
     }
 
@@ -1400,21 +1348,13 @@ mod tests {
             encoded: vec![9],
         };
         let c = Completion {
-            outcome: Outcome::Exited,
-            exit_code: 1,
-            message: String::new(),
-            encoded: vec![],
-            named_blobs: vec![],
-            output_trees: vec![],
-            cacheable: true,
             steps: vec![done("ok", 0, 1_500), done("bad", 1, 700)],
+            ..exited(1, &[])
         };
-        h.farm
-            .completed(&AgentId("a".into()), &ActionId(id), fence, c, 5)
-            .unwrap();
+        h.report("a", &id, fence, c, 5);
         let hit = h
             .farm
-            .step_lookup(&"a".repeat(64), false, 6)
+            .cache_lookup(CacheKey::Step(&"a".repeat(64)), false, 6)
             .unwrap()
             .unwrap();
         assert_eq!(
@@ -1423,7 +1363,7 @@ mod tests {
         );
         assert!(
             h.farm
-                .step_lookup(&"b".repeat(64), false, 6)
+                .cache_lookup(CacheKey::Step(&"b".repeat(64)), false, 6)
                 .unwrap()
                 .is_none(),
             "failures are not cached"

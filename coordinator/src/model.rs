@@ -1,5 +1,5 @@
 //! The coordinator's records: what the store keeps and the farm state works on.
-use archfarm_proto::Platform;
+use archfarm_proto::{Digest, Platform};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -156,8 +156,8 @@ pub struct StepSpec {
     pub argv: Vec<String>,
     /// Working directory relative to the step's directory.
     pub working_directory: String,
-    /// The step's input tree (hex, size), if any.
-    pub input_root: Option<(String, u64)>,
+    /// The step's input tree, if any.
+    pub input_root: Option<Digest>,
     /// Watchdog in milliseconds (0: none).
     pub timeout_ms: u64,
     /// Key of the duration history.
@@ -166,21 +166,15 @@ pub struct StepSpec {
     pub cache_key: String,
 }
 
-/// A stored passing step result, reusable by any job with the same step cache key.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct StepCacheEntry {
-    /// Protobuf encoding of the StepResult as the agent reported it.
-    #[serde(with = "hex_bytes")]
-    pub encoded: Vec<u8>,
-    /// Platform it ran on.
-    pub platform: Platform,
-    /// Unix ms it was recorded.
-    pub recorded_unix_ms: u64,
-    /// The output blob (hex, size); a hit needs it stored intact.
-    pub output: Option<(String, u64)>,
-    /// Produced under emulation: a hit only for jobs that allow emulation.
-    #[serde(default)]
-    pub emulated: bool,
+impl StepSpec {
+    /// The key of this step's duration history: `history_key`, or the name.
+    pub fn history_item(&self) -> &str {
+        if self.history_key.is_empty() {
+            &self.name
+        } else {
+            &self.history_key
+        }
+    }
 }
 
 /// What to run, after the job's spec was expanded for one platform.
@@ -192,8 +186,8 @@ pub struct ActionSpec {
     pub env: Vec<(String, String)>,
     /// Working directory relative to the input root.
     pub working_directory: String,
-    /// Input root (hex hash, size), if any.
-    pub input_root: Option<(String, u64)>,
+    /// Input root, if any.
+    pub input_root: Option<Digest>,
     /// Platform.
     pub platform: Platform,
     /// Labels the agent must carry.
@@ -278,11 +272,22 @@ pub struct ResultRecord {
     pub fence: u64,
 }
 
-/// A stored result in the action cache, with who produced it.
+/// What an entry of the result cache answers for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheKey<'a> {
+    /// An action: hex blake3 of its canonical ActionKey; the entry holds an ExecutionResult.
+    Action(&'a str),
+    /// A step: the client-computed key (hex); the entry holds a StepResult.
+    Step(&'a str),
+}
+
+/// A stored result in the result cache, with who produced it. Only results an agent reported
+/// under a valid lease are ever stored.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CacheEntry {
-    /// The result (encoded ExecutionResult).
-    pub result: ResultRecord,
+    /// The result: an encoded ExecutionResult (action keys) or StepResult (step keys).
+    #[serde(with = "hex_bytes")]
+    pub encoded: Vec<u8>,
     /// Agent that produced it.
     pub agent: AgentId,
     /// Platform it ran as.
@@ -291,9 +296,9 @@ pub struct CacheEntry {
     pub emulated: bool,
     /// Unix ms it was recorded.
     pub recorded_unix_ms: u64,
-    /// Every blob the result names (outputs with their whole trees, stdout, stderr), as
-    /// (hex, size): a hit is only a hit while all of them are stored.
-    pub blobs: Vec<(String, u64)>,
+    /// Every blob the result names (outputs with their whole trees, stdout, stderr): a hit is
+    /// only a hit while all of them are stored intact.
+    pub blobs: Vec<Digest>,
 }
 
 /// One action of a job.
@@ -335,6 +340,30 @@ pub struct ActionRecord {
     /// Expected run time from recorded durations (actions made of steps).
     #[serde(default)]
     pub predicted_ms: u64,
+}
+
+impl ActionRecord {
+    /// A new action, queued at `now`.
+    pub fn queued(id: ActionId, job: &JobId, job_seq: u64, spec: ActionSpec, now: u64) -> Self {
+        Self {
+            id,
+            job: job.clone(),
+            job_seq,
+            spec,
+            state: ActionState::Queued,
+            attempts: 0,
+            queued_unix_ms: now,
+            lease: None,
+            last_agent: None,
+            reason: String::new(),
+            result: None,
+            unservable_since_unix_ms: None,
+            action_digest: String::new(),
+            cached: false,
+            started_unix_ms: 0,
+            predicted_ms: 0,
+        }
+    }
 }
 
 /// A submitted job.

@@ -116,6 +116,30 @@ impl fmt::Display for Digest {
     }
 }
 
+impl std::str::FromStr for Digest {
+    type Err = DigestError;
+    /// Parses the Display form, `<64 hex digits>/<size>`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || DigestError::BadHash(s.chars().take(80).collect());
+        let (hex, size) = s.split_once('/').ok_or_else(bad)?;
+        Self::from_hex(hex, size.parse().map_err(|_| bad())?)
+    }
+}
+
+/// Records (the coordinator's store) keep a digest as its Display form.
+impl serde::Serialize for Digest {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Digest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 impl fmt::Debug for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Digest({self})")
@@ -142,6 +166,14 @@ mod tests {
         }
         let d = Digest::of(b"mixed");
         assert_eq!(d.hex(), hex::encode(d.hash_bytes()));
+    }
+
+    #[test]
+    fn round_trips_through_text() {
+        let d = Digest::of(b"hello");
+        assert_eq!(d.to_string().parse::<Digest>(), Ok(d));
+        assert!("abc/5".parse::<Digest>().is_err());
+        assert!(format!("{}/x", d.hex()).parse::<Digest>().is_err());
     }
 
     #[test]

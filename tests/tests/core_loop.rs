@@ -68,12 +68,8 @@ fn tokens_join_agents_and_bad_tokens_register_nothing() {
     let (t2, _) = farm.token(&[]);
     let wrong = format!("sha256:{}", "0".repeat(64));
     let i = farm.spawn_agent("wrongpin", &t2, &wrong, &[]);
-    assert!(
-        matches!(farm.agents[i].wait_exit(Duration::from_secs(30)), Some(c) if c != 0) || {
-            farm.agents[i].kill();
-            true
-        }
-    );
+    let code = farm.agents[i].wait_exit(Duration::from_secs(30));
+    assert!(matches!(code, Some(c) if c != 0), "a wrong pin is fatal: exit {code:?}");
     assert!(
         farm.agents[i].log_text().contains("does not match the pin"),
         "{}",

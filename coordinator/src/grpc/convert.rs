@@ -28,10 +28,7 @@ pub fn action_to_proto(spec: &ActionSpec) -> v1::Action {
             })
             .collect(),
         working_directory: spec.working_directory.clone(),
-        input_root: spec.input_root.as_ref().map(|(h, s)| v1::Digest {
-            hash: h.clone(),
-            size_bytes: *s,
-        }),
+        input_root: spec.input_root.map(|d| d.to_proto()),
         platform: spec.platform.to_string(),
         required_labels: labels_to_proto(&spec.required_labels),
         timeout_ms: spec.timeout_ms,
@@ -45,10 +42,7 @@ pub fn action_to_proto(spec: &ActionSpec) -> v1::Action {
                 name: st.name.clone(),
                 argv: st.argv.clone(),
                 working_directory: st.working_directory.clone(),
-                input_root: st.input_root.as_ref().map(|(h, s)| v1::Digest {
-                    hash: h.clone(),
-                    size_bytes: *s,
-                }),
+                input_root: st.input_root.map(|d| d.to_proto()),
                 timeout_ms: st.timeout_ms,
                 history_key: st.history_key.clone(),
                 cache_key: st.cache_key.clone(),
@@ -210,26 +204,18 @@ pub fn completion_from_proto(r: &v1::ExecutionResult) -> Completion {
     }
 }
 
-/// The action cache key of an action: blake3 of its canonical ActionKey encoding.
+/// The action cache key of an action: blake3 of its canonical ActionKey encoding, the
+/// fields of its wire Action that decide the result.
 pub fn action_digest(spec: &ActionSpec) -> Digest {
+    let a = action_to_proto(spec);
     let key = v1::ActionKey {
         digest_function: "blake3".into(),
-        argv: spec.argv.clone(),
-        env: spec
-            .env
-            .iter()
-            .map(|(n, v)| v1::EnvVar {
-                name: n.clone(),
-                value: v.clone(),
-            })
-            .collect(),
-        working_directory: spec.working_directory.clone(),
-        input_root: spec.input_root.as_ref().map(|(h, s)| v1::Digest {
-            hash: h.clone(),
-            size_bytes: *s,
-        }),
-        platform: spec.platform.to_string(),
-        output_paths: spec.output_paths.clone(),
+        argv: a.argv,
+        env: a.env,
+        working_directory: a.working_directory,
+        input_root: a.input_root,
+        platform: a.platform,
+        output_paths: a.output_paths,
     };
     Digest::of(&key.encode_to_vec())
 }

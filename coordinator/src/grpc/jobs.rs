@@ -296,16 +296,12 @@ impl Jobs for JobsService {
         let actions: Vec<ActionRecord> = valid
             .platforms
             .iter()
-            .map(|p| ActionRecord {
-                action_digest: String::new(),
-                id: ActionId::new(&job_id, p),
-                job: job_id.clone(),
-                job_seq: seq,
-                spec: ActionSpec {
+            .map(|p| {
+                let spec = ActionSpec {
                     argv: spec.argv.iter().map(|a| expand_arg(a, p)).collect(),
                     env: valid.env.clone(),
                     working_directory: spec.working_directory.clone(),
-                    input_root: valid.input_root.map(|d| (d.hex(), d.size_bytes())),
+                    input_root: valid.input_root,
                     platform: p.clone(),
                     required_labels: valid.labels.clone(),
                     timeout_ms: spec.timeout_ms,
@@ -314,20 +310,9 @@ impl Jobs for JobsService {
                     no_cache: spec.no_cache,
                     steps: vec![],
                     exclusive: spec.exclusive,
-                },
-                state: ActionState::Queued,
-                attempts: 0,
-                queued_unix_ms: now,
-                lease: None,
-                last_agent: None,
-                reason: String::new(),
-                result: None,
-                unservable_since_unix_ms: None,
-                cached: false,
-                started_unix_ms: 0,
-                predicted_ms: 0,
-            })
-            .map(|mut a: ActionRecord| {
+                };
+                let mut a =
+                    ActionRecord::queued(ActionId::new(&job_id, p), &job_id, seq, spec, now);
                 a.action_digest = super::convert::action_digest(&a.spec).hex();
                 a
             })

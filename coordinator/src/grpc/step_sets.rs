@@ -112,7 +112,7 @@ pub fn validate(spec: &v1::JobSpec) -> Result<Vec<ValidStepSet>, Status> {
                 name: st.name.clone(),
                 argv: st.argv.clone(),
                 working_directory: wd.clone(),
-                input_root: input_root.map(|d| (d.hex(), d.size_bytes())),
+                input_root,
                 timeout_ms: st.timeout_ms,
                 history_key: st.history_key.clone(),
                 cache_key: st.cache_key.to_ascii_lowercase(),
@@ -121,14 +121,6 @@ pub fn validate(spec: &v1::JobSpec) -> Result<Vec<ValidStepSet>, Status> {
         out.push(ValidStepSet { platform, steps });
     }
     Ok(out)
-}
-
-fn digest_of(r: &(String, u64)) -> Result<Digest, Status> {
-    Digest::from_proto(&v1::Digest {
-        hash: r.0.clone(),
-        size_bytes: r.1,
-    })
-    .map_err(|e| invalid(e.to_string()))
 }
 
 /// Everything a job of step sets becomes: actions to queue (or already final) and the
@@ -175,17 +167,6 @@ pub fn expand(
         .map_err(|e| internal(anyhow::anyhow!("{e}")))?;
     for set in sets {
         let platform = set.platform;
-        // Each step's tree must be stored and well formed.
-        let mut step_digests: BTreeMap<String, Vec<Digest>> = BTreeMap::new();
-        for st in &set.steps {
-            let digests = match &st.input_root {
-                Some(r) => super::jobs::check_input_tree(shared, digest_of(r)?).map_err(|s| {
-                    Status::new(s.code(), format!("step {}: {}", st.name, s.message()))
-                })?,
-                None => vec![empty_digest],
-            };
-            step_digests.insert(st.name.clone(), digests);
-        }
         // The step cache: hits need no agent.
         let mut hits = Vec::new();
         let mut misses = Vec::new();
@@ -195,7 +176,7 @@ pub fn expand(
             } else {
                 shared
                     .farm()?
-                    .step_lookup(&st.cache_key, spec.allow_emulation, now)
+                    .cache_lookup(CacheKey::Step(&st.cache_key), spec.allow_emulation, now)
                     .map_err(internal)?
             };
             match hit {
@@ -208,7 +189,18 @@ pub fn expand(
                 None => misses.push(st),
             }
         }
-        let base_spec = |steps: Vec<StepSpec>, input_root: Option<(String, u64)>| ActionSpec {
+        // The trees of the steps that will run must be stored and well formed.
+        let mut step_digests: BTreeMap<String, Vec<Digest>> = BTreeMap::new();
+        for st in &misses {
+            let digests = match st.input_root {
+                Some(r) => super::jobs::check_input_tree(shared, r).map_err(|s| {
+                    Status::new(s.code(), format!("step {}: {}", st.name, s.message()))
+                })?,
+                None => vec![empty_digest],
+            };
+            step_digests.insert(st.name.clone(), digests);
+        }
+        let base_spec = |steps: Vec<StepSpec>, input_root: Option<Digest>| ActionSpec {
             argv: vec![],
             env: env.to_vec(),
             working_directory: String::new(),
@@ -222,24 +214,8 @@ pub fn expand(
             steps,
             exclusive: spec.exclusive,
         };
-        let record = |id: ActionId, spec: ActionSpec| ActionRecord {
-            id,
-            job: job_id.clone(),
-            job_seq: seq,
-            spec,
-            state: ActionState::Queued,
-            attempts: 0,
-            queued_unix_ms: now,
-            lease: None,
-            last_agent: None,
-            reason: String::new(),
-            result: None,
-            unservable_since_unix_ms: None,
-            action_digest: String::new(),
-            cached: false,
-            started_unix_ms: 0,
-            predicted_ms: 0,
-        };
+        let record =
+            |id: ActionId, spec: ActionSpec| ActionRecord::queued(id, job_id, seq, spec, now);
         if !hits.is_empty() {
             let n = hits.len();
             let result = v1::ExecutionResult {
@@ -270,14 +246,9 @@ pub fn expand(
         let known: Vec<Option<u64>> = misses
             .iter()
             .map(|st| {
-                let item = if st.history_key.is_empty() {
-                    &st.name
-                } else {
-                    &st.history_key
-                };
                 shared
                     .store
-                    .duration(&platform.to_string(), item)
+                    .duration(&platform.to_string(), st.history_item())
                     .map_err(internal)
             })
             .collect::<Result<_, _>>()?;
@@ -298,8 +269,8 @@ pub fn expand(
             let mut pins = Vec::new();
             steps.sort_by(|a, b| a.name.cmp(&b.name));
             for st in &steps {
-                let d = match &st.input_root {
-                    Some(r) => digest_of(r)?,
+                let d = match st.input_root {
+                    Some(r) => r,
                     None => empty_digest,
                 };
                 root.directories.push(v1::DirectoryNode {
@@ -323,10 +294,7 @@ pub fn expand(
                 .map_err(|e| internal(anyhow::anyhow!("failed to store a shard root: {e}")))?;
             pins.push(root_digest);
             let id = ActionId(format!("{job_id}/{platform}/shard-{}", k + 1));
-            let mut a = record(
-                id.clone(),
-                base_spec(steps, Some((root_digest.hex(), root_digest.size_bytes()))),
-            );
+            let mut a = record(id.clone(), base_spec(steps, Some(root_digest)));
             a.predicted_ms = shard.expected_ms;
             // Room for every step's watchdog (or the job's timeout per step) and a minute.
             let budget: u64 = a
@@ -367,7 +335,7 @@ pub fn lookup(
         let key = k.to_ascii_lowercase();
         if let Some(e) = shared
             .farm()?
-            .step_lookup(&key, allow_emulation, now)
+            .cache_lookup(CacheKey::Step(&key), allow_emulation, now)
             .map_err(internal)?
         {
             let mut r = v1::StepResult::decode(e.encoded.as_slice()).unwrap_or_default();

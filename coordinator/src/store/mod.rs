@@ -2,15 +2,15 @@
 //! actions, counters, and a schema version. Every mutating call is flushed before it returns,
 //! so a `kill -9` after a reply loses nothing the reply promised.
 use crate::model::{
-    ActionId, ActionRecord, AgentId, AgentRecord, CacheEntry, JobId, JobRecord, Principal,
-    StepCacheEntry, TokenRecord,
+    ActionId, ActionRecord, AgentId, AgentRecord, CacheEntry, CacheKey, JobId, JobRecord,
+    Principal, TokenRecord,
 };
 use anyhow::{bail, Context};
 use serde::{de::DeserializeOwned, Serialize};
 use std::path::Path;
 
 /// Schema of the records below; bumped on incompatible change.
-pub const SCHEMA_VERSION: &str = "1";
+pub const SCHEMA_VERSION: &str = "2";
 
 /// The coordinator's durable state.
 #[derive(Clone)]
@@ -22,9 +22,17 @@ pub struct Store {
     principals: sled::Tree,
     jobs: sled::Tree,
     actions: sled::Tree,
-    action_cache: sled::Tree,
-    step_cache: sled::Tree,
+    result_cache: sled::Tree,
     durations: sled::Tree,
+}
+
+/// Action and step keys live in one tree, apart by prefix: a client-chosen step key can never
+/// name an action's entry.
+fn cache_key(key: CacheKey<'_>) -> String {
+    match key {
+        CacheKey::Action(k) => format!("action/{k}"),
+        CacheKey::Step(k) => format!("step/{k}"),
+    }
 }
 
 fn encode<T: Serialize>(v: &T) -> anyhow::Result<Vec<u8>> {
@@ -66,8 +74,7 @@ impl Store {
             principals: db.open_tree("principals")?,
             jobs: db.open_tree("jobs")?,
             actions: db.open_tree("actions")?,
-            action_cache: db.open_tree("action_cache")?,
-            step_cache: db.open_tree("step_cache")?,
+            result_cache: db.open_tree("result_cache")?,
             durations: db.open_tree("durations")?,
             meta,
             db,
@@ -103,26 +110,13 @@ impl Store {
         self.add_counter(name, 0)
     }
 
-    /// Stores an action cache entry under the action's digest (hex).
-    pub fn put_cache_entry(&self, action_digest: &str, e: &CacheEntry) -> anyhow::Result<()> {
-        self.put(&self.action_cache, action_digest, e)
+    /// Stores a result cache entry.
+    pub fn put_cache_entry(&self, key: CacheKey<'_>, e: &CacheEntry) -> anyhow::Result<()> {
+        self.put(&self.result_cache, &cache_key(key), e)
     }
-    /// The action cache entry for an action digest (hex).
-    pub fn cache_entry(&self, action_digest: &str) -> anyhow::Result<Option<CacheEntry>> {
-        self.get("action cache", &self.action_cache, action_digest)
-    }
-    /// Removes an action cache entry.
-    pub fn remove_cache_entry(&self, action_digest: &str) -> anyhow::Result<()> {
-        self.action_cache.remove(action_digest)?;
-        Ok(())
-    }
-    /// Stores a passing step result under its cache key.
-    pub fn put_step_entry(&self, cache_key: &str, e: &StepCacheEntry) -> anyhow::Result<()> {
-        self.put(&self.step_cache, cache_key, e)
-    }
-    /// The step cache entry for a key.
-    pub fn step_entry(&self, cache_key: &str) -> anyhow::Result<Option<StepCacheEntry>> {
-        self.get("step cache", &self.step_cache, cache_key)
+    /// The result cache entry for a key.
+    pub fn cache_entry(&self, key: CacheKey<'_>) -> anyhow::Result<Option<CacheEntry>> {
+        self.get("result cache", &self.result_cache, &cache_key(key))
     }
 
     /// Records a run of a work item on a platform: the history is a moving average
@@ -143,9 +137,9 @@ impl Store {
             .map(u64::from_be_bytes))
     }
 
-    /// Entries in the action cache.
+    /// Entries in the result cache (actions and steps).
     pub fn cache_entries(&self) -> usize {
-        self.action_cache.len()
+        self.result_cache.len()
     }
 
     /// Returns the next value of a persistent counter (starting at 1).
