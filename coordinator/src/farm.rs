@@ -389,21 +389,30 @@ impl Farm {
     pub fn agent_alive(&self, a: &AgentLive, now: u64) -> bool {
         a.alive(now, self.cfg.lease_ms)
     }
-    /// Slots an agent uses now.
-    pub fn slots_used(&self, agent: &AgentId) -> u32 {
-        let held: Vec<&ActionRecord> = self
-            .active
-            .values()
-            .filter(|a| a.lease.as_ref().is_some_and(|l| &l.agent == agent))
-            .collect();
-        if held.iter().any(|a| a.spec.exclusive) {
-            // An exclusive action has the whole agent.
-            return self
-                .agents
-                .get(agent)
-                .map_or(1, |a| a.record.facts.slots.max(1));
+    /// Slots each agent uses now and the actions it holds, from one pass over the active
+    /// actions (placement runs on every heartbeat). An exclusive action has the whole agent.
+    pub fn slot_usage(&self) -> HashMap<AgentId, (u32, Vec<ActionId>)> {
+        let mut usage: HashMap<AgentId, (u32, Vec<ActionId>)> = HashMap::new();
+        let mut exclusive = Vec::new();
+        for a in self.active.values() {
+            let Some(l) = &a.lease else { continue };
+            let (used, held) = usage.entry(l.agent.clone()).or_default();
+            *used += 1;
+            held.push(a.id.clone());
+            if a.spec.exclusive {
+                exclusive.push(l.agent.clone());
+            }
         }
-        held.len() as u32
+        for agent in exclusive {
+            let slots = self
+                .agents
+                .get(&agent)
+                .map_or(1, |a| a.record.facts.slots.max(1));
+            if let Some((used, _)) = usage.get_mut(&agent) {
+                *used = (*used).max(slots);
+            }
+        }
+        usage
     }
 
     /// Registers a freshly joined agent.
@@ -963,6 +972,7 @@ impl Farm {
     }
 
     fn agent_views(&self, now: u64) -> Vec<AgentView> {
+        let usage = self.slot_usage();
         self.agents
             .values()
             .filter(|a| !a.record.revoked)
@@ -977,7 +987,7 @@ impl Farm {
                     .collect(),
                 labels: a.record.labels.clone(),
                 slots: a.record.facts.slots,
-                used: self.slots_used(&a.record.id),
+                used: usage.get(&a.record.id).map_or(0, |(used, _)| *used),
                 connected: a.alive(now, self.cfg.lease_ms),
                 draining: a.record.draining,
             })
@@ -1396,7 +1406,7 @@ mod tests {
         h.complete("a", &format!("{plain}/linux/amd64"), fence, 0, 3);
         assert_eq!(h.assigns("a").len(), 1, "now it starts");
         assert_eq!(
-            h.farm.slots_used(&AgentId("a".into())),
+            h.farm.slot_usage()[&AgentId("a".into())].0,
             2,
             "and takes every slot"
         );

@@ -458,8 +458,9 @@ impl Jobs for JobsService {
         let mut resp = {
             let farm = self.0.farm()?;
             let mut agents = Vec::new();
+            let usage = farm.slot_usage();
             for a in farm.agents() {
-                let used = farm.slots_used(&a.record.id);
+                let (used, held) = usage.get(&a.record.id).cloned().unwrap_or_default();
                 let alive = farm.agent_alive(a, now);
                 let f = &a.record.facts;
                 agents.push(v1::AgentStatus {
@@ -483,11 +484,7 @@ impl Jobs for JobsService {
                     kernel: f.kernel.clone(),
                     free_disk_bytes: f.free_disk_bytes,
                     load_1m: f.load_1m,
-                    running_actions: farm
-                        .active_actions()
-                        .filter(|x| x.lease.as_ref().is_some_and(|l| l.agent == a.record.id))
-                        .map(|x| x.id.to_string())
-                        .collect(),
+                    running_actions: held.iter().map(|x| x.to_string()).collect(),
                 });
             }
             let mut queues: BTreeMap<String, v1::PlatformQueue> = BTreeMap::new();

@@ -22,6 +22,8 @@ pub struct Store {
     principals: sled::Tree,
     jobs: sled::Tree,
     actions: sled::Tree,
+    /// Ids of the actions not yet final, so a restart reads only those (not the history).
+    unfinished: sled::Tree,
     result_cache: sled::Tree,
     durations: sled::Tree,
 }
@@ -74,6 +76,7 @@ impl Store {
             principals: db.open_tree("principals")?,
             jobs: db.open_tree("jobs")?,
             actions: db.open_tree("actions")?,
+            unfinished: db.open_tree("unfinished_actions")?,
             result_cache: db.open_tree("result_cache")?,
             durations: db.open_tree("durations")?,
             meta,
@@ -239,7 +242,13 @@ impl Store {
 
     /// Saves an action.
     pub fn put_action(&self, a: &ActionRecord) -> anyhow::Result<()> {
-        self.put(&self.actions, a.id.as_str(), a)
+        self.put(&self.actions, a.id.as_str(), a)?;
+        if a.state.is_final() {
+            self.unfinished.remove(a.id.as_str())?;
+        } else {
+            self.unfinished.insert(a.id.as_str(), &[])?;
+        }
+        Ok(())
     }
     /// One action.
     pub fn action(&self, id: &ActionId) -> anyhow::Result<Option<ActionRecord>> {
@@ -247,11 +256,16 @@ impl Store {
     }
     /// Every action not yet final.
     pub fn unfinished_actions(&self) -> anyhow::Result<Vec<ActionRecord>> {
-        Ok(self
-            .all::<ActionRecord>("action", &self.actions)?
-            .into_iter()
-            .filter(|a| !a.state.is_final())
-            .collect())
+        let mut out = Vec::new();
+        for key in self.unfinished.iter().keys() {
+            let key = key?;
+            let id = ActionId(String::from_utf8_lossy(&key).into_owned());
+            let a = self
+                .action(&id)?
+                .with_context(|| format!("unfinished action {id} has no record"))?;
+            out.push(a);
+        }
+        Ok(out)
     }
 }
 
@@ -271,6 +285,54 @@ mod tests {
             description: String::new(),
             finished: false,
         }
+    }
+
+    #[test]
+    fn only_unfinished_actions_are_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = ActionSpec {
+            argv: vec!["true".into()],
+            env: vec![],
+            working_directory: String::new(),
+            input_root: None,
+            platform: "linux/amd64".parse().unwrap(),
+            required_labels: Labels::new(),
+            timeout_ms: 1_000,
+            allow_emulation: false,
+            output_paths: vec![],
+            no_cache: false,
+            steps: vec![],
+            exclusive: false,
+        };
+        let job = JobId("j-000001".into());
+        {
+            let s = Store::open(dir.path()).unwrap();
+            for (n, state) in [
+                ("a", ActionState::Queued),
+                ("b", ActionState::Running),
+                ("c", ActionState::Queued),
+            ] {
+                let mut a = ActionRecord::queued(ActionId(n.into()), &job, 1, spec.clone(), 0);
+                a.state = state;
+                s.put_action(&a).unwrap();
+            }
+            let mut done = s.action(&ActionId("c".into())).unwrap().unwrap();
+            done.state = ActionState::Succeeded;
+            s.put_action(&done).unwrap();
+            s.flush().unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        let ids: Vec<String> = s
+            .unfinished_actions()
+            .unwrap()
+            .into_iter()
+            .map(|a| a.id.0)
+            .collect();
+        assert_eq!(ids, vec!["a", "b"]);
+        assert_eq!(
+            s.action(&ActionId("c".into())).unwrap().unwrap().state,
+            ActionState::Succeeded
+        );
     }
 
     #[test]
