@@ -444,7 +444,7 @@ impl Farm {
         &mut self,
         mut job: JobRecord,
         actions: Vec<ActionRecord>,
-        pins: &dyn Fn(&ActionId) -> Vec<Digest>,
+        pins: &BTreeMap<ActionId, Vec<Digest>>,
         now: u64,
     ) -> anyhow::Result<()> {
         let mut cached = Vec::new();
@@ -497,7 +497,10 @@ impl Farm {
                 .publish(&job.id, JobUpdate::Action(Box::new(a.clone())));
         }
         for a in queued {
-            self.cas.pin(a.id.as_str(), pins(&a.id));
+            self.cas.pin(
+                a.id.as_str(),
+                pins.get(&a.id).into_iter().flatten().copied(),
+            );
             self.hubs
                 .publish(&job.id, JobUpdate::Action(Box::new(a.clone())));
             self.active_by_job
@@ -1201,7 +1204,9 @@ mod tests {
                 description: String::new(),
                 finished: false,
             };
-            self.farm.submit(record, actions, &|_| vec![], now).unwrap();
+            self.farm
+                .submit(record, actions, &BTreeMap::new(), now)
+                .unwrap();
             job
         }
 

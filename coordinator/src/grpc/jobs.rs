@@ -195,55 +195,6 @@ fn job_status_of(shared: &SharedRef, id: &JobId) -> Option<v1::JobStatus> {
     load_job(shared, id).ok().map(|(j, a)| job_status(&j, &a))
 }
 
-impl JobsService {
-    async fn submit_step_sets(
-        &self,
-        who: &Principal,
-        spec: v1::JobSpec,
-        valid: ValidSpec,
-    ) -> Result<Response<v1::SubmitResponse>, Status> {
-        let shared = self.0.clone();
-        let sets = super::step_sets::validate(&spec)?;
-        let now = shared.now();
-        let seq = shared.store.next_counter("job").map_err(internal)?;
-        let job_id = JobId(format!("j-{seq:06}"));
-        let (s, j, sp) = (shared.clone(), job_id.clone(), spec.clone());
-        let exp = tokio::task::spawn_blocking(move || {
-            super::step_sets::expand(&s, &j, seq, &sp, sets, &valid.env, &valid.labels, now)
-        })
-        .await
-        .map_err(|e| Status::internal(format!("step expansion failed: {e}")))??;
-        let steps: usize = spec.step_sets.iter().map(|s| s.steps.len()).sum();
-        let description = if spec.description.is_empty() {
-            format!("{steps} steps on {} platforms", spec.step_sets.len())
-        } else {
-            spec.description.clone()
-        };
-        let job = JobRecord {
-            id: job_id.clone(),
-            seq,
-            spec: spec.encode_to_vec(),
-            submitter: who.name.clone(),
-            submitted_unix_ms: now,
-            actions: exp.actions.iter().map(|a| a.id.clone()).collect(),
-            description,
-            finished: false,
-        };
-        let pins = exp.pins;
-        shared
-            .farm()?
-            .submit(
-                job,
-                exp.actions,
-                &|id| pins.get(id).cloned().unwrap_or_default(),
-                now,
-            )
-            .map_err(internal)?;
-        tracing::info!(job = %job_id, by = %who.name, steps, "job of step sets submitted");
-        Ok(Response::new(v1::SubmitResponse { job_id: job_id.0 }))
-    }
-}
-
 #[tonic::async_trait]
 impl Jobs for JobsService {
     async fn lookup_steps(
@@ -273,50 +224,76 @@ impl Jobs for JobsService {
             .spec
             .ok_or_else(|| invalid("spec: missing"))?;
         let valid = validate_spec(&spec)?;
-        if !spec.step_sets.is_empty() {
-            return self.submit_step_sets(&who, spec, valid).await;
-        }
-        let input_digests = match valid.input_root {
-            Some(root) => {
-                let s = shared.clone();
-                tokio::task::spawn_blocking(move || check_input_tree(&s, root))
-                    .await
-                    .map_err(|e| Status::internal(format!("input check failed: {e}")))??
-            }
-            None => vec![],
+        let sets = if spec.step_sets.is_empty() {
+            None
+        } else {
+            Some(super::step_sets::validate(&spec)?)
         };
         let now = shared.now();
         let seq = shared.store.next_counter("job").map_err(internal)?;
         let job_id = JobId(format!("j-{seq:06}"));
-        let description = if spec.description.is_empty() {
-            spec.argv.join(" ").chars().take(200).collect()
-        } else {
-            spec.description.clone()
-        };
-        let actions: Vec<ActionRecord> = valid
-            .platforms
-            .iter()
-            .map(|p| {
-                let spec = ActionSpec {
-                    argv: spec.argv.iter().map(|a| expand_arg(a, p)).collect(),
-                    env: valid.env.clone(),
-                    working_directory: spec.working_directory.clone(),
-                    input_root: valid.input_root,
-                    platform: p.clone(),
-                    required_labels: valid.labels.clone(),
-                    timeout_ms: spec.timeout_ms,
-                    allow_emulation: spec.allow_emulation,
-                    output_paths: valid.output_paths.clone(),
-                    no_cache: spec.no_cache,
-                    steps: vec![],
-                    exclusive: spec.exclusive,
+        let (actions, pins, description) = match sets {
+            Some(sets) => {
+                let (s, j, sp) = (shared.clone(), job_id.clone(), spec.clone());
+                let exp = tokio::task::spawn_blocking(move || {
+                    super::step_sets::expand(&s, &j, seq, &sp, sets, &valid.env, &valid.labels, now)
+                })
+                .await
+                .map_err(|e| Status::internal(format!("step expansion failed: {e}")))??;
+                let steps: usize = spec.step_sets.iter().map(|s| s.steps.len()).sum();
+                let description = format!("{steps} steps on {} platforms", spec.step_sets.len());
+                (exp.actions, exp.pins, description)
+            }
+            None => {
+                let input_digests = match valid.input_root {
+                    Some(root) => {
+                        let s = shared.clone();
+                        tokio::task::spawn_blocking(move || check_input_tree(&s, root))
+                            .await
+                            .map_err(|e| Status::internal(format!("input check failed: {e}")))??
+                    }
+                    None => vec![],
                 };
-                let mut a =
-                    ActionRecord::queued(ActionId::new(&job_id, p), &job_id, seq, spec, now);
-                a.action_digest = super::convert::action_digest(&a.spec).hex();
-                a
-            })
-            .collect();
+                let actions: Vec<ActionRecord> = valid
+                    .platforms
+                    .iter()
+                    .map(|p| {
+                        let spec = ActionSpec {
+                            argv: spec.argv.iter().map(|a| expand_arg(a, p)).collect(),
+                            env: valid.env.clone(),
+                            working_directory: spec.working_directory.clone(),
+                            input_root: valid.input_root,
+                            platform: p.clone(),
+                            required_labels: valid.labels.clone(),
+                            timeout_ms: spec.timeout_ms,
+                            allow_emulation: spec.allow_emulation,
+                            output_paths: valid.output_paths.clone(),
+                            no_cache: spec.no_cache,
+                            steps: vec![],
+                            exclusive: spec.exclusive,
+                        };
+                        let mut a = ActionRecord::queued(
+                            ActionId::new(&job_id, p),
+                            &job_id,
+                            seq,
+                            spec,
+                            now,
+                        );
+                        a.action_digest = super::convert::action_digest(&a.spec).hex();
+                        a
+                    })
+                    .collect();
+                let pins = actions
+                    .iter()
+                    .map(|a| (a.id.clone(), input_digests.clone()))
+                    .collect();
+                (
+                    actions,
+                    pins,
+                    spec.argv.join(" ").chars().take(200).collect(),
+                )
+            }
+        };
         let job = JobRecord {
             id: job_id.clone(),
             seq,
@@ -324,14 +301,18 @@ impl Jobs for JobsService {
             submitter: who.name.clone(),
             submitted_unix_ms: now,
             actions: actions.iter().map(|a| a.id.clone()).collect(),
-            description,
+            description: if spec.description.is_empty() {
+                description
+            } else {
+                spec.description.clone()
+            },
             finished: false,
         };
         shared
             .farm()?
-            .submit(job, actions, &|_| input_digests.clone(), now)
+            .submit(job, actions, &pins, now)
             .map_err(internal)?;
-        tracing::info!(job = %job_id, by = %who.name, platforms = ?spec.platforms, "job submitted");
+        tracing::info!(job = %job_id, by = %who.name, "job submitted");
         Ok(Response::new(v1::SubmitResponse { job_id: job_id.0 }))
     }
 
