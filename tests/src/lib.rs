@@ -208,6 +208,36 @@ impl Farm {
         })
     }
 
+    /// Submits a job over gRPC with the credentials in `creds` (None: no client certificate);
+    /// returns the job id or the refusal.
+    pub fn submit_as(
+        &self,
+        creds: Option<&Path>,
+        spec: v1::JobSpec,
+    ) -> Result<String, tonic::Status> {
+        let ch = self.channel(creds).expect("channel");
+        self.block_on(async move {
+            let r = v1::jobs_client::JobsClient::new(ch)
+                .submit(v1::SubmitRequest { spec: Some(spec) })
+                .await?;
+            Ok(r.into_inner().job_id)
+        })
+    }
+
+    /// A blob from the coordinator's store, as text.
+    pub fn read_blob(&self, d: &v1::Digest) -> String {
+        let ch = self.channel(Some(&self.admin_dir())).expect("channel");
+        let d = d.clone();
+        let r = self.block_on(async move {
+            v1::cas_client::CasClient::new(ch)
+                .batch_read(v1::BatchReadRequest { digests: vec![d] })
+                .await
+                .expect("batch read")
+                .into_inner()
+        });
+        String::from_utf8_lossy(&r.blobs[0].data).into_owned()
+    }
+
     /// A job's status.
     pub fn job(&self, id: &str) -> anyhow::Result<v1::JobStatus> {
         let ch = self.channel(Some(&self.admin_dir()))?;
@@ -245,43 +275,38 @@ impl Farm {
 
     /// Starts an agent process with the given token and CA hash.
     pub fn spawn_agent(&mut self, name: &str, token: &str, ca_hash: &str, extra: &[&str]) -> usize {
-        let log = self.dir.path().join(format!("agent-{name}.log"));
-        let (out, err) = Self::open_log(&log);
-        let child = Command::new(self.bins.join("archfarm-agent"))
-            .arg("--coordinator")
-            .arg(self.url())
-            .arg("--data-dir")
-            .arg(self.dir.path().join(format!("agent-{name}")))
-            .args(["--token", token, "--ca-hash", ca_hash])
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .expect("spawn agent");
+        let name = format!("agent-{name}");
+        let log = self.dir.path().join(format!("{name}.log"));
+        let mut args = vec!["--token", token, "--ca-hash", ca_hash];
+        args.extend_from_slice(extra);
+        let child = self.start_agent_process(&name, &log, &args);
         self.agents.push(Proc {
-            name: format!("agent-{name}"),
+            name,
             child: Some(child),
             log,
         });
         self.agents.len() - 1
     }
 
-    /// Restarts agent `i` with its stored credentials (no token).
-    pub fn restart_agent(&mut self, i: usize, extra: &[&str]) {
-        let name = self.agents[i].name.clone();
-        let (out, err) = Self::open_log(&self.agents[i].log);
-        let child = Command::new(self.bins.join("archfarm-agent"))
+    /// Starts `archfarm-agent` with data dir `<farm>/<name>`, logging to `log`.
+    fn start_agent_process(&self, name: &str, log: &Path, extra: &[&str]) -> Child {
+        let (out, err) = Self::open_log(log);
+        Command::new(self.bins.join("archfarm-agent"))
             .arg("--coordinator")
             .arg(self.url())
             .arg("--data-dir")
-            .arg(self.dir.path().join(&name))
+            .arg(self.dir.path().join(name))
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(out)
             .stderr(err)
             .spawn()
-            .expect("spawn agent");
+            .expect("spawn agent")
+    }
+
+    /// Restarts agent `i` with its stored credentials (no token).
+    pub fn restart_agent(&mut self, i: usize, extra: &[&str]) {
+        let child = self.start_agent_process(&self.agents[i].name, &self.agents[i].log, extra);
         self.agents[i].child = Some(child);
     }
 
@@ -317,7 +342,12 @@ impl Farm {
 
     /// Runs `xtask` with the given credentials.
     pub fn cli_with(&self, args: &[&str], creds: &Path) -> Output {
-        let out = self.cli_command(args, creds).output().expect("run xtask");
+        self.run_logged(self.cli_command(args, creds), args)
+    }
+
+    /// Runs a prepared `xtask` command and keeps its output for the failure report.
+    pub fn run_logged(&self, mut cmd: Command, args: &[&str]) -> Output {
+        let out = cmd.output().expect("run xtask");
         self.cli_log.borrow_mut().push(format!(
             "$ xtask {}\n[exit {:?}]\n--- stdout\n{}--- stderr\n{}",
             args.join(" "),
@@ -326,6 +356,65 @@ impl Farm {
             String::from_utf8_lossy(&out.stderr)
         ));
         out
+    }
+
+    /// A copy of the repository's GOPATH tree of Go fixtures (tests/fixtures/go) in the farm's
+    /// directory, so tests may change it.
+    pub fn copy_go_fixtures(&self) -> PathBuf {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/go");
+        let dst = self.dir.path().join("gopath");
+        let st = Command::new("cp")
+            .arg("-r")
+            .arg(&src)
+            .arg(&dst)
+            .status()
+            .expect("run cp");
+        assert!(st.success(), "copy {}", src.display());
+        dst
+    }
+
+    /// Go's GOPATH mode on `gopath` (a list of paths is fine), cgo off, with this farm's own
+    /// build cache: for `go` itself and for the Go recipes of `xtask farm`.
+    pub fn go_env<'c>(
+        &self,
+        cmd: &'c mut Command,
+        gopath: impl AsRef<std::ffi::OsStr>,
+    ) -> &'c mut Command {
+        cmd.env("GO111MODULE", "off")
+            .env("GOPATH", gopath)
+            .env("GOCACHE", self.dir.path().join("gocache"))
+            .env("CGO_ENABLED", "0")
+    }
+
+    /// Runs `xtask ARGS` as the admin in `cwd` with [`Farm::go_env`] and `env`; returns the
+    /// output and its stdout followed by its stderr.
+    pub fn go_cli(
+        &self,
+        cwd: &Path,
+        gopath: impl AsRef<std::ffi::OsStr>,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> (Output, String) {
+        let mut cmd = self.cli_command(args, &self.admin_dir());
+        cmd.current_dir(cwd).envs(env.iter().copied());
+        self.go_env(&mut cmd, gopath);
+        let out = self.run_logged(cmd, args);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out, text)
+    }
+
+    /// Starts `xtask ARGS` as the admin in the background, its output piped (read it with
+    /// `wait_with_output`).
+    pub fn cli_spawn(&self, args: &[&str]) -> Child {
+        self.cli_command(args, &self.admin_dir())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start xtask")
     }
 
     /// The `xtask` command, not started.

@@ -416,14 +416,7 @@ fn bad_blobs_and_bad_trees_get_precise_statuses() {
             input_root: Some(d.to_proto()),
             ..Default::default()
         };
-        let c = ch.clone();
-        let e = farm
-            .block_on(async move {
-                v1::jobs_client::JobsClient::new(c)
-                    .submit(v1::SubmitRequest { spec: Some(spec) })
-                    .await
-            })
-            .unwrap_err();
+        let e = farm.submit_as(Some(&farm.admin_dir()), spec).unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{what}: {e:?}");
         assert!(e.message().contains(expect), "{what}: {}", e.message());
     }

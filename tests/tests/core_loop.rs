@@ -69,7 +69,10 @@ fn tokens_join_agents_and_bad_tokens_register_nothing() {
     let wrong = format!("sha256:{}", "0".repeat(64));
     let i = farm.spawn_agent("wrongpin", &t2, &wrong, &[]);
     let code = farm.agents[i].wait_exit(Duration::from_secs(30));
-    assert!(matches!(code, Some(c) if c != 0), "a wrong pin is fatal: exit {code:?}");
+    assert!(
+        matches!(code, Some(c) if c != 0),
+        "a wrong pin is fatal: exit {code:?}"
+    );
     assert!(
         farm.agents[i].log_text().contains("does not match the pin"),
         "{}",
@@ -96,26 +99,12 @@ fn roles_are_checked_on_every_call() {
         ..Default::default()
     };
     // No client certificate.
-    let ch = farm.channel(None).unwrap();
-    let s = spec.clone();
-    let e = farm
-        .block_on(async move {
-            v1::jobs_client::JobsClient::new(ch)
-                .submit(v1::SubmitRequest { spec: Some(s) })
-                .await
-        })
-        .unwrap_err();
+    let e = farm.submit_as(None, spec.clone()).unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
     // An agent certificate can neither submit nor administer.
     let ch = farm.channel(Some(&agent_creds)).unwrap();
-    let s = spec.clone();
-    let c2 = ch.clone();
     let e = farm
-        .block_on(async move {
-            v1::jobs_client::JobsClient::new(c2)
-                .submit(v1::SubmitRequest { spec: Some(s) })
-                .await
-        })
+        .submit_as(Some(&agent_creds), spec.clone())
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     let e = farm
@@ -233,35 +222,9 @@ fn foreign_binaries_run_on_emulated_agents_only_when_allowed() {
     farm.assert_no_unexpected_errors(&[]);
 }
 
-#[test]
-fn a_killed_agents_work_moves_and_late_results_are_refused() {
-    let mut farm = Farm::start(&["--lease-s", "4", "--heartbeat-s", "1"]);
-    let a = farm.add_agent("a", &["--slots", "1"]);
-    farm.wait_ready_agents(1);
-    let b = farm.add_agent("b", &["--slots", "1"]);
-    farm.wait_ready_agents(2);
-    let admin = farm.admin_dir();
-    // SIGKILL whichever agent runs the action.
-    let run = |farm: &Farm, marker: &str| {
-        farm.cli_command(
-            &[
-                "farm",
-                "run",
-                "--platform",
-                "linux/amd64",
-                "--",
-                "sh",
-                "-c",
-                &format!("sleep 3; echo {marker}"),
-            ],
-            &admin,
-        )
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap()
-    };
-    let client = run(&farm, "first");
+/// Waits for an action to run; returns the agent id running it and that agent's process
+/// (found by the id each agent stores in its data dir's agent.json).
+fn running_agent(farm: &Farm) -> (String, usize) {
     let mut holder = String::new();
     farm.wait_for("the action to start", Duration::from_secs(20), |f| {
         f.status().is_ok_and(|s| {
@@ -271,18 +234,41 @@ fn a_killed_agents_work_moves_and_late_results_are_refused() {
                 .is_some()
         })
     });
-    // Find the process of the holder by its data dir's agent.json.
-    let victim = [a, b]
-        .into_iter()
+    let process = (0..farm.agents.len())
         .find(|i| {
-            std::fs::read_to_string(
-                farm.dir
-                    .path()
-                    .join(format!("{}/agent.json", farm.agents[*i].name)),
-            )
-            .is_ok_and(|s| s.contains(&holder))
+            let json = farm
+                .dir
+                .path()
+                .join(&farm.agents[*i].name)
+                .join("agent.json");
+            std::fs::read_to_string(json).is_ok_and(|s| s.contains(&holder))
         })
-        .expect("holder agent process");
+        .expect("the holder's agent process");
+    (holder, process)
+}
+
+#[test]
+fn a_killed_agents_work_moves_and_late_results_are_refused() {
+    let mut farm = Farm::start(&["--lease-s", "4", "--heartbeat-s", "1"]);
+    farm.add_agent("a", &["--slots", "1"]);
+    farm.wait_ready_agents(1);
+    farm.add_agent("b", &["--slots", "1"]);
+    farm.wait_ready_agents(2);
+    // SIGKILL whichever agent runs the action.
+    let run = |farm: &Farm, marker: &str| {
+        farm.cli_spawn(&[
+            "farm",
+            "run",
+            "--platform",
+            "linux/amd64",
+            "--",
+            "sh",
+            "-c",
+            &format!("sleep 3; echo {marker}"),
+        ])
+    };
+    let client = run(&farm, "first");
+    let (holder, victim) = running_agent(&farm);
     farm.agents[victim].kill();
     let out = client.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -298,30 +284,10 @@ fn a_killed_agents_work_moves_and_late_results_are_refused() {
     );
 
     // Late result: freeze the agent running an action until its lease lapses, then thaw it.
-    let survivor = if victim == a { b } else { a };
     farm.restart_agent(victim, &["--slots", "1"]);
     farm.wait_ready_agents(2);
     let client = run(&farm, "second");
-    let mut holder = String::new();
-    farm.wait_for("the action to start", Duration::from_secs(20), |f| {
-        f.status().is_ok_and(|s| {
-            s.running
-                .first()
-                .map(|r| holder = r.agent_id.clone())
-                .is_some()
-        })
-    });
-    let frozen = [victim, survivor]
-        .into_iter()
-        .find(|i| {
-            std::fs::read_to_string(
-                farm.dir
-                    .path()
-                    .join(format!("{}/agent.json", farm.agents[*i].name)),
-            )
-            .is_ok_and(|s| s.contains(&holder))
-        })
-        .unwrap();
+    let (holder, frozen) = running_agent(&farm);
     farm.agents[frozen].signal(Signal::SIGSTOP);
     let out = client.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -352,25 +318,17 @@ fn a_coordinator_killed_mid_flight_loses_nothing() {
     ]);
     assert!(done.status.success(), "{}", stderr(&done));
     let done_id = job_id_from(&stderr(&done));
-    let admin = farm.admin_dir();
     let spawn = |farm: &Farm, cmd: &str| {
-        farm.cli_command(
-            &[
-                "farm",
-                "run",
-                "--platform",
-                "linux/amd64",
-                "--",
-                "sh",
-                "-c",
-                cmd,
-            ],
-            &admin,
-        )
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap()
+        farm.cli_spawn(&[
+            "farm",
+            "run",
+            "--platform",
+            "linux/amd64",
+            "--",
+            "sh",
+            "-c",
+            cmd,
+        ])
     };
     let running = spawn(&farm, "sleep 4; echo ran-through");
     farm.wait_for("one running", Duration::from_secs(20), |f| {
@@ -427,25 +385,16 @@ fn cancel_kills_the_whole_process_tree() {
     farm.add_agent("a", &[]);
     farm.wait_ready_agents(1);
     let marker = "987654.321";
-    let admin = farm.admin_dir();
-    let client = farm
-        .cli_command(
-            &[
-                "farm",
-                "run",
-                "--platform",
-                "linux/amd64",
-                "--",
-                "sh",
-                "-c",
-                &format!("sleep {marker} & sleep {marker}; wait"),
-            ],
-            &admin,
-        )
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let client = farm.cli_spawn(&[
+        "farm",
+        "run",
+        "--platform",
+        "linux/amd64",
+        "--",
+        "sh",
+        "-c",
+        &format!("sleep {marker} & sleep {marker}; wait"),
+    ]);
     farm.wait_for("the sleeps to start", Duration::from_secs(20), |_| {
         process_running(marker)
     });
@@ -523,16 +472,8 @@ fn bad_input_gets_precise_statuses_and_the_server_stays_up() {
         Code::FailedPrecondition,
         "upload",
     ));
-    let ch = farm.channel(Some(&farm.admin_dir())).unwrap();
     for (what, spec, code, text) in cases {
-        let c = ch.clone();
-        let e = farm
-            .block_on(async move {
-                v1::jobs_client::JobsClient::new(c)
-                    .submit(v1::SubmitRequest { spec: Some(spec) })
-                    .await
-            })
-            .unwrap_err();
+        let e = farm.submit_as(Some(&farm.admin_dir()), spec).unwrap_err();
         assert_eq!(e.code(), code, "{what}: {e:?}");
         assert!(e.message().contains(text), "{what}: {}", e.message());
     }

@@ -16,7 +16,7 @@ const SUITE: &str = "example.com/fixtures/e2e";
 const SYSTEM_GOPATH: &str = "/usr/share/gocode";
 
 /// The fixtures as a GOPATH entry of their own, followed by the system's.
-fn fixtures_gopath(dir: &Path) -> (PathBuf, String) {
+fn fixtures_gopath(farm: &Farm) -> (PathBuf, String) {
     assert!(
         Path::new(SYSTEM_GOPATH)
             .join("src/github.com/onsi/ginkgo")
@@ -24,43 +24,20 @@ fn fixtures_gopath(dir: &Path) -> (PathBuf, String) {
         "ginkgo v1 is missing: apt-get install golang-github-onsi-ginkgo-dev golang-gomega-dev \
          (.ci/run does)"
     );
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/go");
-    let dst = dir.join("gopath");
-    assert!(Command::new("cp")
-        .arg("-r")
-        .arg(&src)
-        .arg(&dst)
-        .status()
-        .unwrap()
-        .success());
+    let dst = farm.copy_go_fixtures();
     let gopath = format!("{}:{SYSTEM_GOPATH}", dst.display());
     (dst, gopath)
-}
-
-fn go_env(cmd: &mut Command, farm: &Farm, gopath: &str) {
-    cmd.env("GO111MODULE", "off")
-        .env("GOPATH", gopath)
-        .env("GOCACHE", farm.dir.path().join("gocache"));
 }
 
 fn ginkgo(farm: &Farm, fixtures: &Path, gopath: &str, args: &[&str]) -> (Output, String) {
     let mut all = vec!["farm", "ginkgo"];
     all.extend_from_slice(args);
-    let mut cmd = farm.cli_command(&all, &farm.admin_dir());
-    cmd.current_dir(fixtures.join("src/example.com/fixtures"));
-    go_env(&mut cmd, farm, gopath);
-    let out = cmd.output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    farm.cli_log.borrow_mut().push(format!(
-        "$ xtask {}\n[exit {:?}]\n{text}",
-        all.join(" "),
-        out.status.code()
-    ));
-    (out, text)
+    farm.go_cli(
+        &fixtures.join("src/example.com/fixtures"),
+        gopath,
+        &all,
+        &[],
+    )
 }
 
 /// The job id from `job <id>: ...`.
@@ -97,9 +74,8 @@ fn dry_run_locations(farm: &Farm, fixtures: &Path, gopath: &str) -> Vec<String> 
         .args(["test", "-c", "-o"])
         .arg(&bin)
         .arg(SUITE)
-        .current_dir(fixtures)
-        .env("CGO_ENABLED", "0");
-    go_env(&mut build, farm, gopath);
+        .current_dir(fixtures);
+    farm.go_env(&mut build, gopath);
     let st = build.status().unwrap();
     assert!(st.success(), "go test -c {SUITE} failed");
     let out = Command::new(&bin)
@@ -108,19 +84,6 @@ fn dry_run_locations(farm: &Farm, fixtures: &Path, gopath: &str) -> Vec<String> 
         .unwrap();
     assert!(out.status.success());
     announced_locations(&String::from_utf8_lossy(&out.stdout))
-}
-
-fn read_blob(farm: &Farm, d: &v1::Digest) -> String {
-    let ch = farm.channel(Some(&farm.admin_dir())).unwrap();
-    let d = d.clone();
-    let r = farm.block_on(async move {
-        v1::cas_client::CasClient::new(ch)
-            .batch_read(v1::BatchReadRequest { digests: vec![d] })
-            .await
-            .unwrap()
-            .into_inner()
-    });
-    String::from_utf8_lossy(&r.blobs[0].data).into_owned()
 }
 
 /// A farm with one agent labelled node-e2e and one plain agent; returns the labelled one's id.
@@ -171,7 +134,7 @@ fn junit_cases(xml: &str) -> Vec<(String, Option<String>)> {
 #[test]
 fn shards_run_only_on_the_node_e2e_agent_and_every_spec_runs_once() {
     let (farm, labelled) = start();
-    let (fixtures, gopath) = fixtures_gopath(farm.dir.path());
+    let (fixtures, gopath) = fixtures_gopath(&farm);
     let junit = farm.dir.path().join("junit");
     let (out, text) = ginkgo(
         &farm,
@@ -204,7 +167,7 @@ fn shards_run_only_on_the_node_e2e_agent_and_every_spec_runs_once() {
         let step = &r.step_results[0];
         assert_eq!(step.agent_id, labelled);
         assert_eq!(step.exit_code, 0);
-        outputs.push(read_blob(&farm, step.output.as_ref().unwrap()));
+        outputs.push(farm.read_blob(step.output.as_ref().unwrap()));
     }
     let plain = farm
         .agents
@@ -251,7 +214,7 @@ fn shards_run_only_on_the_node_e2e_agent_and_every_spec_runs_once() {
 #[test]
 fn a_failing_spec_fails_the_run_and_shows_in_junit() {
     let (farm, _) = start();
-    let (fixtures, gopath) = fixtures_gopath(farm.dir.path());
+    let (fixtures, gopath) = fixtures_gopath(&farm);
     let junit = farm.dir.path().join("junit");
     let (out, text) = ginkgo(
         &farm,
@@ -295,7 +258,7 @@ fn without_a_node_e2e_agent_the_suite_is_unschedulable() {
     let mut farm = Farm::start(&["--unschedulable-grace-s", "2"]);
     farm.add_agent("plain", &[]);
     farm.wait_ready_agents(1);
-    let (fixtures, gopath) = fixtures_gopath(farm.dir.path());
+    let (fixtures, gopath) = fixtures_gopath(&farm);
     let (out, text) = ginkgo(
         &farm,
         &fixtures,

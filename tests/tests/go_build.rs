@@ -6,7 +6,7 @@
 use archfarm_proto::Platform;
 use archfarm_tests::*;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 const PLATFORMS: [&str; 5] = [
@@ -17,20 +17,6 @@ const PLATFORMS: [&str; 5] = [
     "linux/riscv64",
 ];
 const HELLO: &str = "example.com/fixtures/hello";
-
-/// A copy of the repository's GOPATH of Go fixtures.
-fn gopath(dir: &Path) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/go");
-    let dst = dir.join("gopath");
-    let st = Command::new("cp")
-        .arg("-r")
-        .arg(&src)
-        .arg(&dst)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    dst
-}
 
 /// The e_machine field of an ELF file, in the byte order its EI_DATA byte names.
 fn elf_machine(path: &Path) -> u16 {
@@ -44,24 +30,11 @@ fn elf_machine(path: &Path) -> u16 {
     }
 }
 
-/// Runs `farm go-build ARGS` in `cwd` in GOPATH mode and logs it for failure reports.
+/// Runs `farm go-build ARGS` in `cwd` in GOPATH mode.
 fn go_build(farm: &Farm, gp: &Path, cwd: &Path, args: &[&str]) -> Output {
     let mut all = vec!["farm", "go-build"];
     all.extend_from_slice(args);
-    let mut cmd = farm.cli_command(&all, &farm.admin_dir());
-    cmd.current_dir(cwd)
-        .env("GO111MODULE", "off")
-        .env("GOPATH", gp)
-        .env("GOCACHE", farm.dir.path().join("gocache"));
-    let out = cmd.output().unwrap();
-    farm.cli_log.borrow_mut().push(format!(
-        "$ xtask {}\n[exit {:?}]\n--- stdout\n{}--- stderr\n{}",
-        all.join(" "),
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    ));
-    out
+    farm.go_cli(cwd, gp, &all, &[]).0
 }
 
 fn report(path: &Path) -> Value {
@@ -88,7 +61,7 @@ fn hello_for_five_platforms_matches_each_elf_machine_and_rebuilds_from_the_cache
     let mut farm = Farm::start(&[]);
     farm.add_agent("amd64", &[]);
     farm.wait_ready_agents(1);
-    let gp = gopath(farm.dir.path());
+    let gp = farm.copy_go_fixtures();
     let cwd = gp.join("src").join(HELLO);
     let mut args: Vec<&str> = Vec::new();
     for p in PLATFORMS {

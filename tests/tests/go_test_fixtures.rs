@@ -4,44 +4,12 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 use archfarm_tests::*;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn fixtures_gopath(dir: &Path) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/go");
-    let dst = dir.join("gopath");
-    assert!(Command::new("cp")
-        .arg("-r")
-        .arg(&src)
-        .arg(&dst)
-        .status()
-        .unwrap()
-        .success());
-    dst
-}
+use std::process::Output;
 
 fn go_test(farm: &Farm, gopath: &Path, args: &[&str], env: &[(&str, &str)]) -> (Output, String) {
     let mut all = vec!["farm", "go-test"];
     all.extend_from_slice(args);
-    let mut cmd = farm.cli_command(&all, &farm.admin_dir());
-    cmd.current_dir(gopath.join("src/example.com/fixtures"))
-        .env("GO111MODULE", "off")
-        .env("GOPATH", gopath)
-        .env("GOCACHE", farm.dir.path().join("gocache"));
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    farm.cli_log.borrow_mut().push(format!(
-        "$ xtask {}\n[exit {:?}]\n{text}",
-        all.join(" "),
-        out.status.code()
-    ));
-    (out, text)
+    farm.go_cli(&gopath.join("src/example.com/fixtures"), gopath, &all, env)
 }
 
 fn row<'a>(text: &'a str, pkg: &str) -> &'a str {
@@ -62,7 +30,7 @@ fn start() -> (Farm, PathBuf) {
         ],
     );
     farm.wait_ready_agents(2);
-    let gp = fixtures_gopath(farm.dir.path());
+    let gp = farm.copy_go_fixtures();
     (farm, gp)
 }
 

@@ -26,13 +26,6 @@ fn gopath(dir: &Path) -> PathBuf {
     dst
 }
 
-fn go_env(cmd: &mut Command, gopath: &Path, cache: &Path) {
-    cmd.env("GO111MODULE", "off")
-        .env("GOPATH", gopath)
-        .env("GOCACHE", cache)
-        .env("CGO_ENABLED", "0");
-}
-
 /// Package verdicts from a `go test -json` stream: import path -> "pass" | "fail" | "skip".
 fn verdicts(stream: &str) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
@@ -54,7 +47,7 @@ fn verdicts(stream: &str) -> BTreeMap<String, String> {
 
 /// Runs the package's test binary for `arch` directly (natively or under qemu-user) in the
 /// package directory, as `go test` would; returns "pass" or "fail".
-fn direct_verdict(gopath: &Path, cache: &Path, bins: &Path, pkg: &str, arch: &str) -> String {
+fn direct_verdict(farm: &Farm, gopath: &Path, bins: &Path, pkg: &str, arch: &str) -> String {
     let bin = bins
         .join(arch)
         .join(format!("{}.test", pkg.replace('/', "_")));
@@ -66,7 +59,7 @@ fn direct_verdict(gopath: &Path, cache: &Path, bins: &Path, pkg: &str, arch: &st
         .arg(pkg)
         .env("GOOS", "linux")
         .env("GOARCH", arch);
-    go_env(&mut build, gopath, cache);
+    farm.go_env(&mut build, gopath);
     let out = build.output().unwrap();
     assert!(
         out.status.success(),
@@ -106,7 +99,6 @@ fn k8s_utils_unit_tests_on_five_platforms_match_direct_runs_and_cache() {
     }
     farm.wait_ready_agents(5);
     let gp = gopath(farm.dir.path());
-    let cache = farm.dir.path().join("gocache");
     let src = gp.join("src/k8s.io/utils");
     let (json, junit) = (farm.dir.path().join("json"), farm.dir.path().join("junit"));
     let go_test = |extra: &[&str]| {
@@ -123,18 +115,7 @@ fn k8s_utils_unit_tests_on_five_platforms_match_direct_runs_and_cache() {
         }
         args.extend_from_slice(extra);
         args.push("./...");
-        let mut cmd = farm.cli_command(&args, &farm.admin_dir());
-        cmd.current_dir(&src);
-        go_env(&mut cmd, &gp, &cache);
-        let out = cmd.output().unwrap();
-        farm.cli_log.borrow_mut().push(format!(
-            "$ xtask {}\n[exit {:?}]\n--- stdout\n{}--- stderr\n{}",
-            args.join(" "),
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ));
-        out
+        farm.go_cli(&src, &gp, &args, &[]).0
     };
     let j = json.to_str().unwrap().to_string();
     let u = junit.to_str().unwrap().to_string();
@@ -173,7 +154,7 @@ fn k8s_utils_unit_tests_on_five_platforms_match_direct_runs_and_cache() {
             // only if three direct runs all disagree with the farm.
             let tries = if arch == "amd64" { 1 } else { 3 };
             let direct: Vec<String> = (0..tries)
-                .map(|_| direct_verdict(&gp, &cache, &bins, pkg, arch))
+                .map(|_| direct_verdict(&farm, &gp, &bins, pkg, arch))
                 .take_while(|want| want != got)
                 .collect();
             if direct.len() == tries {
@@ -194,30 +175,85 @@ fn k8s_utils_unit_tests_on_five_platforms_match_direct_runs_and_cache() {
         !any_fail,
         "exit code follows the verdicts:\n{stdout}"
     );
-    assert!(
-        stdout.contains('*') || stdout.to_lowercase().contains("emulated"),
-        "emulated runs are marked:\n{stdout}"
-    );
+    let rows = package_rows(&stdout);
+    assert!(rows.len() >= 20, "one matrix row per package:\n{stdout}");
+    for row in &rows {
+        assert_eq!(
+            row.matches('*').count(),
+            FOREIGN.len(),
+            "each emulated cell is marked: {row}"
+        );
+    }
 
-    // Nothing changed: every package on every platform comes from the cache.
+    // Nothing changed: every package on every platform comes from the cache, except a package
+    // whose first run needed a rerun (reruns are never cached).
+    let rerun: Vec<String> = std::iter::once("amd64")
+        .chain(FOREIGN)
+        .flat_map(|arch| {
+            reruns(&std::fs::read_to_string(json.join(format!("linux_{arch}.json"))).unwrap())
+        })
+        .collect();
+    let executed = || -> u64 {
+        farm.agents
+            .iter()
+            .map(|a| a.log_text().matches("action finished").count() as u64)
+            .sum()
+    };
+    let before_second = executed();
     let second = go_test(&["--timeout", "60s"]);
-    let text = String::from_utf8_lossy(&second.stdout).into_owned()
-        + &String::from_utf8_lossy(&second.stderr);
-    assert!(text.contains("cached"), "{text}");
-    let executed_before: u64 = farm
-        .agents
-        .iter()
-        .map(|a| a.log_text().matches("action finished").count() as u64)
-        .sum();
+    let text = String::from_utf8_lossy(&second.stdout).into_owned();
+    for row in package_rows(&text) {
+        if !rerun.iter().any(|p| row.contains(&format!(" {p} "))) {
+            assert_eq!(
+                row.matches("cached").count(),
+                1 + FOREIGN.len(),
+                "all cached: {row}\n{text}"
+            );
+        }
+    }
+    if rerun.is_empty() {
+        assert_eq!(
+            executed(),
+            before_second,
+            "a warm run executes nothing on any agent"
+        );
+    }
+    let before_third = executed();
     let third = go_test(&["--timeout", "60s"]);
-    let executed_after: u64 = farm
-        .agents
-        .iter()
-        .map(|a| a.log_text().matches("action finished").count() as u64)
-        .sum();
     assert_eq!(
-        executed_before, executed_after,
+        executed(),
+        before_third,
         "a warm run executes nothing on any agent"
     );
     assert_eq!(second.status.code(), third.status.code());
+}
+
+/// The package rows of go-test's matrix.
+fn package_rows(stdout: &str) -> Vec<&str> {
+    stdout
+        .lines()
+        .filter(|l| l.contains("k8s.io/utils/") && l.contains('│'))
+        .collect()
+}
+
+/// Packages of a `go test -json` stream that ended more than once (a rerun round appended).
+fn reruns(stream: &str) -> Vec<String> {
+    let mut ends: BTreeMap<String, u32> = BTreeMap::new();
+    for line in stream.lines() {
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        if v.get("Test").is_some_and(|t| !t.is_null()) {
+            continue;
+        }
+        if let (Some(pkg), Some("pass" | "fail" | "skip")) =
+            (v["Package"].as_str(), v["Action"].as_str())
+        {
+            *ends.entry(pkg.to_string()).or_default() += 1;
+        }
+    }
+    ends.into_iter()
+        .filter(|(_, n)| *n > 1)
+        .map(|(p, _)| p)
+        .collect()
 }

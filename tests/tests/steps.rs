@@ -48,34 +48,13 @@ fn step(name: &str, root: Digest, key: &str, timeout_ms: u64) -> v1::Step {
 }
 
 fn submit_and_wait(farm: &Farm, spec: v1::JobSpec) -> v1::JobStatus {
-    let ch = farm.channel(Some(&farm.admin_dir())).unwrap();
-    let id = farm.block_on(async move {
-        v1::jobs_client::JobsClient::new(ch)
-            .submit(v1::SubmitRequest { spec: Some(spec) })
-            .await
-            .unwrap()
-            .into_inner()
-            .job_id
-    });
+    let id = farm.submit_as(Some(&farm.admin_dir()), spec).unwrap();
     let mut last = None;
     farm.wait_for("the job to finish", Duration::from_secs(60), |f| {
         last = f.job(&id).ok();
         last.as_ref().is_some_and(|j| j.finished)
     });
     last.unwrap()
-}
-
-fn read_blob(farm: &Farm, d: &v1::Digest) -> String {
-    let ch = farm.channel(Some(&farm.admin_dir())).unwrap();
-    let d = d.clone();
-    let r = farm.block_on(async move {
-        v1::cas_client::CasClient::new(ch)
-            .batch_read(v1::BatchReadRequest { digests: vec![d] })
-            .await
-            .unwrap()
-            .into_inner()
-    });
-    String::from_utf8_lossy(&r.blobs[0].data).into_owned()
 }
 
 #[test]
@@ -129,7 +108,7 @@ fn step_sets_are_sharded_run_with_watchdogs_and_cached() {
     };
     let (pass, fail, hang) = (by("pass"), by("fail"), by("hang"));
     assert_eq!((pass.exit_code, pass.timed_out), (0, false));
-    let out = read_blob(&farm, pass.output.as_ref().unwrap());
+    let out = farm.read_blob(pass.output.as_ref().unwrap());
     assert!(
         out.contains("input data")
             && out.contains("to-stderr")
