@@ -247,6 +247,23 @@ impl Default for Digest {
 }
 
 impl LocalTree {
+    /// Several trees as one, for a single FindMissing and upload; the root is the last tree's.
+    pub fn merge<'a>(trees: impl IntoIterator<Item = &'a LocalTree>) -> LocalTree {
+        let mut all = LocalTree::default();
+        for t in trees {
+            all.directories
+                .extend(t.directories.iter().map(|(d, b)| (*d, b.clone())));
+            all.files
+                .extend(t.files.iter().map(|(d, p)| (*d, p.clone())));
+            all.stats.files += t.stats.files;
+            all.stats.file_bytes += t.stats.file_bytes;
+            all.stats.directories += t.stats.directories;
+            all.stats.symlinks += t.stats.symlinks;
+            all.root = t.root;
+        }
+        all
+    }
+
     /// Every digest the tree names, directories and files.
     pub fn all_digests(&self) -> Vec<Digest> {
         self.directories

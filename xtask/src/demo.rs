@@ -106,7 +106,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
     if args.fresh {
         remove_state(&dir)?;
     }
-    build_binaries()?;
+    eprintln!("building archfarm-coordinator and archfarm-agent");
+    build_binaries(&["archfarm-coordinator", "archfarm-agent"])?;
     std::fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
 
     let mut coordinator = spawn_detached(
@@ -125,7 +126,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
         coordinator.id()
     );
     let options = FarmOptions::demo();
-    let mut client = wait_for_coordinator(&dir, &mut coordinator, &options).await?;
+    let mut client =
+        wait_for_coordinator(&dir.join("coordinator.log"), &mut coordinator, &options).await?;
 
     let join = token::create_token(
         &mut client,
@@ -277,21 +279,17 @@ pub(crate) fn run_checked(command: &mut Command, what: &str) -> anyhow::Result<(
     Ok(())
 }
 
-fn build_binaries() -> anyhow::Result<()> {
+/// `cargo build` of the named workspace packages' binaries (a no-op when they are fresh).
+pub(crate) fn build_binaries(packages: &[&str]) -> anyhow::Result<()> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    eprintln!("building archfarm-coordinator and archfarm-agent");
+    let mut command = Command::new(cargo);
+    command.args(["build", "--quiet", "--bins"]);
+    for p in packages {
+        command.args(["-p", p]);
+    }
     run_checked(
-        Command::new(cargo)
-            .args([
-                "build",
-                "--bins",
-                "-p",
-                "archfarm-coordinator",
-                "-p",
-                "archfarm-agent",
-            ])
-            .current_dir(paths::workspace_root()),
-        "build the coordinator and agent",
+        command.current_dir(paths::workspace_root()),
+        &format!("build {}", packages.join(" and ")),
     )
 }
 
@@ -451,13 +449,13 @@ pub(crate) fn log_tail(path: &Path, n: usize) -> String {
     }
 }
 
-/// Waits until the coordinator has written its admin credentials and answers FarmStatus.
-async fn wait_for_coordinator(
-    dir: &Path,
+/// Waits until the coordinator has written its admin credentials and answers FarmStatus; if
+/// it exits or stays silent, the error carries the end of its log.
+pub(crate) async fn wait_for_coordinator(
+    log: &Path,
     coordinator: &mut Child,
     options: &FarmOptions,
 ) -> anyhow::Result<FarmClient> {
-    let log = dir.join("coordinator.log");
     let ca = options.credentials.join("ca.pem");
     let deadline = Instant::now() + START_TIMEOUT;
     let mut last_error = format!("{} does not exist yet", ca.display());
@@ -465,7 +463,7 @@ async fn wait_for_coordinator(
         if let Some(status) = exited(coordinator) {
             bail!(
                 "failed to start the coordinator: it exited with {status}\n{}",
-                log_tail(&log, 30)
+                log_tail(log, 30)
             );
         }
         if ca.exists() {
@@ -484,7 +482,7 @@ async fn wait_for_coordinator(
             bail!(
                 "failed to start the coordinator: no answer within {}s ({last_error})\n{}",
                 START_TIMEOUT.as_secs(),
-                log_tail(&log, 30)
+                log_tail(log, 30)
             );
         }
         tokio::time::sleep(Duration::from_millis(300)).await;

@@ -7,6 +7,7 @@ pub mod ci;
 pub mod demo;
 pub mod farm;
 pub mod ginkgo;
+pub mod go_vars;
 pub mod gobuild;
 pub mod gotest;
 pub mod paths;

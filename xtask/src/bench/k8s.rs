@@ -18,7 +18,7 @@
 //! measurement could not be made. Every process it starts is stopped on the way out, on
 //! error and on Ctrl-C too.
 use super::private::PrivateCoordinator;
-use crate::demo::{find_program, log_tail, run_checked};
+use crate::demo::{build_binaries, find_program, log_tail, run_checked};
 use crate::farm::display::{format_duration, now_unix_ms};
 use crate::farm::job::get_job;
 use crate::farm::status::farm_status;
@@ -558,7 +558,7 @@ async fn measure_in(
             }
         }
     }
-    build_agent()?;
+    build_binaries(&["archfarm-agent"])?;
 
     // (b), (c): the farm, cold then warm.
     let mut farm_platforms = vec!["linux/amd64".to_string()];
@@ -779,24 +779,6 @@ fn farm_command_words(platforms: &[String]) -> String {
     }
     w.push_str(" ./...");
     w
-}
-
-/// `cargo build -p archfarm-agent` in this workspace (a no-op when it is fresh).
-fn build_agent() -> anyhow::Result<()> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    run_checked(
-        Command::new(cargo)
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "archfarm-agent",
-                "--bin",
-                "archfarm-agent",
-            ])
-            .current_dir(paths::workspace_root()),
-        "build the agent",
-    )
 }
 
 /// A child process in its own process group; the whole group is killed when it ends or is

@@ -2,11 +2,10 @@
 //! on a free loopback port with its data in a temporary directory under target/, and stopped
 //! (SIGTERM, then SIGKILL) when the benchmark ends, so that a benchmark needs no farm running
 //! and always starts from an empty store.
-use crate::demo::{log_tail, run_checked};
-use crate::farm::status::farm_status;
+use crate::demo::{build_binaries, wait_for_coordinator};
 use crate::farm::{FarmClient, FarmOptions};
 use crate::paths;
-use anyhow::{bail, Context};
+use anyhow::Context;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use std::os::unix::process::CommandExt;
@@ -14,8 +13,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// How long the coordinator gets to answer.
-const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long it gets between SIGTERM and SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
@@ -34,7 +31,7 @@ impl PrivateCoordinator {
         let program = match program {
             Some(p) => p.to_path_buf(),
             None => {
-                build_coordinator()?;
+                build_binaries(&["archfarm-coordinator"])?;
                 paths::debug_binary("archfarm-coordinator")
             }
         };
@@ -83,39 +80,10 @@ impl PrivateCoordinator {
     }
 
     async fn wait_until_up(&mut self) -> anyhow::Result<FarmClient> {
-        let log = self.dir.path().join("coordinator.log");
-        let ca = self.options.credentials.join("ca.pem");
-        let deadline = Instant::now() + START_TIMEOUT;
-        let mut last_error = format!("{} does not exist yet", ca.display());
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                bail!(
-                    "failed to start a private coordinator: it exited with {status}\n{}",
-                    log_tail(&log, 30)
-                );
-            }
-            if ca.exists() {
-                let attempt = async {
-                    let mut client = FarmClient::connect(&self.options).await?;
-                    farm_status(&mut client, 1).await?;
-                    anyhow::Ok(client)
-                };
-                match tokio::time::timeout(Duration::from_secs(5), attempt).await {
-                    Ok(Ok(client)) => return Ok(client),
-                    Ok(Err(e)) => last_error = format!("{e:#}"),
-                    Err(_) => last_error = "no answer within 5 s".to_string(),
-                }
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "failed to start a private coordinator: no answer within {}s \
-                     ({last_error})\n{}",
-                    START_TIMEOUT.as_secs(),
-                    log_tail(&log, 30)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        let log = self.log_path();
+        wait_for_coordinator(&log, &mut self.child, &self.options)
+            .await
+            .context("failed to start a private coordinator")
     }
 
     /// The coordinator's log so far.
@@ -146,24 +114,6 @@ impl PrivateCoordinator {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// `cargo build -p archfarm-coordinator` in this workspace.
-fn build_coordinator() -> anyhow::Result<()> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    run_checked(
-        Command::new(cargo)
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "archfarm-coordinator",
-                "--bin",
-                "archfarm-coordinator",
-            ])
-            .current_dir(paths::workspace_root()),
-        "build the coordinator",
-    )
 }
 
 impl Drop for PrivateCoordinator {

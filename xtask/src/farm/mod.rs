@@ -120,6 +120,17 @@ pub struct FarmClient {
 }
 
 impl FarmClient {
+    /// Opens the event stream of a job (Jobs.Watch).
+    pub async fn watch_job(
+        &mut self,
+        job_id: &str,
+    ) -> Result<tonic::Streaming<archfarm_proto::v1::JobEvent>, RpcError> {
+        let req = archfarm_proto::v1::WatchRequest {
+            job_id: job_id.to_string(),
+        };
+        rpc(self.jobs.watch(req).await)
+    }
+
     /// Loads the credentials and connects (mutual TLS, trusting only the farm CA).
     pub async fn connect(options: &FarmOptions) -> anyhow::Result<Self> {
         let dir = &options.credentials;

@@ -280,7 +280,8 @@ pub async fn run_job(
         eprintln!("job {job_id} submitted");
     }
     let mut stream = Some(
-        open_watch(client, &job_id)
+        client
+            .watch_job(&job_id)
             .await
             .with_context(|| format!("failed to watch job {job_id}"))?,
     );
@@ -481,18 +482,6 @@ fn next_interrupt() -> Pin<Box<dyn Future<Output = ()> + Send>> {
     })
 }
 
-async fn open_watch(
-    client: &mut FarmClient,
-    job_id: &str,
-) -> Result<Streaming<v1::JobEvent>, RpcError> {
-    rpc(client
-        .jobs
-        .watch(v1::WatchRequest {
-            job_id: job_id.to_string(),
-        })
-        .await)
-}
-
 /// When the coordinator process started, if it says.
 async fn coordinator_started_unix_ms(client: &mut FarmClient) -> Option<u64> {
     super::status::farm_status(client, 1)
@@ -535,7 +524,7 @@ async fn rewatch(
             Err(e) => format!("{e:#}"),
             Ok(()) => match super::job::get_job(client, job_id).await {
                 Ok(job) if job.finished => return Ok(Resumed::Finished(job)),
-                Ok(_) => match open_watch(client, job_id).await {
+                Ok(_) => match client.watch_job(job_id).await {
                     Ok(s) => {
                         let started = coordinator_started_unix_ms(client).await;
                         return Ok(Resumed::Stream(s, started));

@@ -341,22 +341,6 @@ fn encode_node(node: &Node, tree: &mut LocalTree) -> Digest {
     digest
 }
 
-/// All trees as one, for a single FindMissing and upload (the root is the last tree's).
-pub fn merge_trees<'a>(trees: impl IntoIterator<Item = &'a LocalTree>) -> LocalTree {
-    let mut all = LocalTree::default();
-    for t in trees {
-        all.directories
-            .extend(t.directories.iter().map(|(d, b)| (*d, b.clone())));
-        all.files
-            .extend(t.files.iter().map(|(d, p)| (*d, p.clone())));
-        all.stats.files += t.stats.files;
-        all.stats.file_bytes += t.stats.file_bytes;
-        all.stats.directories += t.stats.directories;
-        all.root = t.root;
-    }
-    all
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

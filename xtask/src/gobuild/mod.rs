@@ -21,15 +21,16 @@ use crate::farm::display::{format_duration, format_ms, mode};
 use crate::farm::download::platform_dir;
 use crate::farm::run::{write_json_report, REWATCH_FOR};
 use crate::farm::upload::{upload_tree, Progress, UploadReport};
-use crate::farm::{rpc, FarmClient, RpcError};
+use crate::farm::{rpc, FarmClient};
+use crate::go_vars::{CGO_VARS, PURE_BUILD_VARS};
 use crate::gotest::golist::{go_command, go_list, platform_env, GoPackage};
 use anyhow::{bail, Context};
 use archfarm_proto::tree::hash_file;
 use archfarm_proto::v1::{self, job_event, ActionState, JobStatus};
 use archfarm_proto::{Digest, Platform};
 use futures::stream::{FuturesUnordered, StreamExt};
-use inputs::{compose_tree, merge_trees, module_files, select_inputs, FileHasher, Layout};
-use plan::{name_targets, BuildSettings, Target, CGO_ENV_VARS, PURE_ENV_VARS};
+use inputs::{compose_tree, module_files, select_inputs, FileHasher, Layout};
+use plan::{name_targets, BuildSettings, Target};
 use report::{BuildState, TargetResult};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -281,24 +282,12 @@ async fn submit_jobs(
     Ok(jobs)
 }
 
-async fn open_watch(
-    client: &mut FarmClient,
-    job_id: &str,
-) -> Result<tonic::Streaming<v1::JobEvent>, RpcError> {
-    rpc(client
-        .jobs
-        .watch(v1::WatchRequest {
-            job_id: job_id.to_string(),
-        })
-        .await)
-}
-
 /// Follows one job until it is finished: its watch stream, and after a break polling and
 /// watching again for up to [`REWATCH_FOR`].
 async fn wait_job(mut client: FarmClient, job_id: String) -> anyhow::Result<JobStatus> {
     let mut broken_since: Option<Instant> = None;
     loop {
-        match open_watch(&mut client, &job_id).await {
+        match client.watch_job(&job_id).await {
             Ok(mut stream) => {
                 while let Ok(Some(event)) = stream.message().await {
                     broken_since = None;
@@ -537,8 +526,8 @@ async fn print_failed_outputs(
 
 /// The variables of the user's environment that the build needs, as set.
 fn user_env(cgo: bool) -> Vec<(String, String)> {
-    let cgo_vars: &[&str] = if cgo { CGO_ENV_VARS } else { &[] };
-    PURE_ENV_VARS
+    let cgo_vars: &[&str] = if cgo { CGO_VARS } else { &[] };
+    PURE_BUILD_VARS
         .iter()
         .chain(cgo_vars)
         .filter_map(|k| {
@@ -606,7 +595,12 @@ pub async fn command(client: &mut FarmClient, args: &GoBuildArgs) -> anyhow::Res
     })
     .await
     .context("failed to join the hashing task")??;
-    let upload: UploadReport = upload_tree(client, &merge_trees(&trees), Progress::Auto).await?;
+    let upload: UploadReport = upload_tree(
+        client,
+        &archfarm_proto::tree::LocalTree::merge(&trees),
+        Progress::Auto,
+    )
+    .await?;
     let files: u64 = trees.iter().map(|t| t.stats.files).max().unwrap_or(0);
     eprintln!(
         "{} (up to {files} source file{} per platform)",

@@ -16,27 +16,6 @@ pub const GO_VERSION_VAR: &str = "ARCHFARM_GO_VERSION";
 /// Exit code of an action whose agent has another Go version than the client.
 pub const WRONG_GO_EXIT: i32 = 125;
 
-/// Variables of the user's environment that change what `go build` produces for pure-Go
-/// targets; passed to the action as they are set here.
-pub const PURE_ENV_VARS: &[&str] = &[
-    "GOEXPERIMENT",
-    "GOAMD64",
-    "GOARM64",
-    "GOPPC64",
-    "GORISCV64",
-    "GO386",
-];
-/// More such variables for cgo builds: the C toolchain's.
-pub const CGO_ENV_VARS: &[&str] = &[
-    "CC",
-    "CXX",
-    "CGO_CFLAGS",
-    "CGO_CPPFLAGS",
-    "CGO_CXXFLAGS",
-    "CGO_LDFLAGS",
-    "PKG_CONFIG_PATH",
-];
-
 /// The file name `go build` gives a command: the last element of its import path; in module
 /// mode a major-version suffix (`example.com/tool/v2`) names the element before it.
 pub fn binary_name(import_path: &str, module_mode: bool) -> String {

@@ -14,21 +14,6 @@ use std::path::{Path, PathBuf};
 /// Version tag hashed first: bump it when what a key covers changes.
 pub const KEY_VERSION: &str = "archfarm-go-test-v1";
 
-/// Variables of the user's environment that change what `go test -c` builds; their values go
-/// into every key.
-pub const BUILD_ENV_VARS: &[&str] = &[
-    "GOFLAGS",
-    "GOEXPERIMENT",
-    "GOAMD64",
-    "GOARM64",
-    "GOPPC64",
-    "GORISCV64",
-    "GO386",
-    "CC",
-    "CGO_CFLAGS",
-    "CGO_LDFLAGS",
-];
-
 /// Everything a key covers besides the packages' files.
 #[derive(Debug, Clone)]
 pub struct KeyContext<'a> {

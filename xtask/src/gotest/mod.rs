@@ -25,6 +25,7 @@ use crate::farm::args::{ensure_unique, parse_env_var, EnvVarArg};
 use crate::farm::blobs::{batch_read, plan_batches, read_blob, MAX_BATCH_BLOB_BYTES};
 use crate::farm::upload::{upload_tree, Progress};
 use crate::farm::{rpc, FarmClient};
+use crate::go_vars::{CGO_VARS, PURE_BUILD_VARS};
 use anyhow::{bail, Context};
 use archfarm_proto::tree::{build_local_tree, LocalTree};
 use archfarm_proto::v1::{self, JobStatus, StepResult};
@@ -32,7 +33,7 @@ use archfarm_proto::{Digest, Platform};
 use events::{test2json, TestEvent};
 use futures::StreamExt;
 use golist::{go_list, go_minor_version, go_version, platform_env, GoPackage, PackageIndex};
-use key::{package_key, CacheKey, FileHashes, KeyContext, BUILD_ENV_VARS};
+use key::{package_key, CacheKey, FileHashes, KeyContext};
 use report::Results;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -350,23 +351,6 @@ async fn build_and_stage(
 
 fn step_dir(stage: &Path, platform: &Platform, name: &str) -> PathBuf {
     stage.join(steps::platform_slug(platform)).join(name)
-}
-
-/// All trees as one, for a single FindMissing and upload.
-fn merge_trees<'a>(trees: impl IntoIterator<Item = &'a LocalTree>) -> LocalTree {
-    let mut all = LocalTree::default();
-    for t in trees {
-        all.directories
-            .extend(t.directories.iter().map(|(d, b)| (*d, b.clone())));
-        all.files
-            .extend(t.files.iter().map(|(d, p)| (*d, p.clone())));
-        all.stats.files += t.stats.files;
-        all.stats.file_bytes += t.stats.file_bytes;
-        all.stats.directories += t.stats.directories;
-        all.stats.symlinks += t.stats.symlinks;
-        all.root = t.root;
-    }
-    all
 }
 
 /// A job of step sets for `steps` (platform, step) with each step's `-test.run` pattern.
@@ -746,7 +730,11 @@ pub async fn command(client: &mut FarmClient, args: &GoTestArgs) -> anyhow::Resu
         }
     }
     let mut key_env: Vec<(String, String)> = job_env.clone();
-    for var in BUILD_ENV_VARS {
+    // Everything that changes what `go test -c` builds goes into every key, as set here.
+    for var in std::iter::once(&"GOFLAGS")
+        .chain(PURE_BUILD_VARS)
+        .chain(CGO_VARS)
+    {
         if let Ok(v) = std::env::var(var) {
             key_env.push((format!("build:{var}"), v));
         }
@@ -820,7 +808,7 @@ pub async fn command(client: &mut FarmClient, args: &GoTestArgs) -> anyhow::Resu
             results.insert((r.import_path.clone(), r.platform.clone()), r);
         }
         if !built.is_empty() {
-            let all = merge_trees(built.iter().map(|(_, t)| t));
+            let all = LocalTree::merge(built.iter().map(|(_, t)| t));
             let uploaded = upload_tree(client, &all, Progress::Auto).await?;
             eprintln!("{}", uploaded.summary());
             staged = built.into_iter().map(|(s, _)| s).collect();

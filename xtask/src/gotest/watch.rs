@@ -3,9 +3,9 @@
 //! A broken stream is watched again for a while; Ctrl-C cancels the job, twice gives up.
 use crate::farm::display::{format_ms, is_final};
 use crate::farm::run::{progress_line, Emit, JobWatch, REWATCH_FOR};
-use crate::farm::{rpc, FarmClient, RpcError};
+use crate::farm::FarmClient;
 use anyhow::{bail, Context};
-use archfarm_proto::v1::{self, job_event, ActionStatus, JobStatus};
+use archfarm_proto::v1::{job_event, ActionStatus, JobStatus};
 use std::collections::HashSet;
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -17,18 +17,6 @@ pub enum Verbosity {
     Quiet,
     /// Every state change and the shards' output.
     Verbose,
-}
-
-async fn open_watch(
-    client: &mut FarmClient,
-    job_id: &str,
-) -> Result<tonic::Streaming<v1::JobEvent>, RpcError> {
-    rpc(client
-        .jobs
-        .watch(v1::WatchRequest {
-            job_id: job_id.to_string(),
-        })
-        .await)
 }
 
 fn print(emits: Vec<Emit>) {
@@ -72,7 +60,8 @@ pub async fn follow_job(
     let mut watch = JobWatch::default();
     let mut lines = ShardLines::default();
     let mut stream = Some(
-        open_watch(client, job_id)
+        client
+            .watch_job(job_id)
             .await
             .with_context(|| format!("failed to watch job {job_id}"))?,
     );
@@ -91,7 +80,7 @@ pub async fn follow_job(
                         }
                         return Ok(job);
                     }
-                    Ok(_) => match open_watch(client, job_id).await {
+                    Ok(_) => match client.watch_job(job_id).await {
                         Ok(s) => {
                             watch.resumed(true);
                             stream = Some(s);
