@@ -1052,6 +1052,18 @@ pub(crate) mod tests {
         pub store: MemoryStore,
     }
 
+    impl Fixture {
+        /// Executes `a` as agent `agent-1`, streaming into `logs`, controlled by `control`.
+        pub(crate) async fn run(
+            &self,
+            a: &v1::Assign,
+            logs: &Collect,
+            control: &ActionControl,
+        ) -> v1::ExecutionResult {
+            execute(&self.settings, &self.store, logs, a, "agent-1", control).await
+        }
+    }
+
     pub(crate) fn fixture() -> Fixture {
         let dir = tempfile::tempdir().expect("tempdir");
         let settings = ExecutorSettings {
@@ -1105,15 +1117,7 @@ pub(crate) mod tests {
             &["sh", "-c", "echo out; echo err >&2; sleep 0.3; exit 3"],
             10_000,
         );
-        let r = execute(
-            &f.settings,
-            &f.store,
-            &logs,
-            &a,
-            "agent-1",
-            &ActionControl::default(),
-        )
-        .await;
+        let r = f.run(&a, &logs, &ActionControl::default()).await;
         assert_eq!(outcome(&r), v1::ExecutionOutcome::Exited, "{r:?}");
         assert_eq!(r.exit_code, 3);
         assert_eq!(blob(&f.store, r.stdout_digest.as_ref()), "out\n");
@@ -1137,15 +1141,9 @@ pub(crate) mod tests {
     async fn a_signal_is_128_plus_its_number() {
         let f = fixture();
         let a = assign(&["sh", "-c", "kill -9 $$"], 10_000);
-        let r = execute(
-            &f.settings,
-            &f.store,
-            &Collect::default(),
-            &a,
-            "a",
-            &ActionControl::default(),
-        )
-        .await;
+        let r = f
+            .run(&a, &Collect::default(), &ActionControl::default())
+            .await;
         assert_eq!(
             (outcome(&r), r.exit_code),
             (v1::ExecutionOutcome::Exited, 137)
@@ -1158,15 +1156,7 @@ pub(crate) mod tests {
         let a = assign(&["sh", "-c", "trap '' TERM; echo $$; sleep 100"], 300);
         let t = Instant::now();
         let logs = Collect::default();
-        let r = execute(
-            &f.settings,
-            &f.store,
-            &logs,
-            &a,
-            "a",
-            &ActionControl::default(),
-        )
-        .await;
+        let r = f.run(&a, &logs, &ActionControl::default()).await;
         assert_eq!(outcome(&r), v1::ExecutionOutcome::TimedOut, "{r:?}");
         assert_eq!(r.exit_code, -1);
         // 300 ms timeout + 1 s grace, plus slack for a busy machine.
@@ -1200,10 +1190,7 @@ pub(crate) mod tests {
             pgid
         };
         let t = Instant::now();
-        let (r, pgid) = tokio::join!(
-            execute(&f.settings, &f.store, &logs, &a, "a", &control),
-            watcher
-        );
+        let (r, pgid) = tokio::join!(f.run(&a, &logs, &control), watcher);
         assert_eq!(outcome(&r), v1::ExecutionOutcome::Cancelled, "{r:?}");
         assert!(r.message.contains("test"), "{}", r.message);
         assert!(t.elapsed() < Duration::from_secs(10));
@@ -1220,10 +1207,7 @@ pub(crate) mod tests {
             control.abandon("agent stopping");
         };
         let logs = Collect::default();
-        let (r, ()) = tokio::join!(
-            execute(&f.settings, &f.store, &logs, &a, "a", &control),
-            stopper
-        );
+        let (r, ()) = tokio::join!(f.run(&a, &logs, &control), stopper);
         assert_eq!(outcome(&r), v1::ExecutionOutcome::InfraError, "{r:?}");
         assert!(r.message.contains("agent stopping"), "{}", r.message);
     }
@@ -1234,15 +1218,7 @@ pub(crate) mod tests {
         let a = assign(&["sh", "-c", "echo $$; sleep 1000 & echo hi"], 60_000);
         let logs = Collect::default();
         let t = Instant::now();
-        let r = execute(
-            &f.settings,
-            &f.store,
-            &logs,
-            &a,
-            "a",
-            &ActionControl::default(),
-        )
-        .await;
+        let r = f.run(&a, &logs, &ActionControl::default()).await;
         assert_eq!(
             (outcome(&r), r.exit_code),
             (v1::ExecutionOutcome::Exited, 0)
@@ -1258,15 +1234,9 @@ pub(crate) mod tests {
     async fn a_missing_program_exits_127() {
         let f = fixture();
         let a = assign(&["archfarm-no-such-program"], 10_000);
-        let r = execute(
-            &f.settings,
-            &f.store,
-            &Collect::default(),
-            &a,
-            "a",
-            &ActionControl::default(),
-        )
-        .await;
+        let r = f
+            .run(&a, &Collect::default(), &ActionControl::default())
+            .await;
         assert_eq!(
             (outcome(&r), r.exit_code),
             (v1::ExecutionOutcome::Exited, 127)
@@ -1277,15 +1247,9 @@ pub(crate) mod tests {
             "{err}"
         );
         let a = assign(&["./missing.sh"], 10_000);
-        let r = execute(
-            &f.settings,
-            &f.store,
-            &Collect::default(),
-            &a,
-            "a",
-            &ActionControl::default(),
-        )
-        .await;
+        let r = f
+            .run(&a, &Collect::default(), &ActionControl::default())
+            .await;
         assert_eq!(r.exit_code, 127);
     }
 
@@ -1326,15 +1290,9 @@ pub(crate) mod tests {
             .work_root
             .join(work_dir_name(&a.action_id, a.fence));
         let w = work.display();
-        let r = execute(
-            &f.settings,
-            &f.store,
-            &Collect::default(),
-            &a,
-            "a",
-            &ActionControl::default(),
-        )
-        .await;
+        let r = f
+            .run(&a, &Collect::default(), &ActionControl::default())
+            .await;
         assert_eq!(
             (outcome(&r), r.exit_code),
             (v1::ExecutionOutcome::Exited, 0),
@@ -1362,15 +1320,9 @@ pub(crate) mod tests {
             action.platform = foreign.to_string();
         }
         a.emulated = true;
-        let r = execute(
-            &f.settings,
-            &f.store,
-            &Collect::default(),
-            &a,
-            "a",
-            &ActionControl::default(),
-        )
-        .await;
+        let r = f
+            .run(&a, &Collect::default(), &ActionControl::default())
+            .await;
         assert_eq!(
             (outcome(&r), r.exit_code),
             (v1::ExecutionOutcome::Exited, 0),
@@ -1384,15 +1336,9 @@ pub(crate) mod tests {
 
         // A platform the agent does not serve is the farm's problem, not the command's.
         a.emulated = false;
-        let r = execute(
-            &f.settings,
-            &f.store,
-            &Collect::default(),
-            &a,
-            "a",
-            &ActionControl::default(),
-        )
-        .await;
+        let r = f
+            .run(&a, &Collect::default(), &ActionControl::default())
+            .await;
         assert_eq!(outcome(&r), v1::ExecutionOutcome::InfraError, "{r:?}");
     }
 
@@ -1414,15 +1360,7 @@ pub(crate) mod tests {
         }
         let before = f.settings.executed.load(Ordering::Relaxed);
         let logs = Collect::default();
-        let r = execute(
-            &f.settings,
-            &f.store,
-            &logs,
-            &a,
-            "a",
-            &ActionControl::default(),
-        )
-        .await;
+        let r = f.run(&a, &logs, &ActionControl::default()).await;
         assert_eq!(
             (outcome(&r), r.exit_code),
             (v1::ExecutionOutcome::Exited, 2),
@@ -1486,15 +1424,9 @@ pub(crate) mod tests {
         if let Some(action) = a.action.as_mut() {
             action.output_paths = vec!["out".into()];
         }
-        let r = execute(
-            &f.settings,
-            &f.store,
-            &Collect::default(),
-            &a,
-            "a",
-            &ActionControl::default(),
-        )
-        .await;
+        let r = f
+            .run(&a, &Collect::default(), &ActionControl::default())
+            .await;
         assert_eq!(outcome(&r), v1::ExecutionOutcome::InfraError, "{r:?}");
         assert!(r.message.contains("failed to upload"), "{}", r.message);
         assert!(r.output_files.is_empty() && r.stdout_digest.is_none());
@@ -1508,15 +1440,9 @@ pub(crate) mod tests {
         if let Some(action) = a.action.as_mut() {
             action.platform = "linux/mips64le".into();
         }
-        let r = execute(
-            &f.settings,
-            &f.store,
-            &Collect::default(),
-            &a,
-            "a",
-            &ActionControl::default(),
-        )
-        .await;
+        let r = f
+            .run(&a, &Collect::default(), &ActionControl::default())
+            .await;
         assert_eq!(outcome(&r), v1::ExecutionOutcome::InfraError, "{r:?}");
         let r = execute(
             &f.settings,

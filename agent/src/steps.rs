@@ -325,7 +325,6 @@ impl LogSink for NoLogs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::executor::execute;
     use crate::executor::group_members;
     use crate::executor::tests::{blob, fixture, outcome, Collect, Fixture};
     use archfarm_proto::tree;
@@ -349,15 +348,7 @@ mod tests {
     }
 
     async fn run(f: &Fixture, a: &v1::Assign, logs: &Collect) -> v1::ExecutionResult {
-        execute(
-            &f.settings,
-            &f.store,
-            logs,
-            a,
-            "agent-1",
-            &ActionControl::default(),
-        )
-        .await
+        f.run(a, logs, &ActionControl::default()).await
     }
 
     fn step_output(f: &Fixture, r: &v1::StepResult) -> String {
@@ -644,10 +635,7 @@ mod tests {
             control.cancel("test");
         };
         let t = Instant::now();
-        let (r, ()) = tokio::join!(
-            execute(&f.settings, &f.store, &logs, &a, "agent-1", &control),
-            canceller
-        );
+        let (r, ()) = tokio::join!(f.run(&a, &logs, &control), canceller);
         assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
         assert_eq!(outcome(&r), v1::ExecutionOutcome::Cancelled, "{r:?}");
         assert_eq!(r.exit_code, -1);
