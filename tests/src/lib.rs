@@ -506,13 +506,12 @@ pub fn build_hello(out: &Path, arches: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The qemu-user program for a Go arch.
+/// The qemu-user program (Debian's path) for a Go arch of linux.
 pub fn qemu_for(arch: &str) -> String {
-    let q = match arch {
-        "arm64" => "aarch64",
-        other => other,
-    };
-    format!("/usr/bin/qemu-{q}-static")
+    let platform: archfarm_proto::Platform =
+        format!("linux/{arch}").parse().expect("a known platform");
+    let program = platform.qemu_user_program().expect("a qemu-user program");
+    format!("/usr/bin/{program}")
 }
 
 /// Whether any process's command line contains `needle`.

@@ -44,8 +44,18 @@ pub struct DemoAgent {
     pub name: &'static str,
     /// The platform it serves.
     pub platform: &'static str,
-    /// The qemu-user program it emulates the platform with; None for the native agent.
-    pub qemu: Option<&'static str>,
+    /// Served through qemu-user rather than natively.
+    pub emulated: bool,
+}
+
+impl DemoAgent {
+    /// The qemu-user program an emulated agent runs its platform's programs with.
+    pub fn qemu(&self) -> Option<&'static str> {
+        let platform: archfarm_proto::Platform = self.platform.parse().ok()?;
+        self.emulated
+            .then(|| platform.qemu_user_program())
+            .flatten()
+    }
 }
 
 /// The five demo agents: amd64 native, the rest emulated.
@@ -53,27 +63,27 @@ pub const DEMO_AGENTS: [DemoAgent; 5] = [
     DemoAgent {
         name: "amd64",
         platform: "linux/amd64",
-        qemu: None,
+        emulated: false,
     },
     DemoAgent {
         name: "arm64",
         platform: "linux/arm64",
-        qemu: Some("qemu-aarch64-static"),
+        emulated: true,
     },
     DemoAgent {
         name: "ppc64le",
         platform: "linux/ppc64le",
-        qemu: Some("qemu-ppc64le-static"),
+        emulated: true,
     },
     DemoAgent {
         name: "s390x",
         platform: "linux/s390x",
-        qemu: Some("qemu-s390x-static"),
+        emulated: true,
     },
     DemoAgent {
         name: "riscv64",
         platform: "linux/riscv64",
-        qemu: Some("qemu-riscv64-static"),
+        emulated: true,
     },
 ];
 
@@ -200,7 +210,7 @@ fn agent_args(dir: &Path, agent: &DemoAgent, join: &v1::CreateTokenResponse) -> 
         "--slots".into(),
         "2".into(),
     ];
-    if let Some(qemu) = agent.qemu {
+    if let Some(qemu) = agent.qemu() {
         let qemu_path = find_program(qemu).unwrap_or_else(|| Path::new("/usr/bin").join(qemu));
         let mut emulate = OsString::from(format!("{}=", agent.platform));
         emulate.push(qemu_path);
@@ -212,7 +222,7 @@ fn agent_args(dir: &Path, agent: &DemoAgent, join: &v1::CreateTokenResponse) -> 
 /// The programs the demo needs.
 fn required_programs() -> Vec<&'static str> {
     let mut programs = vec!["go"];
-    programs.extend(DEMO_AGENTS.iter().filter_map(|a| a.qemu));
+    programs.extend(DEMO_AGENTS.iter().filter_map(|a| a.qemu()));
     programs
 }
 
@@ -504,7 +514,7 @@ pub fn missing_agents(status: &FarmStatusResponse) -> Vec<&'static str> {
             !up.iter().any(|a| {
                 a.platforms
                     .iter()
-                    .any(|p| p.platform == d.platform && p.emulated == d.qemu.is_some())
+                    .any(|p| p.platform == d.platform && p.emulated == d.emulated)
             })
         })
         .map(|d| d.name)
@@ -611,7 +621,7 @@ mod tests {
         let mut status = FarmStatusResponse {
             agents: DEMO_AGENTS
                 .iter()
-                .map(|d| agent(d.name, d.platform, d.qemu.is_some(), v1::AgentState::Ready))
+                .map(|d| agent(d.name, d.platform, d.emulated, v1::AgentState::Ready))
                 .collect(),
             ..Default::default()
         };
