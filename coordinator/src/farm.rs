@@ -918,6 +918,7 @@ impl Farm {
 
     /// Expires lapsed leases, notices lost agents, declares unschedulable actions, places work.
     pub fn tick(&mut self, now: u64) -> anyhow::Result<()> {
+        self.hubs.prune();
         let lapsed: Vec<(ActionId, AgentId)> = self
             .active
             .values()

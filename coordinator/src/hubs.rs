@@ -34,10 +34,9 @@ const KEEP_FINISHED_MS: u64 = 5 * 60 * 1000;
 
 /// One job's hub.
 struct Hub {
-    seq: u64,
-    history: VecDeque<(u64, JobUpdate)>,
+    history: VecDeque<JobUpdate>,
     log_bytes: usize,
-    tx: broadcast::Sender<(u64, JobUpdate)>,
+    tx: broadcast::Sender<JobUpdate>,
     finished_at: Option<std::time::Instant>,
 }
 
@@ -49,17 +48,16 @@ pub struct Hubs {
 
 /// What a new watcher gets: the history so far and the live feed after it.
 pub struct Subscription {
-    /// Events so far, with sequence numbers.
-    pub history: Vec<(u64, JobUpdate)>,
-    /// Later events (sequence numbers continue).
-    pub live: broadcast::Receiver<(u64, JobUpdate)>,
+    /// Events so far, in order.
+    pub history: Vec<JobUpdate>,
+    /// Later events: taken under the same lock as the history, so none is missed or doubled.
+    pub live: broadcast::Receiver<JobUpdate>,
 }
 
 impl Hubs {
     /// Opens the hub of a job (idempotent).
     pub fn open(&mut self, job: &JobId) {
         self.hubs.entry(job.clone()).or_insert_with(|| Hub {
-            seq: 0,
             history: VecDeque::new(),
             log_bytes: 0,
             tx: broadcast::channel(4096).0,
@@ -69,22 +67,20 @@ impl Hubs {
 
     /// Records and broadcasts an update for a job whose hub is open.
     pub fn publish(&mut self, job: &JobId, update: JobUpdate) {
-        self.prune();
         let Some(hub) = self.hubs.get_mut(job) else {
             return;
         };
-        hub.seq += 1;
         if let JobUpdate::Log { data, .. } = &update {
             hub.log_bytes += data.len();
             while hub.log_bytes > HISTORY_LOG_BYTES {
                 let Some(pos) = hub
                     .history
                     .iter()
-                    .position(|(_, u)| matches!(u, JobUpdate::Log { .. }))
+                    .position(|u| matches!(u, JobUpdate::Log { .. }))
                 else {
                     break;
                 };
-                if let Some((_, JobUpdate::Log { data, .. })) = hub.history.remove(pos) {
+                if let Some(JobUpdate::Log { data, .. }) = hub.history.remove(pos) {
                     hub.log_bytes -= data.len();
                 }
             }
@@ -92,8 +88,8 @@ impl Hubs {
         if matches!(update, JobUpdate::Finished(_)) {
             hub.finished_at = Some(std::time::Instant::now());
         }
-        hub.history.push_back((hub.seq, update.clone()));
-        let _ = hub.tx.send((hub.seq, update));
+        hub.history.push_back(update.clone());
+        let _ = hub.tx.send(update);
     }
 
     /// Subscribes to a job's hub, opening it if needed (e.g. after a restart).
@@ -112,7 +108,9 @@ impl Hubs {
         self.hubs.contains_key(job).then(|| self.subscribe(job))
     }
 
-    fn prune(&mut self) {
+    /// Drops the hubs of jobs finished longer ago than watchers are served from memory
+    /// (the farm's tick calls it; publishing, which runs per log chunk, does not).
+    pub fn prune(&mut self) {
         self.hubs.retain(|_, h| {
             h.finished_at
                 .is_none_or(|t| t.elapsed().as_millis() < u128::from(KEEP_FINISHED_MS))

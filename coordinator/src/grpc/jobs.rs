@@ -350,14 +350,16 @@ impl Jobs for JobsService {
             None => shared.farm()?.hubs().subscribe(&id),
         };
         // After a restart the hub is new: start from the stored state.
-        let mut first: Vec<JobUpdate> = sub.history.iter().map(|(_, u)| u.clone()).collect();
+        let crate::hubs::Subscription {
+            history: mut first,
+            mut live,
+        } = sub;
         if first.is_empty() {
             first = actions
                 .into_iter()
                 .map(|a| JobUpdate::Action(Box::new(a)))
                 .collect();
         }
-        let mut live = sub.live;
         tokio::spawn(async move {
             let convert = |u: &JobUpdate| update_to_event(u, |j| job_status_of(&shared, j));
             for u in &first {
@@ -373,7 +375,7 @@ impl Jobs for JobsService {
             }
             loop {
                 match live.recv().await {
-                    Ok((_, u)) => {
+                    Ok(u) => {
                         let done = matches!(u, JobUpdate::Finished(_));
                         if let Some(e) = convert(&u) {
                             if tx.send(Ok(e)).await.is_err() {
