@@ -34,9 +34,11 @@ const KEEP_FINISHED_MS: u64 = 5 * 60 * 1000;
 
 /// One job's hub.
 struct Hub {
-    history: VecDeque<JobUpdate>,
+    /// Sequence number of the last update.
+    seq: u64,
+    history: VecDeque<(u64, JobUpdate)>,
     log_bytes: usize,
-    tx: broadcast::Sender<JobUpdate>,
+    tx: broadcast::Sender<(u64, JobUpdate)>,
     finished_at: Option<std::time::Instant>,
 }
 
@@ -48,16 +50,18 @@ pub struct Hubs {
 
 /// What a new watcher gets: the history so far and the live feed after it.
 pub struct Subscription {
-    /// Events so far, in order.
-    pub history: Vec<JobUpdate>,
+    /// Events so far, in order, with their sequence numbers (from 1; old log chunks may
+    /// have been dropped, so numbers can skip).
+    pub history: Vec<(u64, JobUpdate)>,
     /// Later events: taken under the same lock as the history, so none is missed or doubled.
-    pub live: broadcast::Receiver<JobUpdate>,
+    pub live: broadcast::Receiver<(u64, JobUpdate)>,
 }
 
 impl Hubs {
     /// Opens the hub of a job (idempotent).
     pub fn open(&mut self, job: &JobId) {
         self.hubs.entry(job.clone()).or_insert_with(|| Hub {
+            seq: 0,
             history: VecDeque::new(),
             log_bytes: 0,
             tx: broadcast::channel(4096).0,
@@ -76,11 +80,11 @@ impl Hubs {
                 let Some(pos) = hub
                     .history
                     .iter()
-                    .position(|u| matches!(u, JobUpdate::Log { .. }))
+                    .position(|(_, u)| matches!(u, JobUpdate::Log { .. }))
                 else {
                     break;
                 };
-                if let Some(JobUpdate::Log { data, .. }) = hub.history.remove(pos) {
+                if let Some((_, JobUpdate::Log { data, .. })) = hub.history.remove(pos) {
                     hub.log_bytes -= data.len();
                 }
             }
@@ -88,8 +92,9 @@ impl Hubs {
         if matches!(update, JobUpdate::Finished(_)) {
             hub.finished_at = Some(std::time::Instant::now());
         }
-        hub.history.push_back(update.clone());
-        let _ = hub.tx.send(update);
+        hub.seq += 1;
+        hub.history.push_back((hub.seq, update.clone()));
+        let _ = hub.tx.send((hub.seq, update));
     }
 
     /// Subscribes to a job's hub, opening it if needed (e.g. after a restart).

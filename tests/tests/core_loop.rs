@@ -500,3 +500,80 @@ fn bad_input_gets_precise_statuses_and_the_server_stays_up() {
     assert!(farm.status().is_ok(), "the server is still up");
     farm.assert_no_unexpected_errors(&[]);
 }
+
+#[test]
+fn a_resumed_watch_continues_after_the_last_event_received() {
+    let mut farm = Farm::start(&[]);
+    farm.add_agent("a", &[]);
+    farm.wait_ready_agents(1);
+    let spec = v1::JobSpec {
+        platforms: vec!["linux/amd64".into()],
+        argv: vec![
+            "sh".into(),
+            "-c".into(),
+            "for i in 1 2 3 4 5 6; do echo line$i; sleep 0.2; done".into(),
+        ],
+        timeout_ms: 60_000,
+        ..Default::default()
+    };
+    let job = farm.submit_as(Some(&farm.admin_dir()), spec).unwrap();
+    let ch = farm.channel(Some(&farm.admin_dir())).unwrap();
+    let watch = |after_seq: u64, epoch: u64, take: usize| {
+        let (ch, job_id) = (ch.clone(), job.clone());
+        farm.block_on(async move {
+            let req = v1::WatchRequest {
+                job_id,
+                after_seq,
+                epoch,
+            };
+            let mut s = v1::jobs_client::JobsClient::new(ch)
+                .watch(req)
+                .await
+                .unwrap()
+                .into_inner();
+            let mut events = Vec::new();
+            while events.len() < take {
+                match s.message().await.unwrap() {
+                    Some(e) => events.push(e),
+                    None => break,
+                }
+            }
+            events
+        })
+    };
+    let first = watch(0, 0, 4);
+    assert_eq!(first.len(), 4);
+    assert!(
+        first
+            .iter()
+            .zip(1..)
+            .all(|(e, n)| e.seq == n && e.epoch > 0),
+        "{first:?}"
+    );
+    let (epoch, last) = (first[3].epoch, first[3].seq);
+    let rest = watch(last, epoch, usize::MAX);
+    assert_eq!(
+        rest.first().map(|e| e.seq),
+        Some(last + 1),
+        "nothing received is sent again"
+    );
+    assert!(matches!(
+        rest.last().and_then(|e| e.kind.as_ref()),
+        Some(v1::job_event::Kind::Finished(_))
+    ));
+    let text: String = first
+        .iter()
+        .chain(&rest)
+        .filter_map(|e| match &e.kind {
+            Some(v1::job_event::Kind::Log(l)) => {
+                Some(String::from_utf8_lossy(&l.data).into_owned())
+            }
+            _ => None,
+        })
+        .collect();
+    let want: String = (1..=6).map(|i| format!("line{i}\n")).collect();
+    assert_eq!(text, want, "every line exactly once across the two watches");
+    // Another epoch (as after a restart) gets everything again.
+    let all = watch(last, epoch + 1, usize::MAX);
+    assert_eq!(all.first().map(|e| e.seq), Some(1));
+}

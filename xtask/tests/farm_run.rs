@@ -29,6 +29,8 @@ struct FakeFarm {
     submitted: Mutex<Vec<v1::JobSpec>>,
     /// One event script per Watch call, in order.
     watches: Mutex<VecDeque<Script>>,
+    /// The Watch requests received.
+    watch_requests: Mutex<Vec<v1::WatchRequest>>,
     /// What GetJob answers.
     job: Mutex<v1::JobStatus>,
 }
@@ -156,8 +158,9 @@ impl Jobs for Fake {
 
     async fn watch(
         &self,
-        _: Request<v1::WatchRequest>,
+        req: Request<v1::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        self.0.watch_requests.lock().unwrap().push(req.into_inner());
         let script = self
             .0
             .watches
@@ -236,6 +239,7 @@ fn status(platform: &str, state: ActionState, exit_code: Option<i32>) -> v1::Act
 fn action(s: v1::ActionStatus) -> Result<JobEvent, Status> {
     Ok(JobEvent {
         kind: Some(job_event::Kind::Action(s)),
+        ..Default::default()
     })
 }
 
@@ -248,6 +252,7 @@ fn log(platform: &str, data: &str) -> Result<JobEvent, Status> {
             data: data.as_bytes().to_vec(),
             attempt: 1,
         })),
+        ..Default::default()
     })
 }
 
@@ -267,6 +272,7 @@ fn job(platforms: &[&str], actions: Vec<v1::ActionStatus>, finished: bool) -> v1
 fn finished(platforms: &[&str], actions: Vec<v1::ActionStatus>) -> Result<JobEvent, Status> {
     Ok(JobEvent {
         kind: Some(job_event::Kind::Finished(job(platforms, actions, true))),
+        ..Default::default()
     })
 }
 
@@ -335,21 +341,29 @@ async fn the_exit_code_is_the_first_failure_in_platform_order() {
     assert!(outcome.timings.first_line.is_none());
 }
 
+/// `e` as event `seq` of the coordinator process started at `epoch`.
+fn numbered(e: Result<JobEvent, Status>, epoch: u64, seq: u64) -> Result<JobEvent, Status> {
+    e.map(|mut e| {
+        (e.epoch, e.seq) = (epoch, seq);
+        e
+    })
+}
+
 #[tokio::test]
-async fn a_broken_watch_is_resumed() {
+async fn a_broken_watch_is_resumed_after_the_last_event() {
     let (a, b) = ("linux/amd64", "linux/riscv64");
     let fake = Fake::default();
     *fake.0.job.lock().unwrap() = job(&[a, b], Vec::new(), false);
     fake.0.watches.lock().unwrap().extend([
         vec![
-            action(status(a, ActionState::Running, None)),
-            action(status(b, ActionState::Running, None)),
-            action(status(a, ActionState::Succeeded, Some(0))),
-            log(b, "partial"),
+            numbered(action(status(a, ActionState::Running, None)), 5, 1),
+            numbered(action(status(b, ActionState::Running, None)), 5, 2),
+            numbered(action(status(a, ActionState::Succeeded, Some(0))), 5, 3),
+            numbered(log(b, "partial"), 5, 4),
             Err(Status::unavailable("coordinator restarting")),
         ],
         vec![
-            // A re-watch starts with every action's status again.
+            // A restarted coordinator starts with every action's status again.
             action(status(a, ActionState::Succeeded, Some(0))),
             action(status(b, ActionState::Running, None)),
             log(b, " line\n"),
@@ -368,6 +382,19 @@ async fn a_broken_watch_is_resumed() {
     let outcome = run_job(&mut client, &args, RunOutput::Print).await.unwrap();
     assert_eq!(outcome.exit_code, 0);
     assert!(fake.0.watches.lock().unwrap().is_empty());
+    let points: Vec<(u64, u64)> = fake
+        .0
+        .watch_requests
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| (r.epoch, r.after_seq))
+        .collect();
+    assert_eq!(
+        points,
+        [(0, 0), (5, 4)],
+        "the re-watch resumes after the last event"
+    );
 }
 
 #[tokio::test]

@@ -247,7 +247,10 @@ pub fn update_to_event(
         }),
         JobUpdate::Finished(job) => Kind::Finished(finished(job)?),
     };
-    Some(v1::JobEvent { kind: Some(kind) })
+    Some(v1::JobEvent {
+        kind: Some(kind),
+        ..Default::default()
+    })
 }
 
 /// The wire form of an agent's state.

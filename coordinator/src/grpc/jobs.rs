@@ -321,68 +321,61 @@ impl Jobs for JobsService {
     async fn watch(&self, req: Request<v1::WatchRequest>) -> Result<Response<EventStream>, Status> {
         let shared = self.0.clone();
         authorize(&shared, &req, &[Role::Client])?;
-        let id = JobId(req.into_inner().job_id);
+        let r = req.into_inner();
+        let id = JobId(r.job_id);
         let (job, actions) = load_job(&shared, &id)?;
-        let (tx, rx) = mpsc::channel(1024);
-        let existing = shared.farm()?.hubs().subscribe_existing(&id);
+        let (existing, epoch) = {
+            let mut farm = shared.farm()?;
+            (farm.hubs().subscribe_existing(&id), farm.started_unix_ms())
+        };
         let sub = match existing {
-            Some(sub) => sub,
-            None if job.finished => {
-                // Long finished: the stored states and results (output is in the CAS).
-                let mut events: Vec<v1::JobEvent> = actions
-                    .iter()
-                    .map(|a| v1::JobEvent {
-                        kind: Some(v1::job_event::Kind::Action(action_status(a))),
-                    })
-                    .collect();
-                events.push(v1::JobEvent {
-                    kind: Some(v1::job_event::Kind::Finished(job_status(&job, &actions))),
-                });
-                tokio::spawn(async move {
-                    for e in events {
+            Some(sub) => Some(sub),
+            // Long finished: the stored states and results (output is in the CAS).
+            None if job.finished => None,
+            None => Some(shared.farm()?.hubs().subscribe(&id)),
+        };
+        let (mut first, live) = match sub {
+            Some(crate::hubs::Subscription { history, live }) => (history, Some(live)),
+            None => (Vec::new(), None),
+        };
+        // A new hub (after a restart) or none: start from the stored state, unnumbered.
+        if first.is_empty() {
+            first = actions.into_iter().map(|a| (0, JobUpdate::Action(Box::new(a)))).collect();
+            if job.finished {
+                first.push((0, JobUpdate::Finished(id.clone())));
+            }
+        }
+        // A resumed watch of this same coordinator process skips what it already has.
+        let after = if r.epoch == epoch { r.after_seq } else { 0 };
+        let (tx, rx) = mpsc::channel(1024);
+        tokio::spawn(async move {
+            // Sends one update; false once the watch is over (finished, or the client left).
+            let send = |seq: u64, u: JobUpdate| {
+                let (tx, shared) = (tx.clone(), shared.clone());
+                async move {
+                    if seq != 0 && seq <= after {
+                        return true;
+                    }
+                    let done = matches!(u, JobUpdate::Finished(_));
+                    if let Some(mut e) = update_to_event(&u, |j| job_status_of(&shared, j)) {
+                        (e.seq, e.epoch) = (seq, epoch);
                         if tx.send(Ok(e)).await.is_err() {
-                            break;
+                            return false;
                         }
                     }
-                });
-                return Ok(Response::new(Box::pin(ReceiverStream::new(rx))));
-            }
-            None => shared.farm()?.hubs().subscribe(&id),
-        };
-        // After a restart the hub is new: start from the stored state.
-        let crate::hubs::Subscription {
-            history: mut first,
-            mut live,
-        } = sub;
-        if first.is_empty() {
-            first = actions
-                .into_iter()
-                .map(|a| JobUpdate::Action(Box::new(a)))
-                .collect();
-        }
-        tokio::spawn(async move {
-            let convert = |u: &JobUpdate| update_to_event(u, |j| job_status_of(&shared, j));
-            for u in &first {
-                let done = matches!(u, JobUpdate::Finished(_));
-                if let Some(e) = convert(u) {
-                    if tx.send(Ok(e)).await.is_err() {
-                        return;
-                    }
+                    !done
                 }
-                if done {
+            };
+            for (seq, u) in first {
+                if !send(seq, u).await {
                     return;
                 }
             }
+            let Some(mut live) = live else { return };
             loop {
                 match live.recv().await {
-                    Ok(u) => {
-                        let done = matches!(u, JobUpdate::Finished(_));
-                        if let Some(e) = convert(&u) {
-                            if tx.send(Ok(e)).await.is_err() {
-                                return;
-                            }
-                        }
-                        if done {
+                    Ok((seq, u)) => {
+                        if !send(seq, u).await {
                             return;
                         }
                     }

@@ -119,14 +119,28 @@ pub struct FarmClient {
     pub admin: AdminClient<Channel>,
 }
 
+/// Where a watch of a job stands: the epoch and sequence number of the last event received
+/// (the default: nothing received yet).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WatchPoint {
+    /// JobEvent.epoch of the last numbered event.
+    pub epoch: u64,
+    /// JobEvent.seq of the last numbered event.
+    pub seq: u64,
+}
+
 impl FarmClient {
-    /// Opens the event stream of a job (Jobs.Watch).
+    /// Opens the event stream of a job (Jobs.Watch), from its start or, to resume a broken
+    /// watch, after the last event received.
     pub async fn watch_job(
         &mut self,
         job_id: &str,
+        from: WatchPoint,
     ) -> Result<tonic::Streaming<archfarm_proto::v1::JobEvent>, RpcError> {
         let req = archfarm_proto::v1::WatchRequest {
             job_id: job_id.to_string(),
+            after_seq: from.seq,
+            epoch: from.epoch,
         };
         rpc(self.jobs.watch(req).await)
     }

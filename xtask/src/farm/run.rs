@@ -9,7 +9,7 @@ use super::display::{action_state_name, format_ms, is_final, mode, outcome_name,
 use super::download::{download_outputs, output_paths, DownloadedOutput};
 use super::job::{actions_table, ordered_actions, ran_and_cached};
 use super::upload::{upload_dir, Progress, UploadReport};
-use super::{rpc, FarmClient, RpcError};
+use super::{rpc, FarmClient, RpcError, WatchPoint};
 use anyhow::{bail, Context};
 use archfarm_proto::v1::{
     self, job_event, ActionLog, ActionState, ActionStatus, ExecutionOutcome, JobStatus, LogStream,
@@ -17,7 +17,6 @@ use archfarm_proto::v1::{
 use archfarm_proto::Digest;
 use std::collections::HashMap;
 use std::future::Future;
-use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io::Write;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -281,18 +280,10 @@ pub async fn run_job(
     }
     let mut stream = Some(
         client
-            .watch_job(&job_id)
+            .watch_job(&job_id, WatchPoint::default())
             .await
             .with_context(|| format!("failed to watch job {job_id}"))?,
     );
-    // When the coordinator process started: a re-watch of the same process replays the job's
-    // history (which must not print twice), a restarted one does not. Asked in the background
-    // so that it costs the run no latency.
-    let mut probe = Some({
-        let mut c = client.clone();
-        tokio::spawn(async move { coordinator_started_unix_ms(&mut c).await })
-    });
-    let mut coordinator_started: Option<u64> = None;
     let mut watch = JobWatch::default();
     let mut first_line = None;
     let mut interrupts = 0u32;
@@ -315,7 +306,7 @@ pub async fn run_job(
             None => {
                 let deadline = broken_since.unwrap_or_else(Instant::now) + REWATCH_FOR;
                 tokio::select! {
-                    r = rewatch(client, &job_id, deadline) => Step::Resumed(r),
+                    r = rewatch(client, &job_id, watch.point(), deadline) => Step::Resumed(r),
                     () = &mut interrupt => Step::Interrupt,
                 }
             }
@@ -386,13 +377,7 @@ pub async fn run_job(
                 }
             }
             Step::Resumed(resumed) => match resumed? {
-                Resumed::Stream(s, now_started) => {
-                    if let Some(p) = probe.take() {
-                        coordinator_started = p.await.ok().flatten();
-                    }
-                    let same = coordinator_started.is_some() && coordinator_started == now_started;
-                    coordinator_started = now_started;
-                    watch.resumed(same);
+                Resumed::Stream(s) => {
                     if print {
                         eprintln!("watching job {job_id} again");
                     }
@@ -482,19 +467,10 @@ fn next_interrupt() -> Pin<Box<dyn Future<Output = ()> + Send>> {
     })
 }
 
-/// When the coordinator process started, if it says.
-async fn coordinator_started_unix_ms(client: &mut FarmClient) -> Option<u64> {
-    super::status::farm_status(client, 1)
-        .await
-        .ok()
-        .map(|s| s.coordinator_started_unix_ms)
-        .filter(|t| *t > 0)
-}
-
 /// What re-watching found.
 enum Resumed {
-    /// A new event stream, and when the coordinator serving it started.
-    Stream(Streaming<v1::JobEvent>, Option<u64>),
+    /// A new event stream, resumed after the last event received.
+    Stream(Streaming<v1::JobEvent>),
     /// The job finished while we were away.
     Finished(JobStatus),
 }
@@ -516,6 +492,7 @@ fn is_permanent(code: tonic::Code) -> bool {
 async fn rewatch(
     client: &mut FarmClient,
     job_id: &str,
+    from: WatchPoint,
     deadline: Instant,
 ) -> anyhow::Result<Resumed> {
     let mut delay = Duration::from_millis(250);
@@ -524,10 +501,9 @@ async fn rewatch(
             Err(e) => format!("{e:#}"),
             Ok(()) => match super::job::get_job(client, job_id).await {
                 Ok(job) if job.finished => return Ok(Resumed::Finished(job)),
-                Ok(_) => match client.watch_job(job_id).await {
+                Ok(_) => match client.watch_job(job_id, from).await {
                     Ok(s) => {
-                        let started = coordinator_started_unix_ms(client).await;
-                        return Ok(Resumed::Stream(s, started));
+                        return Ok(Resumed::Stream(s));
                     }
                     Err(e) if is_permanent(e.code()) => {
                         return Err(anyhow::Error::new(e)
@@ -590,13 +566,14 @@ fn emit(emits: Vec<Emit>, output: RunOutput) {
     }
 }
 
-/// Follows a job's events: prints each state change once, even when a re-watch sends every
-/// action's status or the job's whole history again, and turns log chunks into prefixed lines.
+/// Follows a job's events: prints each state change once, even when a restarted coordinator
+/// sends every action's status again, and turns log chunks into prefixed lines.
 #[derive(Default)]
 pub struct JobWatch {
     known: HashMap<String, ActionStatus>,
     lines: LinePrefixer,
-    replay: ReplayFilter,
+    /// The last numbered event, where a broken watch resumes.
+    point: WatchPoint,
     /// Log bytes received per action and stream.
     received: HashMap<(String, LogStream), u64>,
 }
@@ -604,28 +581,25 @@ pub struct JobWatch {
 impl JobWatch {
     /// An event arrived; returns what to print and, for `finished`, the job's final status.
     pub fn on_event(&mut self, event: v1::JobEvent) -> (Vec<Emit>, Option<JobStatus>) {
+        if event.seq != 0 {
+            self.point = WatchPoint {
+                epoch: event.epoch,
+                seq: event.seq,
+            };
+        }
         match event.kind {
-            Some(job_event::Kind::Action(status)) => {
-                if self.replay.is_replay(event_hash(1, &status), false) {
-                    return (Vec::new(), None);
-                }
-                (self.on_status(status), None)
-            }
-            Some(job_event::Kind::Log(log)) => {
-                if self.replay.is_replay(event_hash(2, &log), true) {
-                    return (Vec::new(), None);
-                }
-                (self.on_log(&log), None)
-            }
+            Some(job_event::Kind::Action(status)) => (self.on_status(status), None),
+            Some(job_event::Kind::Log(log)) => (self.on_log(&log), None),
             Some(job_event::Kind::Finished(job)) => (self.on_finished(&job), Some(job)),
             None => (Vec::new(), None),
         }
     }
 
-    /// A new watch stream replaces a broken one; `same_coordinator` when the coordinator
-    /// process did not change (it then replays the job's history first).
-    pub fn resumed(&mut self, same_coordinator: bool) {
-        self.replay.resumed(same_coordinator);
+    /// Where a new watch should resume (the coordinator sends nothing received before; a
+    /// restarted coordinator sends the stored statuses, which [`JobWatch::on_status`]
+    /// deduplicates).
+    pub fn point(&self) -> WatchPoint {
+        self.point
     }
 
     /// An action's status arrived.
@@ -797,79 +771,6 @@ async fn print_recorded_outputs(
         }
     }
     printed
-}
-
-fn event_hash<T: prost::Message>(kind: u8, value: &T) -> u64 {
-    let mut h = DefaultHasher::new();
-    kind.hash(&mut h);
-    value.encode_to_vec().hash(&mut h);
-    h.finish()
-}
-
-/// Recognises the events a re-watch sends again. A watch of a running job on the same
-/// coordinator process starts with the job's history in order; the history keeps every state
-/// change but may have dropped the oldest log chunks. So the replay is a subsequence of what
-/// this client saw (since the coordinator last started) that skips only log events: it is
-/// matched event by event, and the first event that does not match ends it. A restarted
-/// coordinator sends the current statuses instead, which [`JobWatch::on_status`] deduplicates.
-#[derive(Default)]
-pub struct ReplayFilter {
-    /// Hash of every event seen and whether it was a log chunk.
-    seen: Vec<(u64, bool)>,
-    /// Where the events of the current coordinator process begin in `seen`.
-    epoch_start: usize,
-    matching: ReplayMatch,
-}
-
-#[derive(Default, Clone, Copy)]
-enum ReplayMatch {
-    /// Not in a replay.
-    #[default]
-    Off,
-    /// A replay may start with the next event, anywhere in this process's events.
-    Searching,
-    /// In a replay; the next event should be at or after this index.
-    At(usize),
-}
-
-impl ReplayFilter {
-    /// A new stream began (see [`JobWatch::resumed`]).
-    pub fn resumed(&mut self, same_coordinator: bool) {
-        if same_coordinator {
-            self.matching = ReplayMatch::Searching;
-        } else {
-            self.epoch_start = self.seen.len();
-            self.matching = ReplayMatch::Off;
-        }
-    }
-
-    /// Whether an event is a replay of one seen before; records it when it is new.
-    pub fn is_replay(&mut self, hash: u64, is_log: bool) -> bool {
-        match self.matching {
-            ReplayMatch::Off => {}
-            ReplayMatch::Searching => {
-                let since = &self.seen[self.epoch_start..];
-                if let Some(i) = since.iter().position(|(h, _)| *h == hash) {
-                    self.matching = ReplayMatch::At(self.epoch_start + i + 1);
-                    return true;
-                }
-            }
-            ReplayMatch::At(next) => {
-                for (i, (h, was_log)) in self.seen.iter().enumerate().skip(next) {
-                    if *h == hash {
-                        self.matching = ReplayMatch::At(i + 1);
-                        return true;
-                    }
-                    if !was_log {
-                        break; // a state change is never dropped from the history
-                    }
-                }
-            }
-        }
-        self.matching = ReplayMatch::Off;
-        self.seen.push((hash, is_log));
-        false
-    }
 }
 
 fn stream_of(log: &ActionLog) -> LogStream {
@@ -1259,6 +1160,7 @@ mod tests {
     fn status_event(state: ActionState) -> v1::JobEvent {
         v1::JobEvent {
             kind: Some(job_event::Kind::Action(status("linux/arm64", state, None))),
+            ..Default::default()
         }
     }
 
@@ -1271,6 +1173,7 @@ mod tests {
                 data: data.as_bytes().to_vec(),
                 attempt: 1,
             })),
+            ..Default::default()
         }
     }
 
@@ -1286,29 +1189,31 @@ mod tests {
             .collect()
     }
 
+    /// `e` as event `seq` of the coordinator process started at `epoch`.
+    fn numbered(mut e: v1::JobEvent, epoch: u64, seq: u64) -> v1::JobEvent {
+        (e.epoch, e.seq) = (epoch, seq);
+        e
+    }
+
     #[test]
-    fn a_replayed_history_prints_nothing_twice() {
-        let history = || {
-            vec![
-                status_event(ActionState::Queued),
-                status_event(ActionState::Running),
-                log_event("tick\n"),
-                log_event("tick\n"),
-            ]
-        };
+    fn the_watch_point_is_the_last_numbered_event() {
         let mut w = JobWatch::default();
-        assert_eq!(feed(&mut w, history()).len(), 4);
-        w.resumed(true);
-        let mut replay = history();
-        replay.push(log_event("tock\n"));
-        assert_eq!(feed(&mut w, replay), ["[linux/arm64] tock\n"]);
-        // The history dropped the oldest log chunk this time.
-        w.resumed(true);
-        let mut trimmed = history();
-        trimmed.remove(2);
-        trimmed.push(log_event("tock\n"));
-        trimmed.push(log_event("tick\n"));
-        assert_eq!(feed(&mut w, trimmed), ["[linux/arm64] tick\n"]);
+        assert_eq!(
+            w.point(),
+            WatchPoint::default(),
+            "a new watch starts from the beginning"
+        );
+        feed(
+            &mut w,
+            vec![
+                numbered(status_event(ActionState::Queued), 7, 1),
+                numbered(log_event("tick\n"), 7, 2),
+            ],
+        );
+        assert_eq!(w.point(), WatchPoint { epoch: 7, seq: 2 });
+        // Events made up from stored state (after a restart) are unnumbered: the point stays.
+        feed(&mut w, vec![status_event(ActionState::Running)]);
+        assert_eq!(w.point(), WatchPoint { epoch: 7, seq: 2 });
     }
 
     #[test]
@@ -1316,18 +1221,17 @@ mod tests {
         let mut w = JobWatch::default();
         feed(
             &mut w,
-            vec![status_event(ActionState::Running), log_event("tick\n")],
+            vec![
+                numbered(status_event(ActionState::Running), 7, 1),
+                numbered(log_event("tick\n"), 7, 2),
+            ],
         );
-        w.resumed(false);
         let after_restart = vec![
             status_event(ActionState::Running), // the stored status: nothing new
-            log_event("tick\n"),                // new output that looks like old output
+            numbered(log_event("tick\n"), 9, 1), // new output that looks like old output
         ];
         assert_eq!(feed(&mut w, after_restart), ["[linux/arm64] tick\n"]);
-        // Then the same process again: its history is what it published since it started.
-        w.resumed(true);
-        let replay = vec![log_event("tick\n"), log_event("done\n")];
-        assert_eq!(feed(&mut w, replay), ["[linux/arm64] done\n"]);
+        assert_eq!(w.point(), WatchPoint { epoch: 9, seq: 1 });
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::farm::display::{format_duration, format_ms, mode};
 use crate::farm::download::platform_dir;
 use crate::farm::run::{write_json_report, REWATCH_FOR};
 use crate::farm::upload::{upload_tree, Progress, UploadReport};
-use crate::farm::{rpc, FarmClient};
+use crate::farm::{rpc, FarmClient, WatchPoint};
 use crate::go_vars::{CGO_VARS, PURE_BUILD_VARS};
 use crate::gotest::golist::{go_command, go_list, platform_env, GoPackage};
 use anyhow::{bail, Context};
@@ -287,7 +287,7 @@ async fn submit_jobs(
 async fn wait_job(mut client: FarmClient, job_id: String) -> anyhow::Result<JobStatus> {
     let mut broken_since: Option<Instant> = None;
     loop {
-        match client.watch_job(&job_id).await {
+        match client.watch_job(&job_id, WatchPoint::default()).await {
             Ok(mut stream) => {
                 while let Ok(Some(event)) = stream.message().await {
                     broken_since = None;

@@ -3,7 +3,7 @@
 //! A broken stream is watched again for a while; Ctrl-C cancels the job, twice gives up.
 use crate::farm::display::{format_ms, is_final};
 use crate::farm::run::{progress_line, Emit, JobWatch, REWATCH_FOR};
-use crate::farm::FarmClient;
+use crate::farm::{FarmClient, WatchPoint};
 use anyhow::{bail, Context};
 use archfarm_proto::v1::{job_event, ActionStatus, JobStatus};
 use std::collections::HashSet;
@@ -61,7 +61,7 @@ pub async fn follow_job(
     let mut lines = ShardLines::default();
     let mut stream = Some(
         client
-            .watch_job(job_id)
+            .watch_job(job_id, WatchPoint::default())
             .await
             .with_context(|| format!("failed to watch job {job_id}"))?,
     );
@@ -80,9 +80,8 @@ pub async fn follow_job(
                         }
                         return Ok(job);
                     }
-                    Ok(_) => match client.watch_job(job_id).await {
+                    Ok(_) => match client.watch_job(job_id, watch.point()).await {
                         Ok(s) => {
-                            watch.resumed(true);
                             stream = Some(s);
                             broken_since = None;
                             continue;
