@@ -1085,6 +1085,8 @@ mod tests {
         conns: HashMap<String, u64>,
         seq: u64,
         exclusive: bool,
+        /// Blobs every action of the next submits needs (its input tree).
+        inputs: Vec<Digest>,
     }
 
     /// A process exit that names `blobs` (encoded as three marker bytes).
@@ -1127,6 +1129,7 @@ mod tests {
                 conns: HashMap::new(),
                 seq: 0,
                 exclusive: false,
+                inputs: vec![],
             }
         }
 
@@ -1205,9 +1208,11 @@ mod tests {
                 description: String::new(),
                 finished: false,
             };
-            self.farm
-                .submit(record, actions, &BTreeMap::new(), now)
-                .unwrap();
+            let pins = actions
+                .iter()
+                .map(|a| (a.id.clone(), self.inputs.clone()))
+                .collect();
+            self.farm.submit(record, actions, &pins, now).unwrap();
             job
         }
 
@@ -1418,6 +1423,33 @@ mod tests {
         );
         h.submit(&["linux/amd64"], false, 4);
         assert!(h.assigns("a").is_empty(), "nothing runs beside it");
+    }
+
+    #[test]
+    fn eviction_spares_the_inputs_of_queued_and_running_actions_until_they_finish() {
+        let mut h = Harness::new();
+        h.farm.cas =
+            Arc::new(Cas::open_with_budget(&h._dir.path().join("small-cas"), 100).unwrap());
+        let input = Digest::of(&[1u8; 60]);
+        h.farm.cas.put(&input, &[1u8; 60]).unwrap();
+        h.inputs = vec![input];
+        let job = h.submit(&["linux/s390x"], false, 0);
+        // Queued (no agent yet): a second 60-byte blob overflows the budget; the input stays.
+        h.farm.cas.put(&Digest::of(&[2u8; 60]), &[2u8; 60]).unwrap();
+        assert!(
+            h.farm.cas.contains(&input),
+            "a queued action's input is never evicted"
+        );
+        h.join("a", &[("linux/s390x", false)], 1);
+        let fence = h.assigns("a")[0].1;
+        h.farm.cas.put(&Digest::of(&[3u8; 60]), &[3u8; 60]).unwrap();
+        assert!(h.farm.cas.contains(&input), "nor a running one's");
+        h.complete("a", &format!("{job}/linux/s390x"), fence, 0, 2);
+        h.farm.cas.put(&Digest::of(&[4u8; 60]), &[4u8; 60]).unwrap();
+        assert!(
+            !h.farm.cas.contains(&input),
+            "once finished it is an ordinary blob"
+        );
     }
 
     #[test]

@@ -340,7 +340,10 @@ impl Jobs for JobsService {
         };
         // A new hub (after a restart) or none: start from the stored state, unnumbered.
         if first.is_empty() {
-            first = actions.into_iter().map(|a| (0, JobUpdate::Action(Box::new(a)))).collect();
+            first = actions
+                .into_iter()
+                .map(|a| (0, JobUpdate::Action(Box::new(a))))
+                .collect();
             if job.finished {
                 first.push((0, JobUpdate::Finished(id.clone())));
             }
