@@ -6,10 +6,11 @@
 use crate::cas::Cas;
 use crate::hubs::{Hubs, JobUpdate};
 use crate::model::*;
+use crate::result_cache::ResultCache;
 use crate::scheduler::{self, AgentView, Requirement};
 use crate::store::Store;
 use archfarm_proto::{tree, Digest};
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
@@ -124,21 +125,6 @@ pub struct StepCompletion {
     pub encoded: Vec<u8>,
 }
 
-/// Action-cache figures.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct CacheFigures {
-    /// Lookups in the last hour.
-    pub lookups_last_hour: u64,
-    /// Hits in the last hour.
-    pub hits_last_hour: u64,
-    /// Lookups ever.
-    pub lookups_total: u64,
-    /// Hits ever.
-    pub hits_total: u64,
-    /// Entries stored.
-    pub entries: u64,
-}
-
 /// A session's sending half, told apart from earlier sessions of the same agent.
 #[derive(Clone, Debug)]
 pub struct SessionHandle {
@@ -187,11 +173,9 @@ pub struct Farm {
     next_conn: u64,
     stale_results_refused: u64,
     started_unix_ms: u64,
-    /// (unix ms, hit) of recent action-cache lookups, for the last-hour ratio.
-    cache_window: VecDeque<(u64, bool)>,
+    /// Results are recorded here as they come in (lookups happen outside the farm's lock).
+    cache: Arc<ResultCache>,
 }
-
-const HOUR_MS: u64 = 3600 * 1000;
 
 impl Farm {
     /// Reads the farm back from the store. Leases of running actions are honoured for a
@@ -199,6 +183,7 @@ impl Farm {
     pub fn load(store: Store, cas: Arc<Cas>, cfg: FarmConfig, now: u64) -> anyhow::Result<Self> {
         let mut farm = Self {
             cfg,
+            cache: Arc::new(ResultCache::new(store.clone(), cas.clone())),
             cas,
             agents: BTreeMap::new(),
             active: BTreeMap::new(),
@@ -207,7 +192,6 @@ impl Farm {
             next_conn: 0,
             stale_results_refused: 0,
             started_unix_ms: now,
-            cache_window: VecDeque::new(),
             store,
         };
         for record in farm.store.agents()? {
@@ -257,104 +241,9 @@ impl Farm {
         }
     }
 
-    /// Action-cache figures.
-    pub fn cache_figures(&mut self, now: u64) -> anyhow::Result<CacheFigures> {
-        while self
-            .cache_window
-            .front()
-            .is_some_and(|(t, _)| *t + HOUR_MS < now)
-        {
-            self.cache_window.pop_front();
-        }
-        Ok(CacheFigures {
-            lookups_last_hour: self.cache_window.len() as u64,
-            hits_last_hour: self.cache_window.iter().filter(|(_, h)| *h).count() as u64,
-            lookups_total: self.store.counter("cache_lookups")?,
-            hits_total: self.store.counter("cache_hits")?,
-            entries: self.store.cache_entries() as u64,
-        })
-    }
-
-    /// The stored result for a key, if every blob it names is still stored intact (each is
-    /// read and hashed: a hit must never hand out a corrupt output) and its provenance suits
-    /// the job: a result produced under emulation never answers a job that forbids emulation.
-    pub fn cache_lookup(
-        &mut self,
-        key: CacheKey<'_>,
-        allow_emulation: bool,
-        now: u64,
-    ) -> anyhow::Result<Option<CacheEntry>> {
-        let usable = self.store.cache_entry(key)?.filter(|e| {
-            (!e.emulated || allow_emulation) && e.blobs.iter().all(|d| self.cas.verify(d))
-        });
-        self.store.add_counter("cache_lookups", 1)?;
-        if usable.is_some() {
-            self.store.add_counter("cache_hits", 1)?;
-        }
-        self.cache_window.push_back((now, usable.is_some()));
-        if self.cache_window.len() > 1_000_000 {
-            self.cache_window.pop_front();
-        }
-        Ok(usable)
-    }
-
-    /// Stores a result reported under `a`'s lease, if every blob it names is stored.
-    fn cache_record(
-        &mut self,
-        key: CacheKey<'_>,
-        a: &ActionRecord,
-        encoded: &[u8],
-        mut blobs: Vec<Digest>,
-        now: u64,
-    ) -> anyhow::Result<()> {
-        if let Some(missing) = blobs.iter().find(|d| !self.cas.contains(d)) {
-            tracing::warn!(action = %a.id, "not caching: blob {missing} named by the result is not stored");
-            return Ok(());
-        }
-        let Some((agent, emulated)) = a.last_agent.clone() else {
-            return Ok(());
-        };
-        blobs.sort();
-        blobs.dedup();
-        let entry = CacheEntry {
-            encoded: encoded.to_vec(),
-            agent,
-            platform: a.spec.platform.clone(),
-            emulated,
-            recorded_unix_ms: now,
-            blobs,
-        };
-        self.store.put_cache_entry(key, &entry)
-    }
-
-    /// Stores a successful action's result under its action digest, with the whole output
-    /// trees among the blobs a hit needs.
-    fn cache_action_result(
-        &mut self,
-        a: &ActionRecord,
-        c: &Completion,
-        now: u64,
-    ) -> anyhow::Result<()> {
-        if a.action_digest.is_empty() || !c.cacheable {
-            return Ok(());
-        }
-        let mut blobs: Vec<Digest> = c.named_blobs.clone();
-        for root in &c.output_trees {
-            match tree::walk_tree(*root, |d| self.cas.get(d).ok().flatten()) {
-                Ok((dirs, files)) => blobs.extend(dirs.into_keys().chain(files)),
-                Err(e) => {
-                    tracing::warn!(action = %a.id, "not caching: output tree {root} is incomplete: {e}");
-                    return Ok(());
-                }
-            }
-        }
-        self.cache_record(
-            CacheKey::Action(&a.action_digest),
-            a,
-            &c.encoded,
-            blobs,
-            now,
-        )
+    /// The result cache.
+    pub fn cache(&self) -> &Arc<ResultCache> {
+        &self.cache
     }
 
     /// The store underneath.
@@ -438,8 +327,8 @@ impl Farm {
 
     /// Accepts a validated job and its actions, then places what it can.
     /// `pins` names every blob of an action's input tree; they stay pinned in the CAS
-    /// while an action needs them. Actions whose result is in the action cache (and whose job
-    /// did not ask for `no_cache`) complete at once, marked cached.
+    /// while an action needs them. Actions already final (answered from the result cache)
+    /// are recorded and announced as they are.
     pub fn submit(
         &mut self,
         mut job: JobRecord,
@@ -447,52 +336,17 @@ impl Farm {
         pins: &BTreeMap<ActionId, Vec<Digest>>,
         now: u64,
     ) -> anyhow::Result<()> {
-        let mut cached = Vec::new();
-        let mut queued = Vec::new();
-        let mut done = Vec::new();
-        for mut a in actions {
-            if a.state.is_final() {
-                done.push(a);
-                continue;
-            }
-            let hit = if a.spec.no_cache || a.action_digest.is_empty() {
-                None
-            } else {
-                self.cache_lookup(
-                    CacheKey::Action(&a.action_digest),
-                    a.spec.allow_emulation,
-                    now,
-                )?
-            };
-            match hit {
-                Some(e) => {
-                    a.state = ActionState::Succeeded;
-                    a.cached = true;
-                    a.reason = format!(
-                        "cached result of {} ({}) from {}",
-                        e.agent,
-                        if e.emulated { "emulated" } else { "native" },
-                        e.recorded_unix_ms
-                    );
-                    a.last_agent = Some((e.agent.clone(), e.emulated));
-                    a.result = Some(ResultRecord {
-                        encoded: e.encoded,
-                        fence: 0,
-                    });
-                    cached.push(a);
-                }
-                None => queued.push(a),
-            }
-        }
-        cached.extend(done);
+        // Final already: answered from the result cache before the farm was locked.
+        let (done, queued): (Vec<ActionRecord>, Vec<ActionRecord>) =
+            actions.into_iter().partition(|a| a.state.is_final());
         job.finished = queued.is_empty();
         self.store.put_job(&job)?;
-        for a in cached.iter().chain(queued.iter()) {
+        for a in done.iter().chain(queued.iter()) {
             self.store.put_action(a)?;
         }
         self.store.flush()?;
         self.hubs.open(&job.id);
-        for a in &cached {
+        for a in &done {
             self.hubs
                 .publish(&job.id, JobUpdate::Action(Box::new(a.clone())));
         }
@@ -747,7 +601,12 @@ impl Farm {
             }
             Outcome::Exited if c.exit_code == 0 => {
                 a.state = ActionState::Succeeded;
-                self.cache_action_result(&a, &c, now)?;
+                if !a.action_digest.is_empty() && c.cacheable {
+                    let key = CacheKey::Action(&a.action_digest);
+                    let blobs = c.named_blobs.clone();
+                    self.cache
+                        .record(key, &a, &c.encoded, blobs, &c.output_trees, now)?;
+                }
             }
             Outcome::Exited => {
                 a.state = ActionState::Failed;
@@ -781,13 +640,8 @@ impl Farm {
             let passing = s.exit_code == 0 && !s.timed_out;
             if passing && !spec.cache_key.is_empty() && c.cacheable {
                 if let Some(out) = s.output {
-                    self.cache_record(
-                        CacheKey::Step(&spec.cache_key),
-                        a,
-                        &s.encoded,
-                        vec![out],
-                        now,
-                    )?;
+                    let key = CacheKey::Step(&spec.cache_key);
+                    self.cache.record(key, a, &s.encoded, vec![out], &[], now)?;
                 }
             }
         }
@@ -1119,9 +973,14 @@ mod tests {
 
     impl Harness {
         fn new() -> Self {
+            Self::with_cas_budget(1 << 30)
+        }
+
+        fn with_cas_budget(budget_bytes: u64) -> Self {
             let dir = tempfile::tempdir().unwrap();
             let store = Store::open(&dir.path().join("state")).unwrap();
-            let cas = Arc::new(Cas::open(&dir.path().join("cas")).unwrap());
+            let cas =
+                Arc::new(Cas::open_with_budget(&dir.path().join("cas"), budget_bytes).unwrap());
             Self {
                 farm: Farm::load(store, cas, FarmConfig::default(), 0).unwrap(),
                 _dir: dir,
@@ -1195,6 +1054,8 @@ mod tests {
                         now,
                     );
                     a.action_digest = key.to_string();
+                    // As the Jobs service does before it locks the farm.
+                    self.farm.cache().answer(&mut a, now).unwrap();
                     a
                 })
                 .collect();
@@ -1312,15 +1173,14 @@ mod tests {
         // Another key misses; no_cache skips the lookup.
         h.submit_keyed(&["linux/amd64"], false, "key-2", 3);
         assert_eq!(h.assigns("a").len(), 1);
-        let f = h.farm.cache_figures(4).unwrap();
+        let f = h.farm.cache().figures(4).unwrap();
         assert_eq!((f.lookups_total, f.hits_total, f.entries), (3, 1, 1));
         assert_eq!((f.lookups_last_hour, f.hits_last_hour), (3, 1));
     }
 
     #[test]
     fn a_cache_entry_naming_an_evicted_blob_is_a_miss() {
-        let mut h = Harness::new();
-        h.farm.cas = Arc::new(Cas::open_with_budget(&h._dir.path().join("small-cas"), 64).unwrap());
+        let mut h = Harness::with_cas_budget(64);
         h.join("a", &[("linux/amd64", false)], 0);
         let first = h.submit_keyed(&["linux/amd64"], false, "key-1", 0);
         let fence = h.assigns("a")[0].1;
@@ -1375,7 +1235,8 @@ mod tests {
         h.report("a", &id, fence, c, 5);
         let hit = h
             .farm
-            .cache_lookup(CacheKey::Step(&"a".repeat(64)), false, 6)
+            .cache()
+            .lookup(CacheKey::Step(&"a".repeat(64)), false, 6)
             .unwrap()
             .unwrap();
         assert_eq!(
@@ -1384,7 +1245,8 @@ mod tests {
         );
         assert!(
             h.farm
-                .cache_lookup(CacheKey::Step(&"b".repeat(64)), false, 6)
+                .cache()
+                .lookup(CacheKey::Step(&"b".repeat(64)), false, 6)
                 .unwrap()
                 .is_none(),
             "failures are not cached"
@@ -1427,9 +1289,7 @@ mod tests {
 
     #[test]
     fn eviction_spares_the_inputs_of_queued_and_running_actions_until_they_finish() {
-        let mut h = Harness::new();
-        h.farm.cas =
-            Arc::new(Cas::open_with_budget(&h._dir.path().join("small-cas"), 100).unwrap());
+        let mut h = Harness::with_cas_budget(100);
         let input = Digest::of(&[1u8; 60]);
         h.farm.cas.put(&input, &[1u8; 60]).unwrap();
         h.inputs = vec![input];

@@ -8,6 +8,7 @@ pub mod grpc;
 pub mod hubs;
 pub mod model;
 pub mod pki;
+pub mod result_cache;
 pub mod scheduler;
 pub mod sharding;
 pub mod store;
@@ -53,6 +54,7 @@ pub fn open(config: &Config) -> anyhow::Result<SharedRef> {
     )?);
     let farm = farm::Farm::load(store.clone(), cas.clone(), farm_config, now_unix_ms())?;
     Ok(Arc::new(Shared {
+        cache: farm.cache().clone(),
         farm: Mutex::new(farm),
         store,
         cas,

@@ -283,6 +283,19 @@ impl Jobs for JobsService {
                         a
                     })
                     .collect();
+                // The result cache answers what it can before the farm is locked (a lookup
+                // reads and hashes every blob the stored result names).
+                let cache = shared.cache.clone();
+                let actions = tokio::task::spawn_blocking(move || {
+                    let mut actions = actions;
+                    for a in &mut actions {
+                        cache.answer(a, now)?;
+                    }
+                    anyhow::Ok(actions)
+                })
+                .await
+                .map_err(|e| Status::internal(format!("cache lookup failed: {e}")))?
+                .map_err(internal)?;
                 let pins = actions
                     .iter()
                     .map(|a| (a.id.clone(), input_digests.clone()))
@@ -498,7 +511,7 @@ impl Jobs for JobsService {
                 cas: None,
             }
         };
-        let cache = self.0.farm()?.cache_figures(now).map_err(internal)?;
+        let cache = self.0.cache.figures(now).map_err(internal)?;
         let cas = self.0.cas.stats();
         resp.cas = Some(v1::CasStats {
             bytes: cas.bytes,

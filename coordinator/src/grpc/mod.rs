@@ -24,6 +24,8 @@ pub struct Shared {
     pub store: Store,
     /// Blobs.
     pub cas: Arc<Cas>,
+    /// Results of actions and steps (the farm records into the same one).
+    pub cache: Arc<crate::result_cache::ResultCache>,
     /// The CA.
     pub pki: Pki,
     /// Wall clock in Unix ms (injected in tests).

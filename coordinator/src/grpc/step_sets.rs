@@ -175,8 +175,8 @@ pub fn expand(
                 None
             } else {
                 shared
-                    .farm()?
-                    .cache_lookup(CacheKey::Step(&st.cache_key), spec.allow_emulation, now)
+                    .cache
+                    .lookup(CacheKey::Step(&st.cache_key), spec.allow_emulation, now)
                     .map_err(internal)?
             };
             match hit {
@@ -334,8 +334,8 @@ pub fn lookup(
         }
         let key = k.to_ascii_lowercase();
         if let Some(e) = shared
-            .farm()?
-            .cache_lookup(CacheKey::Step(&key), allow_emulation, now)
+            .cache
+            .lookup(CacheKey::Step(&key), allow_emulation, now)
             .map_err(internal)?
         {
             let mut r = v1::StepResult::decode(e.encoded.as_slice()).unwrap_or_default();
