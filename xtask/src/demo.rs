@@ -324,6 +324,26 @@ fn remove_state(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Starts `command` in its own process group (so a terminal's Ctrl-C does not reach it), stdin
+/// empty, stdout and stderr into `log` (the file at `log_path`), logs plain (no colour).
+pub(crate) fn spawn_logged(
+    command: &mut Command,
+    log: std::fs::File,
+    log_path: &Path,
+) -> anyhow::Result<Child> {
+    let log_err = log
+        .try_clone()
+        .with_context(|| format!("failed to open {}", log_path.display()))?;
+    command
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("failed to start {:?}", command.get_program()))
+}
+
 /// Starts `program` in its own process group with output to `<dir>/<name>.log` and its pid in
 /// `<dir>/<name>.pid`, so it outlives this process and `--stop` can find it. Dropping the
 /// returned handle leaves the process running.
@@ -345,18 +365,7 @@ fn spawn_detached(
         humantime::format_rfc3339_seconds(std::time::SystemTime::now())
     )
     .with_context(|| format!("failed to write {}", log_path.display()))?;
-    let log_err = log
-        .try_clone()
-        .with_context(|| format!("failed to open {}", log_path.display()))?;
-    let child = Command::new(program)
-        .args(args)
-        .env("NO_COLOR", "1") // plain logs in the files
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(log_err)
-        .process_group(0)
-        .spawn()
-        .with_context(|| format!("failed to start {}", program.display()))?;
+    let child = spawn_logged(Command::new(program).args(args), log, &log_path)?;
     let pid = child.id();
     let pid_path = dir.join(format!("{name}.pid"));
     std::fs::write(&pid_path, format!("{pid}\n"))

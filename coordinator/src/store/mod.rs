@@ -65,7 +65,8 @@ impl Store {
             }
             Some(v) if v.as_ref() == SCHEMA_VERSION.as_bytes() => {}
             Some(v) => bail!(
-                "state store {} has schema version {}, this coordinator reads {SCHEMA_VERSION}",
+                "state store {} has schema version {}, this coordinator reads {SCHEMA_VERSION}; \
+                 start it on an empty --data-dir (the demo farm: cargo xtask demo --fresh)",
                 dir.display(),
                 String::from_utf8_lossy(&v)
             ),

@@ -18,7 +18,7 @@
 //! measurement could not be made. Every process it starts is stopped on the way out, on
 //! error and on Ctrl-C too.
 use super::private::PrivateCoordinator;
-use crate::demo::{build_binaries, find_program, log_tail, run_checked};
+use crate::demo::{build_binaries, find_program, log_tail, run_checked, spawn_logged};
 use crate::farm::display::{format_duration, now_unix_ms};
 use crate::farm::job::get_job;
 use crate::farm::status::farm_status;
@@ -32,7 +32,6 @@ use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 use std::collections::BTreeMap;
 use std::ffi::OsString;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -1270,22 +1269,18 @@ impl BenchFarm {
             let log = setup.logs.join(format!("agent-{name}.log"));
             let out = std::fs::File::create(&log)
                 .with_context(|| format!("failed to create {}", log.display()))?;
-            let err = out.try_clone().context("failed to open the log twice")?;
-            let child = Command::new(&program)
-                .arg("--coordinator")
-                .arg(&url)
-                .arg("--data-dir")
-                .arg(setup.work.join(format!("agent-{name}")))
-                .args(["--token", &join.token, "--ca-hash", &join.ca_hash])
-                .args(["--slots", &slots.to_string()])
-                .args(extra)
-                .env("NO_COLOR", "1")
-                .stdin(Stdio::null())
-                .stdout(out)
-                .stderr(err)
-                .process_group(0)
-                .spawn()
-                .with_context(|| format!("failed to start {}", program.display()))?;
+            let child = spawn_logged(
+                Command::new(&program)
+                    .arg("--coordinator")
+                    .arg(&url)
+                    .arg("--data-dir")
+                    .arg(setup.work.join(format!("agent-{name}")))
+                    .args(["--token", &join.token, "--ca-hash", &join.ca_hash])
+                    .args(["--slots", &slots.to_string()])
+                    .args(extra),
+                out,
+                &log,
+            )?;
             farm.agents.push(AgentProcess {
                 name: format!("agent-{name}"),
                 child,

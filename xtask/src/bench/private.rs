@@ -2,15 +2,14 @@
 //! on a free loopback port with its data in a temporary directory under target/, and stopped
 //! (SIGTERM, then SIGKILL) when the benchmark ends, so that a benchmark needs no farm running
 //! and always starts from an empty store.
-use crate::demo::{build_binaries, wait_for_coordinator};
+use crate::demo::{build_binaries, spawn_logged, wait_for_coordinator};
 use crate::farm::{FarmClient, FarmOptions};
 use crate::paths;
 use anyhow::Context;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 /// How long it gets between SIGTERM and SIGKILL.
@@ -53,20 +52,16 @@ impl PrivateCoordinator {
         let log_path = dir.path().join("coordinator.log");
         let log = std::fs::File::create(&log_path)
             .with_context(|| format!("failed to create {}", log_path.display()))?;
-        let log_err = log.try_clone().context("failed to open the log twice")?;
         let data = dir.path().join("data");
-        let child = Command::new(program)
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--data-dir")
-            .arg(&data)
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
-            .process_group(0)
-            .spawn()
-            .with_context(|| format!("failed to start {}", program.display()))?;
+        let child = spawn_logged(
+            Command::new(program)
+                .arg("--listen")
+                .arg(format!("127.0.0.1:{port}"))
+                .arg("--data-dir")
+                .arg(&data),
+            log,
+            &log_path,
+        )?;
         let mut me = Self {
             child,
             options: FarmOptions {
