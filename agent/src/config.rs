@@ -1,4 +1,5 @@
 //! The agent's flags and the validated `AgentConfig` built from them, checked before anything starts.
+use crate::policy::{Limits, PolicyFile, SandboxChoice};
 use anyhow::{bail, Context};
 use archfarm_proto::Platform;
 use std::collections::HashSet;
@@ -8,6 +9,12 @@ use std::time::Duration;
 
 /// Default size budget of the local blob cache: 10 GiB.
 pub const DEFAULT_CACHE_BUDGET_BYTES: u64 = 10 * 1024 * 1024 * 1024;
+/// Default minimum free disk: below 1 GiB free the agent takes no new work.
+pub const DEFAULT_MIN_FREE_DISK_BYTES: u64 = 1 << 30;
+/// Default watchdog: 10 minutes without output and without CPU progress.
+pub const DEFAULT_WATCHDOG: Duration = Duration::from_secs(600);
+/// Default user actions run as when the agent runs as root: nobody.
+pub const DEFAULT_SANDBOX_UID: u32 = 65534;
 
 /// Command-line flags of `archfarm-agent`.
 #[derive(Debug, clap::Parser)]
@@ -48,9 +55,16 @@ pub struct AgentArgs {
     #[arg(long, value_name = "SECONDS", default_value_t = 5)]
     pub kill_grace_s: u64,
     /// Size budget of the local blob cache (`DATA_DIR/cache/blobs`); least recently used blobs
-    /// are evicted above it.
-    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_CACHE_BUDGET_BYTES)]
-    pub cache_budget_bytes: u64,
+    /// are evicted above it. Default 10 GiB.
+    #[arg(long, value_name = "BYTES")]
+    pub cache_budget_bytes: Option<u64>,
+    /// Policy file (TOML): platforms, slots, budgets, network, labels, sandbox and limits.
+    /// Flags given here win over it.
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+    /// How to isolate actions: `auto` (bubblewrap when it works), `bwrap` or `none`.
+    #[arg(long, value_name = "MODE")]
+    pub sandbox: Option<String>,
     /// Log level (`error`, `warn`, `info`, `debug`, `trace` or a filter); RUST_LOG wins when set.
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     pub log_level: String,
@@ -100,6 +114,20 @@ pub struct AgentConfig {
     pub kill_grace: Duration,
     /// Size budget of the local blob cache.
     pub cache_budget_bytes: u64,
+    /// Below this many free bytes on the data disk the agent takes no new work.
+    pub min_free_disk_bytes: u64,
+    /// Actions whose job asks for the network may have it.
+    pub allow_network: bool,
+    /// Label keys the agent accepts work for; `None` means every bound label.
+    pub accept_labels: Option<Vec<String>>,
+    /// How actions are isolated.
+    pub sandbox: SandboxChoice,
+    /// The user actions run as when the agent runs as root.
+    pub sandbox_uid: u32,
+    /// Stop actions without output and CPU progress for this long (`None`: never).
+    pub watchdog: Option<Duration>,
+    /// Per-action limits.
+    pub limits: Limits,
 }
 
 impl fmt::Debug for AgentConfig {
@@ -117,39 +145,95 @@ impl fmt::Debug for AgentConfig {
             .field("native", &self.native)
             .field("kill_grace", &self.kill_grace)
             .field("cache_budget_bytes", &self.cache_budget_bytes)
+            .field("min_free_disk_bytes", &self.min_free_disk_bytes)
+            .field("allow_network", &self.allow_network)
+            .field("accept_labels", &self.accept_labels)
+            .field("sandbox", &self.sandbox)
+            .field("sandbox_uid", &self.sandbox_uid)
+            .field("watchdog", &self.watchdog)
+            .field("limits", &self.limits)
             .finish()
     }
 }
 
 impl AgentConfig {
     /// A config with defaults: native platform only, one slot per core, 5 s kill grace, a
-    /// 10 GiB blob cache.
+    /// 10 GiB blob cache, sandboxed when bubblewrap works, no network, default limits.
     pub fn new(coordinator_url: impl Into<String>, data_dir: impl Into<PathBuf>) -> Self {
+        let slots = crate::host::logical_cores();
         Self {
             coordinator_url: coordinator_url.into(),
             data_dir: data_dir.into(),
             join_token: None,
             ca_hash: None,
-            slots: crate::host::logical_cores(),
+            slots,
             emulators: Vec::new(),
             native: true,
             kill_grace: Duration::from_secs(5),
             cache_budget_bytes: DEFAULT_CACHE_BUDGET_BYTES,
+            min_free_disk_bytes: DEFAULT_MIN_FREE_DISK_BYTES,
+            allow_network: false,
+            accept_labels: None,
+            sandbox: SandboxChoice::Auto,
+            sandbox_uid: DEFAULT_SANDBOX_UID,
+            watchdog: Some(DEFAULT_WATCHDOG),
+            limits: Limits::defaults(crate::host::total_memory_bytes(), slots),
         }
     }
 
-    /// Builds and validates the config from flags.
+    /// Builds and validates the config from flags and the policy file they name (flags win).
     pub fn from_args(args: AgentArgs) -> anyhow::Result<Self> {
+        let policy = match &args.policy {
+            Some(path) => PolicyFile::load(path)?,
+            None => PolicyFile::default(),
+        };
+        let emulators = if args.emulate.is_empty() {
+            policy
+                .emulate
+                .iter()
+                .map(|(platform, wrapper)| {
+                    parse_emulator(&format!("{platform}={}", wrapper.display()))
+                        .map_err(|e| anyhow::anyhow!("policy [emulate]: {e}"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?
+        } else {
+            args.emulate
+        };
+        let sandbox = match args.sandbox.as_deref().or(policy.sandbox.as_deref()) {
+            Some(s) => SandboxChoice::parse(s)?,
+            None => SandboxChoice::Auto,
+        };
+        let slots = args
+            .slots
+            .or(policy.slots)
+            .unwrap_or_else(crate::host::logical_cores);
         let config = Self {
             coordinator_url: args.coordinator,
             data_dir: args.data_dir,
             join_token: args.token.filter(|t| !t.is_empty()),
             ca_hash: args.ca_hash.filter(|h| !h.is_empty()),
-            slots: args.slots.unwrap_or_else(crate::host::logical_cores),
-            emulators: args.emulate,
-            native: !args.no_native,
+            slots,
+            emulators,
+            native: !args.no_native && policy.native.unwrap_or(true),
             kill_grace: Duration::from_secs(args.kill_grace_s),
-            cache_budget_bytes: args.cache_budget_bytes,
+            cache_budget_bytes: args
+                .cache_budget_bytes
+                .or(policy.cache_budget_bytes)
+                .unwrap_or(DEFAULT_CACHE_BUDGET_BYTES),
+            min_free_disk_bytes: policy
+                .min_free_disk_bytes
+                .unwrap_or(DEFAULT_MIN_FREE_DISK_BYTES),
+            allow_network: policy.allow_network.unwrap_or(false),
+            accept_labels: policy.accept_labels.clone(),
+            sandbox,
+            sandbox_uid: policy.sandbox_uid.unwrap_or(DEFAULT_SANDBOX_UID),
+            watchdog: match policy.watchdog_s {
+                Some(0) => None,
+                Some(s) => Some(Duration::from_secs(s)),
+                None => Some(DEFAULT_WATCHDOG),
+            },
+            limits: Limits::defaults(crate::host::total_memory_bytes(), slots)
+                .with_file(&policy.limits),
         };
         config.validate()?;
         Ok(config)
@@ -266,6 +350,8 @@ mod tests {
         assert!(c.native);
         assert_eq!(c.kill_grace, Duration::from_secs(5));
         assert_eq!(c.cache_budget_bytes, 10 << 30);
+        assert_eq!(c.sandbox, SandboxChoice::Auto);
+        assert!(!c.allow_network);
         let c = args(&["--cache-budget-bytes", "1048576"]).expect("valid flags");
         assert_eq!(c.cache_budget_bytes, 1 << 20);
     }

@@ -38,6 +38,7 @@ pub struct AgentState {
     platforms: Vec<(Platform, bool)>,
     slots: u32,
     settings: ExecutorSettings,
+    policy: PolicyFacts,
     cas: RemoteCas,
     channel: watch::Sender<Option<Channel>>,
     agent_id: Mutex<String>,
@@ -56,6 +57,36 @@ struct Inner {
     session: Option<mpsc::Sender<v1::AgentMessage>>,
 }
 
+/// What the agent's policy tells the coordinator about itself.
+#[derive(Clone, Debug, Default)]
+pub struct PolicyFacts {
+    /// Sandbox mode, e.g. "bwrap (uid 65534, no network)".
+    pub sandbox: String,
+    /// How limits are enforced, and their values.
+    pub limits: String,
+    /// Label keys it accepts work for; `None`: every bound label.
+    pub accept_labels: Option<Vec<String>>,
+    /// Actions that ask for the network may have it.
+    pub allow_network: bool,
+    /// Below this many free bytes on the data disk it takes no new work.
+    pub min_free_disk_bytes: u64,
+}
+
+impl PolicyFacts {
+    /// Why the agent should take no new work with `free` bytes free; empty when it should.
+    pub fn paused_reason(&self, free: u64) -> String {
+        if free < self.min_free_disk_bytes {
+            format!(
+                "free disk {} is below the policy's minimum of {}",
+                crate::limits::bytes(free),
+                crate::limits::bytes(self.min_free_disk_bytes)
+            )
+        } else {
+            String::new()
+        }
+    }
+}
+
 /// Everything `AgentState::new` needs.
 pub struct StateParts {
     /// Coordinator URL.
@@ -70,6 +101,8 @@ pub struct StateParts {
     pub slots: u32,
     /// What executions share.
     pub settings: ExecutorSettings,
+    /// What the operator's policy tells the coordinator.
+    pub policy: PolicyFacts,
     /// Agent id known from joining, if any.
     pub agent_id: Option<String>,
     /// Fires when the agent must stop.
@@ -87,6 +120,7 @@ impl AgentState {
             platforms: parts.platforms,
             slots: parts.slots,
             settings: parts.settings,
+            policy: parts.policy,
             cas: RemoteCas::new(channel_rx, parts.shutdown.clone()),
             channel,
             agent_id: Mutex::new(parts.agent_id.unwrap_or_default()),
@@ -457,6 +491,12 @@ async fn serve_session(
             hostname: state.host.hostname.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             running: AgentState::running_list(&inner),
+            sandbox: state.policy.sandbox.clone(),
+            limits: state.policy.limits.clone(),
+            restrict_labels: state.policy.accept_labels.is_some(),
+            accept_labels: state.policy.accept_labels.clone().unwrap_or_default(),
+            paused_reason: state.policy.paused_reason(free_disk_bytes),
+            allow_network: state.policy.allow_network,
         };
         // Hello and the unacknowledged results go first; the outbox is published in the same
         // critical section so no result can slip between the snapshot and the new session.
@@ -517,10 +557,12 @@ async fn serve_session(
             () = stop.cancelled() => return Ok(SessionEnd::Stopped),
             _ = ticker.tick() => {
                 let running = AgentState::running_list(&state.inner());
+                let free_disk_bytes = host::free_disk_bytes(&state.data_dir);
                 let heartbeat = v1::Heartbeat {
                     load_1m: host::load_1m(),
                     running,
-                    free_disk_bytes: host::free_disk_bytes(&state.data_dir),
+                    free_disk_bytes,
+                    paused_reason: state.policy.paused_reason(free_disk_bytes),
                 };
                 send_soon(&tx, Out::Heartbeat(heartbeat));
             }

@@ -4,6 +4,9 @@
 //! kill the group, capture) is shared with the actions made of steps in steps.rs.
 use crate::blob_cache::BlobCache;
 use crate::cas::{self, BlobSource, BlobStore};
+use crate::isolation::{Breach, BreachKind, Isolation, OutputMeter};
+use crate::limits::{self, bytes, ActionCgroup, ProcessLimits};
+use crate::sandbox::{Sandbox, SandboxRequest};
 use crate::{outputs, steps, workspace};
 use anyhow::{bail, Context};
 use archfarm_proto::{v1, Digest, Platform};
@@ -27,8 +30,10 @@ pub const BASE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/
 const CHUNK_BYTES: usize = 64 * 1024;
 /// Output kept per stream for the result blobs.
 const CAPTURE_BYTES: usize = 16 * 1024 * 1024;
-/// How often the process group's memory is sampled.
+/// How often the process tree's memory and CPU time are sampled.
 const MEMORY_SAMPLE_EVERY: Duration = Duration::from_millis(200);
+/// How often the work dir's size is measured against the disk limit.
+const DISK_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// How long output pipes may stay open after the process group is gone (a process that left
 /// the group may hold them).
 const PIPE_DRAIN: Duration = Duration::from_secs(1);
@@ -53,6 +58,8 @@ pub struct ExecutorSettings {
     /// Actions that spawned a process since the agent started: the actions it actually
     /// executed (an action-cache hit never gets here; an action made of steps counts once).
     pub executed: Arc<AtomicU64>,
+    /// Sandbox, limits and watchdog.
+    pub isolation: Arc<Isolation>,
 }
 
 /// How the session stops a running action.
@@ -380,6 +387,9 @@ async fn run_in<S: BlobStore, L: LogSink>(
     if action.steps.is_empty() && action.argv.is_empty() {
         bail!("the action has an empty argv");
     }
+    if action.network && !settings.isolation.allow_network {
+        bail!("the action asks for the network, which this agent's policy does not allow");
+    }
     if !action.steps.is_empty() && !action.argv.is_empty() {
         bail!("the action has both an argv and steps");
     }
@@ -411,6 +421,14 @@ async fn run_in<S: BlobStore, L: LogSink>(
         for d in [&tmp, &cwd] {
             std::fs::create_dir_all(d)
                 .with_context(|| format!("failed to create {}", d.display()))?;
+        }
+        if let Sandbox::Bwrap(b) = &settings.isolation.sandbox {
+            let dir = work_dir.to_path_buf();
+            let b = b.clone();
+            tokio::task::spawn_blocking(move || b.own_tree(&dir))
+                .await
+                .context("failed to prepare the sandbox")?
+                .context("failed to prepare the sandbox")?;
         }
         anyhow::Ok((tmp, cwd))
     };
@@ -449,6 +467,7 @@ async fn run_in<S: BlobStore, L: LogSink>(
         env,
         search_path,
         wrapper,
+        network: action.network,
     };
     let action_timeout = match action.timeout_ms {
         0 => DEFAULT_TIMEOUT,
@@ -504,6 +523,22 @@ async fn run_in<S: BlobStore, L: LogSink>(
             status.code().unwrap_or(-1),
             control.stopped_message(""),
         ),
+        Ending::Breached(status) => (
+            v1::ExecutionOutcome::Exited,
+            exit_code(status),
+            String::new(),
+        ),
+    };
+    let (outcome, message) = match &ran.breach {
+        Some((BreachKind::Limit, why)) => (
+            v1::ExecutionOutcome::LimitExceeded,
+            format!("stopped: {why}"),
+        ),
+        Some((BreachKind::Stuck, why)) => (
+            v1::ExecutionOutcome::InfraError,
+            format!("stopped as stuck: {why}"),
+        ),
+        None => (outcome, message),
     };
     Ok(Finished {
         outcome,
@@ -538,6 +573,8 @@ pub(crate) struct Prepared {
     pub search_path: String,
     /// The emulator every program runs under, when the action is emulated.
     pub wrapper: Option<PathBuf>,
+    /// The action may use the network.
+    pub network: bool,
 }
 
 impl Prepared {
@@ -549,6 +586,8 @@ impl Prepared {
             env: &self.env,
             search_path: &self.search_path,
             wrapper: self.wrapper.as_deref(),
+            work_dir: &self.work_dir,
+            network: self.network,
         }
     }
 }
@@ -565,6 +604,10 @@ pub(crate) struct Program<'a> {
     pub search_path: &'a str,
     /// Emulator that runs the resolved program, if any.
     pub wrapper: Option<&'a Path>,
+    /// The action's work dir: the only place it may write (besides its private /tmp).
+    pub work_dir: &'a Path,
+    /// It may use the network.
+    pub network: bool,
 }
 
 /// Where a process's output goes.
@@ -606,13 +649,17 @@ pub(crate) struct Ran {
     pub peak_memory_bytes: u64,
     /// Its output.
     pub captured: Captured,
+    /// The limit it broke, or why it was found stuck.
+    pub breach: Option<(BreachKind, String)>,
 }
 
-/// Runs one process in its own process group with stdin from /dev/null, until it exits, the
-/// `timeout` passes or `control` stops it; either way the whole group is killed at the end,
-/// and output pipes held by processes that escaped the group are given up after
-/// `PIPE_DRAIN`. `Err` is the agent's problem (spawn failed for another reason than a
-/// missing or non-executable program, the capture file could not be written).
+/// Runs one process in its own process group with stdin from /dev/null, inside the sandbox
+/// and the limits of `settings.isolation`, until it exits, the `timeout` passes, `control`
+/// stops it, or it breaks a limit or gets stuck; either way the whole tree is killed at the
+/// end, and output pipes held by processes that escaped it are given up after `PIPE_DRAIN`.
+/// `Err` is the agent's problem (the sandbox or cgroup could not be set up, spawn failed for
+/// another reason than a missing or non-executable program, the capture file could not be
+/// written).
 pub(crate) async fn run_process<L: LogSink>(
     settings: &ExecutorSettings,
     program: &Program<'_>,
@@ -621,69 +668,110 @@ pub(crate) async fn run_process<L: LogSink>(
     control: &ActionControl,
 ) -> anyhow::Result<ProcessRun> {
     let argv0 = &program.argv[0];
+    let isolation = &settings.isolation;
+    let limits = isolation.limits;
     let mut merged = None;
     let started = SystemTime::now();
     let started_at = Instant::now();
-    let spawned = match resolve_program(argv0, program.cwd, program.search_path) {
-        Err(e) => Err(e),
-        Ok(resolved) => {
-            let mut cmd = match program.wrapper {
-                Some(w) => {
-                    let mut c = tokio::process::Command::new(w);
-                    c.arg(&resolved);
-                    c
-                }
-                None => {
-                    let mut c = tokio::process::Command::new(&resolved);
-                    c.arg0(argv0);
-                    c
-                }
-            };
-            cmd.args(&program.argv[1..])
-                .env_clear()
-                .envs(program.env.iter().map(|(k, v)| (k, v)))
-                .current_dir(program.cwd)
-                .stdin(Stdio::null())
-                .process_group(0)
-                .kill_on_drop(true);
-            match capture {
-                Capture::Live(_) => {
-                    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-                }
-                Capture::Merged(path) => {
-                    let file = tokio::fs::File::create(path)
-                        .await
-                        .with_context(|| format!("failed to create {}", path.display()))?;
-                    let (writer, reader) = tokio::net::unix::pipe::pipe()
-                        .context("failed to create an output pipe")?;
-                    let writer = writer
-                        .into_blocking_fd()
-                        .context("failed to create an output pipe")?;
-                    let writer2 = writer
-                        .try_clone()
-                        .context("failed to duplicate an output pipe")?;
-                    cmd.stdout(writer).stderr(writer2);
-                    merged = Some((reader, file));
-                }
+    let resolved = match resolve_program(argv0, program.cwd, program.search_path) {
+        Ok(p) => p,
+        Err(e) => return Ok(not_started(argv0, e)),
+    };
+    if program.wrapper.is_none() {
+        // Inside the sandbox bwrap's own exec would fail with its own exit code; check here.
+        if let Err(e) = check_runnable(&resolved) {
+            return Ok(not_started(argv0, e));
+        }
+    }
+    let cgroup = {
+        let name = isolation.next_name();
+        let enforcer = isolation.enforcer.clone();
+        tokio::task::spawn_blocking(move || enforcer.begin(&name, &limits))
+            .await
+            .context("failed to set up the action's cgroup")?
+            .context("failed to set up the action's limits")?
+    };
+    let mut cmd = match &isolation.sandbox {
+        Sandbox::Bwrap(b) => {
+            let mut c = tokio::process::Command::new(&b.program);
+            c.args(b.args(&SandboxRequest {
+                work_dir: program.work_dir,
+                cwd: program.cwd,
+                network: program.network,
+                tmp_bytes: limits.disk_bytes,
+                processes: if cgroup.is_some() { 0 } else { limits.processes },
+            }));
+            if let Some(w) = program.wrapper {
+                c.arg(w);
             }
-            // `cmd` (holding the parent's copies of the pipes' write ends) is dropped here,
-            // so the pipes end when the last process holding them does.
-            cmd.spawn()
+            c.arg(&resolved);
+            if let Some((uid, gid)) = b.user {
+                c.uid(uid).gid(gid);
+            }
+            c
         }
+        Sandbox::Unsandboxed { .. } => match program.wrapper {
+            Some(w) => {
+                let mut c = tokio::process::Command::new(w);
+                c.arg(&resolved);
+                c
+            }
+            None => {
+                let mut c = tokio::process::Command::new(&resolved);
+                c.arg0(argv0);
+                c
+            }
+        },
     };
-    let mut child = match spawned {
+    cmd.args(&program.argv[1..])
+        .env_clear()
+        .envs(program.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(program.cwd)
+        .stdin(Stdio::null())
+        .process_group(0)
+        .kill_on_drop(true);
+    let process_limits = ProcessLimits {
+        // Without a cgroup, memory is held per process (with slack: the sampler below names
+        // the breach first when the tree grows slowly).
+        data_bytes: if cgroup.is_none() {
+            limits.memory_bytes.saturating_mul(2)
+        } else {
+            0
+        },
+        file_bytes: limits.disk_bytes,
+        cpu_s: limits.cpu_time_s,
+    };
+    limits::install_pre_exec(&mut cmd, cgroup.as_ref(), process_limits)?;
+    match capture {
+        Capture::Live(_) => {
+            cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        }
+        Capture::Merged(path) => {
+            let file = tokio::fs::File::create(path)
+                .await
+                .with_context(|| format!("failed to create {}", path.display()))?;
+            let (writer, reader) =
+                tokio::net::unix::pipe::pipe().context("failed to create an output pipe")?;
+            let writer = writer
+                .into_blocking_fd()
+                .context("failed to create an output pipe")?;
+            let writer2 = writer
+                .try_clone()
+                .context("failed to duplicate an output pipe")?;
+            cmd.stdout(writer).stderr(writer2);
+            merged = Some((reader, file));
+        }
+    }
+    // `cmd` (holding the parent's copies of the pipes' write ends) is dropped here, so the
+    // pipes end when the last process holding them does.
+    let mut child = match cmd.spawn() {
         Ok(c) => c,
-        Err(e) => {
-            let exit_code = match e.kind() {
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::InvalidInput => 127,
-                std::io::ErrorKind::PermissionDenied => 126,
-                _ if e.raw_os_error() == Some(nix::libc::ENOEXEC) => 126,
-                _ => return Err(e).with_context(|| format!("failed to start {argv0}")),
-            };
-            let line = format!("failed to start {argv0}: {e}\n").into_bytes();
-            return Ok(ProcessRun::NotStarted { exit_code, line });
-        }
+        Err(e) => match spawn_exit_code(&e) {
+            Some(_) => return Ok(not_started(argv0, e)),
+            None => return Err(e).with_context(|| format!("failed to start {argv0}")),
+        },
     };
+    drop(cmd);
     let pgid = child
         .id()
         .and_then(|id| i32::try_from(id).ok())
@@ -698,10 +786,12 @@ pub(crate) async fn run_process<L: LogSink>(
         (Capture::Merged(_), None) => bail!("the output pipe was not created"),
     };
 
+    let breach = Breach::default();
+    let meter = OutputMeter::new(limits.output_bytes, &breach);
     let leader_done = CancellationToken::new();
     let stop_reading = CancellationToken::new();
     let readers = async {
-        let all = pipes.read(&stop_reading);
+        let all = pipes.read(&stop_reading, &meter);
         tokio::pin!(all);
         tokio::select! {
             r = &mut all => r,
@@ -712,20 +802,260 @@ pub(crate) async fn run_process<L: LogSink>(
         }
     };
     let supervised = async {
-        let r = supervise(&mut child, pgid, timeout, control, settings.kill_grace).await;
+        let r = supervise(
+            &mut child,
+            pgid,
+            timeout,
+            control,
+            &breach,
+            settings.kill_grace,
+        )
+        .await;
+        if let Some(cg) = &cgroup {
+            cg.kill_all();
+        }
         leader_done.cancel();
         r
     };
-    let sampler = sample_peak_memory(pgid, &leader_done);
-    let (captured, supervised, peak) = tokio::join!(readers, supervised, sampler);
+    let watch = Watch {
+        pgid,
+        cgroup: cgroup.as_ref(),
+        isolation,
+        work_dir: program.work_dir,
+        meter: &meter,
+        breach: &breach,
+    };
+    let monitor = watch.run(&leader_done);
+    let (captured, supervised, peak) = tokio::join!(readers, supervised, monitor);
     let (ending, ended_at) = supervised?;
+    let peak = cgroup
+        .as_ref()
+        .and_then(ActionCgroup::peak_memory)
+        .map_or(peak, |p| p.max(peak));
+    let breach = breach
+        .get()
+        .or_else(|| {
+            cgroup
+                .as_ref()
+                .and_then(|cg| cg.breach(&limits))
+                .map(|why| (BreachKind::Limit, why))
+        })
+        .or_else(|| signal_breach(&ending, &limits));
     Ok(ProcessRun::Ran(Ran {
         ending,
         started,
         duration: ended_at.saturating_duration_since(started_at),
         peak_memory_bytes: peak,
         captured: captured?,
+        breach,
     }))
+}
+
+/// The line a shell prints when `argv0` cannot be run, with its exit code.
+fn not_started(argv0: &str, e: std::io::Error) -> ProcessRun {
+    ProcessRun::NotStarted {
+        exit_code: spawn_exit_code(&e).unwrap_or(126),
+        line: format!("failed to start {argv0}: {e}\n").into_bytes(),
+    }
+}
+
+/// 127 (not found) or 126 (not executable) like a shell; `None` for other spawn errors.
+fn spawn_exit_code(e: &std::io::Error) -> Option<i32> {
+    match e.kind() {
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::InvalidInput => Some(127),
+        std::io::ErrorKind::PermissionDenied => Some(126),
+        _ if e.raw_os_error() == Some(nix::libc::ENOEXEC) => Some(126),
+        _ => None,
+    }
+}
+
+/// Whether `path` is a file with an execute bit, and not an ELF or script the kernel would
+/// refuse (a text file without `#!`).
+fn check_runnable(path: &Path) -> std::io::Result<()> {
+    let meta = std::fs::metadata(path)?;
+    if meta.is_dir() || meta.permissions().mode() & 0o111 == 0 {
+        return Err(std::io::Error::from(std::io::ErrorKind::PermissionDenied));
+    }
+    let mut head = [0u8; 4];
+    let n = {
+        use std::io::Read;
+        std::fs::File::open(path)?.read(&mut head)?
+    };
+    let known = head[..n].starts_with(b"\x7fELF") || head[..n].starts_with(b"#!");
+    if !known {
+        return Err(std::io::Error::from_raw_os_error(nix::libc::ENOEXEC));
+    }
+    Ok(())
+}
+
+/// A run that a signal from the kernel ended at a per-process limit: SIGXCPU (CPU time) or
+/// SIGXFSZ (file size, i.e. the disk limit).
+fn signal_breach(ending: &Ending, limits: &crate::policy::Limits) -> Option<(BreachKind, String)> {
+    let Ending::Exited(status) = ending else {
+        return None;
+    };
+    let code = exit_code(*status);
+    if limits.cpu_time_s > 0
+        && (code == 128 + Signal::SIGXCPU as i32 || status.signal() == Some(Signal::SIGXCPU as i32))
+    {
+        return Some((
+            BreachKind::Limit,
+            format!("CPU time limit of {} s exceeded", limits.cpu_time_s),
+        ));
+    }
+    if limits.disk_bytes > 0
+        && (code == 128 + Signal::SIGXFSZ as i32 || status.signal() == Some(Signal::SIGXFSZ as i32))
+    {
+        return Some((
+            BreachKind::Limit,
+            format!(
+                "disk limit of {} exceeded: a file grew past it",
+                bytes(limits.disk_bytes)
+            ),
+        ));
+    }
+    None
+}
+
+/// Watches a running tree: peak memory, memory and disk limits the kernel cannot hold for
+/// us, and the watchdog (no output and no CPU progress).
+struct Watch<'a> {
+    pgid: i32,
+    cgroup: Option<&'a ActionCgroup>,
+    isolation: &'a Isolation,
+    work_dir: &'a Path,
+    meter: &'a OutputMeter<'a>,
+    breach: &'a Breach,
+}
+
+impl Watch<'_> {
+    /// Samples until `done`; returns the peak resident memory of the tree.
+    async fn run(&self, done: &CancellationToken) -> u64 {
+        let limits = self.isolation.limits;
+        let mut peak = 0;
+        let baseline = if limits.disk_bytes > 0 {
+            let dir = self.work_dir.to_path_buf();
+            tokio::task::spawn_blocking(move || disk_usage(&dir))
+                .await
+                .unwrap_or(0)
+        } else {
+            0
+        };
+        let mut last_disk_check = Instant::now();
+        let mut last_progress = Instant::now();
+        let mut last_cpu = 0u64;
+        let mut last_output = 0u64;
+        loop {
+            let pgid = self.pgid;
+            let members = self.cgroup.map(ActionCgroup::members);
+            let (rss, cpu) = tokio::task::spawn_blocking(move || {
+                let pids: Vec<i32> = match members {
+                    Some(m) => m,
+                    None => group_members(pgid).into_iter().map(|(p, _)| p).collect(),
+                };
+                pids.iter().fold((0u64, 0u64), |(rss, cpu), pid| {
+                    let (r, c) = process_usage(*pid);
+                    (rss + r, cpu + c)
+                })
+            })
+            .await
+            .unwrap_or((0, 0));
+            peak = peak.max(rss);
+            if self.cgroup.is_none() && limits.memory_bytes > 0 && rss > limits.memory_bytes {
+                self.breach.trip(
+                    BreachKind::Limit,
+                    format!(
+                        "memory limit of {} exceeded ({} resident)",
+                        bytes(limits.memory_bytes),
+                        bytes(rss)
+                    ),
+                );
+            }
+            if limits.disk_bytes > 0 && last_disk_check.elapsed() >= DISK_CHECK_EVERY {
+                last_disk_check = Instant::now();
+                let dir = self.work_dir.to_path_buf();
+                let used = tokio::task::spawn_blocking(move || disk_usage(&dir))
+                    .await
+                    .unwrap_or(0);
+                let grown = used.saturating_sub(baseline);
+                if grown > limits.disk_bytes {
+                    self.breach.trip(
+                        BreachKind::Limit,
+                        format!(
+                            "disk limit of {} exceeded: the work dir grew by {}",
+                            bytes(limits.disk_bytes),
+                            bytes(grown)
+                        ),
+                    );
+                }
+            }
+            let output = self.meter.seen();
+            if cpu != last_cpu || output != last_output {
+                last_progress = Instant::now();
+                last_cpu = cpu;
+                last_output = output;
+            } else if let Some(w) = self.isolation.watchdog {
+                if last_progress.elapsed() >= w {
+                    self.breach.trip(
+                        BreachKind::Stuck,
+                        format!(
+                            "watchdog: no output and no CPU progress for {} s",
+                            w.as_secs()
+                        ),
+                    );
+                }
+            }
+            tokio::select! {
+                () = done.cancelled() => return peak,
+                () = tokio::time::sleep(MEMORY_SAMPLE_EVERY) => {}
+            }
+        }
+    }
+}
+
+/// Resident bytes and CPU ticks (user + system) of one process; zeros when it is gone.
+fn process_usage(pid: i32) -> (u64, u64) {
+    let cpu = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let after_comm = &stat[stat.rfind(')')? + 1..];
+            let mut f = after_comm.split_whitespace().skip(11);
+            let utime: u64 = f.next()?.parse().ok()?;
+            let stime: u64 = f.next()?.parse().ok()?;
+            Some(utime + stime)
+        })
+        .unwrap_or(0);
+    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    (rss * 1024, cpu)
+}
+
+/// Bytes of disk the files under `dir` take (hard links counted once).
+fn disk_usage(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0u64;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let Ok(meta) = e.metadata() else { continue };
+            if meta.is_dir() {
+                stack.push(e.path());
+            } else if meta.nlink() < 2 || seen.insert((meta.dev(), meta.ino())) {
+                total += meta.blocks() * 512;
+            }
+        }
+    }
+    total
 }
 
 /// The read ends of a running process's output.
@@ -744,7 +1074,11 @@ enum Pipes<'a, L> {
 
 impl<L: LogSink> Pipes<'_, L> {
     /// Reads every pipe to its end (or until `stop`).
-    async fn read(self, stop: &CancellationToken) -> anyhow::Result<Captured> {
+    async fn read(
+        self,
+        stop: &CancellationToken,
+        meter: &OutputMeter<'_>,
+    ) -> anyhow::Result<Captured> {
         match self {
             Pipes::Live {
                 logs,
@@ -752,12 +1086,12 @@ impl<L: LogSink> Pipes<'_, L> {
                 stderr,
             } => {
                 let (stdout, stderr) = tokio::join!(
-                    read_stream(stdout, v1::LogStream::Stdout, logs, stop),
-                    read_stream(stderr, v1::LogStream::Stderr, logs, stop),
+                    read_stream(stdout, v1::LogStream::Stdout, logs, stop, meter),
+                    read_stream(stderr, v1::LogStream::Stderr, logs, stop, meter),
                 );
                 Ok(Captured::Streams { stdout, stderr })
             }
-            Pipes::Merged { path, reader, file } => copy_to_file(reader, file, path, stop)
+            Pipes::Merged { path, reader, file } => copy_to_file(reader, file, path, stop, meter)
                 .await
                 .map(Captured::Merged),
         }
@@ -771,6 +1105,7 @@ async fn copy_to_file<R: AsyncRead + Unpin>(
     mut file: tokio::fs::File,
     path: &Path,
     stop: &CancellationToken,
+    meter: &OutputMeter<'_>,
 ) -> anyhow::Result<Digest> {
     let mut hasher = blake3::Hasher::new();
     let mut written = 0u64;
@@ -790,6 +1125,7 @@ async fn copy_to_file<R: AsyncRead + Unpin>(
                 }
             },
         };
+        meter.add(n);
         if failed.is_some() {
             continue;
         }
@@ -863,6 +1199,7 @@ async fn read_stream<R: AsyncRead + Unpin, L: LogSink>(
     stream: v1::LogStream,
     logs: &L,
     stop: &CancellationToken,
+    meter: &OutputMeter<'_>,
 ) -> Vec<u8> {
     let mut kept = Vec::new();
     let mut dropped = 0u64;
@@ -881,6 +1218,7 @@ async fn read_stream<R: AsyncRead + Unpin, L: LogSink>(
                 }
             },
         };
+        meter.add(n);
         let chunk = &buf[..n];
         let room = CAPTURE_BYTES.saturating_sub(kept.len());
         kept.extend_from_slice(&chunk[..room.min(n)]);
@@ -908,6 +1246,8 @@ pub(crate) enum Ending {
     Exited(ExitStatus),
     TimedOut(ExitStatus),
     Cancelled(ExitStatus),
+    /// Stopped by the agent for a broken limit or as stuck; see `Ran::breach`.
+    Breached(ExitStatus),
 }
 
 /// Waits for the group leader, enforcing the timeout and cancel; when it is gone, kills
@@ -917,12 +1257,15 @@ async fn supervise(
     pgid: i32,
     timeout: Duration,
     control: &ActionControl,
+    breach: &Breach,
     grace: Duration,
 ) -> anyhow::Result<(Ending, Instant)> {
     let ending = tokio::select! {
         s = child.wait() => Ending::Exited(s.context("failed to wait for the process")?),
         () = tokio::time::sleep(timeout) => Ending::TimedOut(terminate(child, pgid, grace).await?),
         () = control.token.cancelled() => Ending::Cancelled(terminate(child, pgid, grace).await?),
+        // A broken limit gets no grace: the tree is killed at once.
+        () = breach.tripped() => Ending::Breached(terminate(child, pgid, Duration::ZERO).await?),
     };
     let ended_at = Instant::now();
     // The leader is reaped; leftovers (`sleep 1000 &`) must not outlive the action.
@@ -1002,23 +1345,6 @@ pub fn group_members(pgid: i32) -> Vec<(i32, u64)> {
     out
 }
 
-/// Samples the group's total resident memory until `done`, returning the largest sample.
-async fn sample_peak_memory(pgid: i32, done: &CancellationToken) -> u64 {
-    let mut peak = 0;
-    loop {
-        let sample = tokio::task::spawn_blocking(move || {
-            group_members(pgid).iter().map(|(_, rss)| rss).sum::<u64>()
-        })
-        .await
-        .unwrap_or(0);
-        peak = peak.max(sample);
-        tokio::select! {
-            () = done.cancelled() => return peak,
-            () = tokio::time::sleep(MEMORY_SAMPLE_EVERY) => {}
-        }
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -1074,6 +1400,7 @@ pub(crate) mod tests {
             emulators: HashMap::new(),
             hostname: "testhost".into(),
             executed: Arc::default(),
+            isolation: Arc::new(Isolation::unconfined()),
         };
         Fixture {
             _dir: dir,

@@ -37,6 +37,14 @@ impl HostFacts {
     }
 }
 
+/// Total memory in bytes.
+pub fn total_memory_bytes() -> u64 {
+    System::new_with_specifics(
+        RefreshKind::nothing().with_memory(MemoryRefreshKind::nothing().with_ram()),
+    )
+    .total_memory()
+}
+
 /// `uname -m` of this host.
 pub fn machine() -> String {
     System::cpu_arch()

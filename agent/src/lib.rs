@@ -7,8 +7,12 @@ pub mod config;
 pub mod connection;
 pub mod executor;
 pub mod host;
+pub mod isolation;
 pub mod join;
+pub mod limits;
 pub mod outputs;
+pub mod policy;
+pub mod sandbox;
 pub mod steps;
 pub mod workspace;
 
@@ -74,6 +78,35 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         return Ok(());
     };
 
+    let isolation = {
+        let (choice, data_dir, work_root) =
+            (config.sandbox, data_dir.clone(), work_root.clone());
+        let uid = config.sandbox_uid;
+        let (limits, watchdog, allow_network) =
+            (config.limits, config.watchdog, config.allow_network);
+        tokio::task::spawn_blocking(move || -> anyhow::Result<isolation::Isolation> {
+            let sandbox = sandbox::Sandbox::detect(choice, &data_dir, &work_root, uid)?;
+            let enforcer = limits::Enforcer::detect(&format!("archfarm-{}", std::process::id()));
+            Ok(isolation::Isolation::new(
+                sandbox,
+                enforcer,
+                limits,
+                watchdog,
+                allow_network,
+            ))
+        })
+        .await
+        .context("failed to set up the sandbox")??
+    };
+    let policy = connection::PolicyFacts {
+        sandbox: isolation.sandbox.describe(config.allow_network),
+        limits: isolation.describe_limits(),
+        accept_labels: config.accept_labels.clone(),
+        allow_network: config.allow_network,
+        min_free_disk_bytes: config.min_free_disk_bytes,
+    };
+    tracing::info!("sandbox: {}; limits: {}", policy.sandbox, policy.limits);
+
     let settings = executor::ExecutorSettings {
         work_root,
         cache,
@@ -89,6 +122,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             .collect(),
         hostname: host.hostname.clone(),
         executed: Default::default(),
+        isolation: std::sync::Arc::new(isolation),
     };
     let state = connection::AgentState::new(connection::StateParts {
         coordinator_url: config.coordinator_url.clone(),
@@ -97,6 +131,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         platforms,
         slots: config.slots,
         settings,
+        policy,
         agent_id: joined.agent_id.clone(),
         shutdown: shutdown.clone(),
     });

@@ -4,6 +4,7 @@
 //! step's stdout and stderr go to one file that becomes its output blob; only one progress
 //! line per finished step is streamed, since test output can run to megabytes.
 use crate::cas::BlobSource;
+use crate::isolation::BreachKind;
 use crate::executor::{
     exit_code, is_relative_inside, run_process, ActionControl, Capture, Captured, Ending,
     ExecutorSettings, Finished, LogSink, Prepared, ProcessRun,
@@ -226,6 +227,11 @@ async fn run_step(
             cwd.display()
         )));
     }
+    settings
+        .isolation
+        .sandbox
+        .own_path(&prepared.work_dir, &cwd)
+        .context("failed to prepare the sandbox")?;
 
     let remaining = deadline.saturating_duration_since(Instant::now());
     let watchdog =
@@ -265,6 +271,25 @@ async fn run_step(
         spawned: true,
         peak_memory_bytes: ran.peak_memory_bytes,
     };
+    if let Some((kind, why)) = ran.breach {
+        match kind {
+            BreachKind::Limit => {
+                let code = match ran.ending {
+                    Ending::Exited(status) | Ending::Breached(status) => exit_code(status),
+                    Ending::TimedOut(status) | Ending::Cancelled(status) => exit_code(status),
+                };
+                run.exit_code = if code == 0 { -1 } else { code };
+                run.message = format!("stopped: {why}");
+                run.progress = format!("stopped after {took} s: {why}");
+            }
+            BreachKind::Stuck => {
+                run.timed_out = true;
+                run.message = format!("{why} (hang)");
+                run.progress = format!("killed after {took} s: {why} (hang)");
+            }
+        }
+        return Ok(run);
+    }
     match (ran.ending, watchdog) {
         (Ending::Exited(status), _) => {
             run.exit_code = exit_code(status);
@@ -286,7 +311,7 @@ async fn run_step(
             run.message = format!("killed: {why}");
             run.progress = format!("killed after {took} s: {why}");
         }
-        (Ending::Cancelled(_), _) => {
+        (Ending::Cancelled(_), _) | (Ending::Breached(_), _) => {
             let why = describe_stop(Stop::Stopped, control, action_timeout);
             run.stop = Some(Stop::Stopped);
             run.message = format!("killed: {why}");
