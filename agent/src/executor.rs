@@ -699,7 +699,11 @@ pub(crate) async fn run_process<L: LogSink>(
                 cwd: program.cwd,
                 network: program.network,
                 tmp_bytes: limits.disk_bytes,
-                processes: if cgroup.is_some() { 0 } else { limits.processes },
+                processes: if cgroup.is_some() {
+                    0
+                } else {
+                    limits.processes
+                },
             }));
             if let Some(w) = program.wrapper {
                 c.arg(w);
@@ -948,19 +952,37 @@ impl Watch<'_> {
         loop {
             let pgid = self.pgid;
             let members = self.cgroup.map(ActionCgroup::members);
-            let (rss, cpu) = tokio::task::spawn_blocking(move || {
+            let (rss, cpu, count) = tokio::task::spawn_blocking(move || {
                 let pids: Vec<i32> = match members {
                     Some(m) => m,
                     None => group_members(pgid).into_iter().map(|(p, _)| p).collect(),
                 };
-                pids.iter().fold((0u64, 0u64), |(rss, cpu), pid| {
+                let (rss, cpu) = pids.iter().fold((0u64, 0u64), |(rss, cpu), pid| {
                     let (r, c) = process_usage(*pid);
                     (rss + r, cpu + c)
-                })
+                });
+                (rss, cpu, pids.len())
             })
             .await
-            .unwrap_or((0, 0));
+            .unwrap_or((0, 0, 0));
+            if self.cgroup.is_none()
+                && limits.processes > 0
+                && count >= limits.processes as usize
+                && matches!(self.isolation.sandbox, Sandbox::Bwrap(_))
+            {
+                self.breach.trip(
+                    BreachKind::Limit,
+                    format!(
+                        "process limit of {} reached: the action tried to start more processes",
+                        limits.processes
+                    ),
+                );
+            }
             peak = peak.max(rss);
+            if let Some(why) = self.cgroup.and_then(|cg| cg.breach(&limits)) {
+                // The kernel refused a fork or killed a process: stop now, not at the end.
+                self.breach.trip(BreachKind::Limit, why);
+            }
             if self.cgroup.is_none() && limits.memory_bytes > 0 && rss > limits.memory_bytes {
                 self.breach.trip(
                     BreachKind::Limit,

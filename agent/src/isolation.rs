@@ -188,7 +188,10 @@ mod tests {
         b.trip(BreachKind::Stuck, "later".into());
         assert_eq!(
             b.get(),
-            Some((BreachKind::Limit, "output limit of 10 bytes exceeded".into()))
+            Some((
+                BreachKind::Limit,
+                "output limit of 10 bytes exceeded".into()
+            ))
         );
         assert_eq!(meter.seen(), 11);
     }

@@ -79,8 +79,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     };
 
     let isolation = {
-        let (choice, data_dir, work_root) =
-            (config.sandbox, data_dir.clone(), work_root.clone());
+        let (choice, data_dir, work_root) = (config.sandbox, data_dir.clone(), work_root.clone());
         let uid = config.sandbox_uid;
         let (limits, watchdog, allow_network) =
             (config.limits, config.watchdog, config.allow_network);

@@ -491,7 +491,10 @@ mod tests {
             .expect("begin")
             .expect("a cgroup");
         let mut cmd = tokio::process::Command::new("/bin/sh");
-        cmd.args(["-c", "for i in 1 2 3 4 5 6 7 8 9 10; do sleep 5 & done; wait"]);
+        cmd.args([
+            "-c",
+            "for i in 1 2 3 4 5 6 7 8 9 10; do sleep 5 & done; wait",
+        ]);
         let none = ProcessLimits {
             data_bytes: 0,
             file_bytes: 0,

@@ -316,6 +316,9 @@ mod tests {
         let n = Sandbox::Unsandboxed {
             reason: "bwrap (bubblewrap) is not installed".into(),
         };
-        assert_eq!(n.describe(false), "none: bwrap (bubblewrap) is not installed");
+        assert_eq!(
+            n.describe(false),
+            "none: bwrap (bubblewrap) is not installed"
+        );
     }
 }

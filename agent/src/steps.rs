@@ -4,11 +4,11 @@
 //! step's stdout and stderr go to one file that becomes its output blob; only one progress
 //! line per finished step is streamed, since test output can run to megabytes.
 use crate::cas::BlobSource;
-use crate::isolation::BreachKind;
 use crate::executor::{
     exit_code, is_relative_inside, run_process, ActionControl, Capture, Captured, Ending,
     ExecutorSettings, Finished, LogSink, Prepared, ProcessRun,
 };
+use crate::isolation::BreachKind;
 use anyhow::Context;
 use archfarm_proto::{v1, Digest};
 use std::path::Path;

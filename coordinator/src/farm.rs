@@ -85,6 +85,8 @@ pub enum Outcome {
     Cancelled,
     /// The agent could not run it.
     InfraError,
+    /// Stopped for breaking one of the agent's limits: the command's fault.
+    LimitExceeded,
 }
 
 /// A result as reported by an agent.
@@ -436,6 +438,7 @@ impl Farm {
         conn: u64,
         load_1m: f64,
         free_disk_bytes: u64,
+        paused_reason: &str,
         running: &[(ActionId, u64)],
         now: u64,
     ) -> anyhow::Result<()> {
@@ -448,6 +451,18 @@ impl Farm {
         live.record.last_seen_unix_ms = now;
         live.record.facts.load_1m = load_1m;
         live.record.facts.free_disk_bytes = free_disk_bytes;
+        if live.record.facts.paused_reason != paused_reason {
+            tracing::info!(
+                agent = %agent,
+                "agent {}",
+                if paused_reason.is_empty() {
+                    "takes work again".to_string()
+                } else {
+                    format!("takes no new work: {paused_reason}")
+                }
+            );
+            live.record.facts.paused_reason = paused_reason.to_string();
+        }
         self.renew(agent, running, now)?;
         self.dispatch(now)
     }
@@ -612,7 +627,7 @@ impl Farm {
                 a.state = ActionState::Failed;
                 a.reason = format!("exit code {}", c.exit_code);
             }
-            Outcome::TimedOut => {
+            Outcome::TimedOut | Outcome::LimitExceeded => {
                 a.state = ActionState::Failed;
                 a.reason = c.message.clone();
             }
@@ -810,6 +825,7 @@ impl Farm {
                 labels: &a.spec.required_labels,
                 allow_emulation: a.spec.allow_emulation,
                 exclusive: a.spec.exclusive,
+                network: a.spec.network,
             };
             if views
                 .iter()
@@ -843,11 +859,22 @@ impl Farm {
                     .iter()
                     .map(|o| (o.platform.clone(), o.emulated))
                     .collect(),
-                labels: a.record.labels.clone(),
+                labels: match &a.record.facts.accept_labels {
+                    None => a.record.labels.clone(),
+                    Some(keys) => a
+                        .record
+                        .labels
+                        .iter()
+                        .filter(|(k, _)| keys.contains(k))
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
+                },
                 slots: a.record.facts.slots,
                 used: usage.get(&a.record.id).map_or(0, |(used, _)| *used),
                 connected: a.alive(now, self.cfg.lease_ms),
                 draining: a.record.draining,
+                paused: !a.record.facts.paused_reason.is_empty(),
+                network: a.record.facts.allow_network,
             })
             .collect()
     }
@@ -875,6 +902,7 @@ impl Farm {
                 labels: &a.spec.required_labels,
                 allow_emulation: a.spec.allow_emulation,
                 exclusive: a.spec.exclusive,
+                network: a.spec.network,
             };
             let Some((agent, emulated)) = scheduler::choose_agent(&views, &req) else {
                 continue;
@@ -1045,6 +1073,7 @@ mod tests {
                         no_cache: false,
                         steps: vec![],
                         exclusive: self.exclusive,
+                        network: false,
                     };
                     let mut a = ActionRecord::queued(
                         ActionId::new(&job, &platform),
@@ -1123,7 +1152,7 @@ mod tests {
                 .collect();
             let conn = self.conns[agent];
             self.farm
-                .heartbeat(&AgentId(agent.into()), conn, 0.0, 0, &running, now)
+                .heartbeat(&AgentId(agent.into()), conn, 0.0, 0, "", &running, now)
                 .unwrap();
         }
 

@@ -124,6 +124,21 @@ pub struct AgentFacts {
     pub version: String,
     /// One-minute load.
     pub load_1m: f64,
+    /// How it isolates actions.
+    #[serde(default)]
+    pub sandbox: String,
+    /// How it enforces per-action limits.
+    #[serde(default)]
+    pub limits: String,
+    /// Why it takes no new work now; empty when it does.
+    #[serde(default)]
+    pub paused_reason: String,
+    /// Actions asking for the network may run there.
+    #[serde(default)]
+    pub allow_network: bool,
+    /// Label keys it accepts work for; `None`: every bound label.
+    #[serde(default)]
+    pub accept_labels: Option<Vec<String>>,
 }
 
 /// A joined agent.
@@ -208,6 +223,9 @@ pub struct ActionSpec {
     /// Takes the whole agent.
     #[serde(default)]
     pub exclusive: bool,
+    /// May use the network: only agents whose policy allows it run it.
+    #[serde(default)]
+    pub network: bool,
 }
 
 /// Lifecycle of an action.

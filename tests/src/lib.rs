@@ -4,6 +4,7 @@
 use anyhow::{bail, Context};
 use archfarm_proto::tls::{connect, Credentials, ServerTrust};
 use archfarm_proto::v1;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -111,6 +112,10 @@ impl Farm {
             .prefix("archfarm-e2e-")
             .tempdir()
             .expect("tempdir");
+        // Agents running as root run actions as an unprivileged user, who must be able to
+        // reach the work dirs below (listing stays the owner's).
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))
+            .expect("chmod the farm dir");
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -338,6 +343,27 @@ impl Farm {
     /// Runs `xtask` with the farm's coordinator and admin credentials.
     pub fn cli(&self, args: &[&str]) -> Output {
         self.cli_with(args, &self.admin_dir())
+    }
+
+    /// Runs `farm run ARGS` with a JSON report; returns (exit code, report, stderr).
+    pub fn run_with_report(&self, args: &[&str]) -> (Option<i32>, serde_json::Value, String) {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        let report = self.dir.path().join(format!(
+            "report-{}-{}.json",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let report_s = report.to_string_lossy().into_owned();
+        let mut all = vec!["farm", "run", "--json-report", report_s.as_str()];
+        all.extend_from_slice(args);
+        let out = self.cli(&all);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let text = std::fs::read_to_string(&report)
+            .unwrap_or_else(|e| panic!("no report ({e}): {stderr}"));
+        let value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("bad report ({e}): {text}"));
+        (out.status.code(), value, stderr)
     }
 
     /// Runs `xtask` with the given credentials.

@@ -11,32 +11,7 @@ use tonic::Code;
 
 /// Runs `farm run` with a JSON report; returns (exit code, report, stderr).
 fn run(farm: &Farm, args: &[&str]) -> (Option<i32>, Value, String) {
-    let report = farm
-        .dir
-        .path()
-        .join(format!("report-{}.json", rand_suffix()));
-    let report_s = report.to_str().unwrap().to_string();
-    let mut all = vec!["farm", "run", "--json-report", report_s.as_str()];
-    all.extend_from_slice(args);
-    let out = farm.cli(&all);
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let text =
-        std::fs::read_to_string(&report).unwrap_or_else(|e| panic!("no report ({e}): {stderr}"));
-    (
-        out.status.code(),
-        serde_json::from_str(&text).unwrap(),
-        stderr,
-    )
-}
-
-fn rand_suffix() -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    format!(
-        "{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
+    farm.run_with_report(args)
 }
 
 /// The highest `executed=N` each agent has logged, summed over agents.

@@ -35,6 +35,7 @@ pub fn action_to_proto(spec: &ActionSpec) -> v1::Action {
         allow_emulation: spec.allow_emulation,
         output_paths: spec.output_paths.clone(),
         exclusive: spec.exclusive,
+        network: spec.network,
         steps: spec
             .steps
             .iter()
@@ -151,6 +152,7 @@ pub fn completion_from_proto(r: &v1::ExecutionResult) -> Completion {
         Ok(v1::ExecutionOutcome::Exited) => Outcome::Exited,
         Ok(v1::ExecutionOutcome::TimedOut) => Outcome::TimedOut,
         Ok(v1::ExecutionOutcome::Cancelled) => Outcome::Cancelled,
+        Ok(v1::ExecutionOutcome::LimitExceeded) => Outcome::LimitExceeded,
         _ => Outcome::InfraError,
     };
     let message = if outcome == Outcome::InfraError && r.message.is_empty() {

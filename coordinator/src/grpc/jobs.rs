@@ -268,9 +268,11 @@ impl Jobs for JobsService {
                             timeout_ms: spec.timeout_ms,
                             allow_emulation: spec.allow_emulation,
                             output_paths: valid.output_paths.clone(),
-                            no_cache: spec.no_cache,
+                            // A result that depended on the network is no answer for later.
+                            no_cache: spec.no_cache || spec.network,
                             steps: vec![],
                             exclusive: spec.exclusive,
+                            network: spec.network,
                         };
                         let mut a = ActionRecord::queued(
                             ActionId::new(&job_id, p),
@@ -477,6 +479,9 @@ impl Jobs for JobsService {
                     free_disk_bytes: f.free_disk_bytes,
                     load_1m: f.load_1m,
                     running_actions: held.iter().map(|x| x.to_string()).collect(),
+                    sandbox: f.sandbox.clone(),
+                    limits: f.limits.clone(),
+                    paused_reason: f.paused_reason.clone(),
                 });
             }
             let mut queues: BTreeMap<String, v1::PlatformQueue> = BTreeMap::new();

@@ -58,6 +58,17 @@ pub fn facts_from_hello(h: &v1::Hello) -> Result<AgentFacts, Status> {
         slots: h.slots,
         version: h.version.chars().take(64).collect(),
         load_1m: 0.0,
+        sandbox: h.sandbox.chars().take(200).collect(),
+        limits: h.limits.chars().take(400).collect(),
+        paused_reason: h.paused_reason.chars().take(200).collect(),
+        allow_network: h.allow_network,
+        accept_labels: h.restrict_labels.then(|| {
+            h.accept_labels
+                .iter()
+                .take(64)
+                .map(|k| k.chars().take(63).collect())
+                .collect()
+        }),
     })
 }
 
@@ -179,6 +190,7 @@ fn handle(
                 conn,
                 h.load_1m,
                 h.free_disk_bytes,
+                &h.paused_reason.chars().take(200).collect::<String>(),
                 &running(&h.running),
                 now,
             )

@@ -210,9 +210,10 @@ pub fn expand(
             timeout_ms: spec.timeout_ms,
             allow_emulation: spec.allow_emulation,
             output_paths: vec![],
-            no_cache: spec.no_cache,
+            no_cache: spec.no_cache || spec.network,
             steps,
             exclusive: spec.exclusive,
+            network: spec.network,
         };
         let record =
             |id: ActionId, spec: ActionSpec| ActionRecord::queued(id, job_id, seq, spec, now);

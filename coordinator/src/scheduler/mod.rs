@@ -23,6 +23,10 @@ pub struct AgentView {
     pub connected: bool,
     /// Takes no new work.
     pub draining: bool,
+    /// Takes no new work for now (its policy's minimum free disk, say).
+    pub paused: bool,
+    /// Its policy lets actions have the network.
+    pub network: bool,
 }
 
 /// What an action requires.
@@ -36,6 +40,8 @@ pub struct Requirement<'a> {
     pub allow_emulation: bool,
     /// Needs an idle agent, and takes all of it.
     pub exclusive: bool,
+    /// Needs the network.
+    pub network: bool,
 }
 
 /// Placement preference; smaller is better.
@@ -55,7 +61,12 @@ fn has_labels(agent: &AgentView, want: &Labels) -> bool {
 
 /// Whether `agent` may ever run `req` (ignoring its current load); `Some(emulated)` if so.
 pub fn can_serve(agent: &AgentView, req: &Requirement<'_>) -> Option<bool> {
-    if !agent.connected || agent.draining || !has_labels(agent, req.labels) {
+    if !agent.connected
+        || agent.draining
+        || agent.paused
+        || (req.network && !agent.network)
+        || !has_labels(agent, req.labels)
+    {
         return None;
     }
     agent
@@ -93,6 +104,7 @@ pub fn unservable_reason<'a>(
 ) -> String {
     let mut of_platform = 0;
     let (mut emulated_only, mut lost, mut draining, mut wrong_labels) = (0, 0, 0, 0);
+    let (mut paused, mut no_network) = (0, 0);
     for a in agents {
         let offers: Vec<bool> = a
             .offers
@@ -108,6 +120,10 @@ pub fn unservable_reason<'a>(
             lost += 1;
         } else if a.draining {
             draining += 1;
+        } else if a.paused {
+            paused += 1;
+        } else if req.network && !a.network {
+            no_network += 1;
         } else if !has_labels(a, req.labels) {
             wrong_labels += 1;
         } else if !req.allow_emulation && offers.iter().all(|e| *e) {
@@ -131,6 +147,14 @@ pub fn unservable_reason<'a>(
     }
     if draining > 0 {
         why.push(format!("{draining} draining"));
+    }
+    if paused > 0 {
+        why.push(format!("{paused} paused by their policy (e.g. low disk)"));
+    }
+    if no_network > 0 {
+        why.push(format!(
+            "{no_network} whose policy does not allow the network the job asks for"
+        ));
     }
     if lost > 0 {
         why.push(format!("{lost} lost"));
@@ -164,6 +188,8 @@ mod tests {
             used,
             connected: true,
             draining: false,
+            paused: false,
+            network: false,
         }
     }
 
@@ -173,6 +199,7 @@ mod tests {
             labels,
             allow_emulation: allow,
             exclusive: false,
+            network: false,
         }
     }
 

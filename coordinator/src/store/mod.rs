@@ -304,6 +304,7 @@ mod tests {
             no_cache: false,
             steps: vec![],
             exclusive: false,
+            network: false,
         };
         let job = JobId("j-000001".into());
         {

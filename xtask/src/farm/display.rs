@@ -138,6 +138,7 @@ pub fn outcome_name(outcome: ExecutionOutcome) -> &'static str {
         ExecutionOutcome::TimedOut => "timed_out",
         ExecutionOutcome::Cancelled => "cancelled",
         ExecutionOutcome::InfraError => "infra_error",
+        ExecutionOutcome::LimitExceeded => "limit_exceeded",
     }
 }
 

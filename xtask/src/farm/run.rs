@@ -69,6 +69,10 @@ pub struct RunArgs {
     /// Run every action even when the action cache holds a result for it.
     #[arg(long)]
     pub no_cache: bool,
+    /// The command needs the network: only agents whose policy allows it run it (every
+    /// other action runs without any network).
+    #[arg(long)]
+    pub network: bool,
     /// Write a JSON report (upload figures, job id, each action's state, cached flag and exit
     /// code, downloads) to FILE when the job ends.
     #[arg(long, value_name = "FILE")]
@@ -101,6 +105,7 @@ impl RunArgs {
             outputs: Vec::new(),
             download: None,
             no_cache: false,
+            network: false,
             json_report: None,
             command: command.into_iter().map(Into::into).collect(),
         }
@@ -133,6 +138,7 @@ impl RunArgs {
             shards: 0,
             shard_target_ms: 0,
             exclusive: false,
+            network: self.network,
         })
     }
 }
@@ -176,7 +182,8 @@ pub struct RunOutcome {
 impl RunOutcome {
     /// The `--json-report` document:
     /// `{"job_id", "exit_code", "upload": UploadReport|null, "actions": [{"action_id",
-    /// "platform", "state", "cached", "outcome", "exit_code", "agent_id", "emulated",
+    /// "platform", "state", "cached", "outcome", "exit_code", "message", "reason", "agent_id",
+    /// "emulated",
     /// "duration_ms", "action_digest", "output_files", "output_directories"}], "ran",
     /// "cached", "downloads": [DownloadedOutput]}`. `outcome` and `exit_code` are null for an
     /// action without a result; `actions` is empty when the watch was abandoned.
@@ -205,6 +212,8 @@ impl RunOutcome {
                     "cached": a.cached,
                     "outcome": r.map(|r| outcome_name(r.outcome())),
                     "exit_code": r.map(|r| r.exit_code),
+                    "message": r.map(|r| r.message.as_str()),
+                    "reason": a.reason,
                     "agent_id": r.map_or(a.agent_id.as_str(), |r| r.agent_id.as_str()),
                     "emulated": r.map_or(a.emulated, |r| r.emulated),
                     "duration_ms": r.map(|r| r.duration_ms),

@@ -118,13 +118,37 @@ pub fn render_status(s: &FarmStatusResponse, now_unix_ms: u64) -> String {
                 a.agent_id.clone(),
                 a.hostname.clone(),
                 mode(emulated).to_uppercase(),
-                agent_state_name(a.state()).to_string(),
+                if a.paused_reason.is_empty() {
+                    agent_state_name(a.state()).to_string()
+                } else {
+                    format!("{} (paused)", agent_state_name(a.state()))
+                },
                 format!("{}/{}", a.slots_used, a.slots),
                 format_ago(now_unix_ms, a.last_seen_unix_ms),
                 a.cores.to_string(),
                 format_gib(a.memory_bytes),
                 format!("{:.2}", a.load_1m),
                 format_labels(&a.labels),
+            ]);
+        }
+        let _ = writeln!(out, "{t}");
+    }
+
+    if !s.agents.is_empty() {
+        let _ = writeln!(out, "\nagent isolation");
+        let mut t = table(vec!["agent", "sandbox", "limits", "takes work"]);
+        let mut agents: Vec<&v1::AgentStatus> = s.agents.iter().collect();
+        agents.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
+        for a in agents {
+            t.add_row(vec![
+                a.agent_id.clone(),
+                or_unknown(&a.sandbox),
+                or_unknown(&a.limits),
+                if a.paused_reason.is_empty() {
+                    "yes".to_string()
+                } else {
+                    format!("no: {}", a.paused_reason)
+                },
             ]);
         }
         let _ = writeln!(out, "{t}");
@@ -207,6 +231,15 @@ pub fn render_status(s: &FarmStatusResponse, now_unix_ms: u64) -> String {
         let _ = writeln!(out, "{t}");
     }
     out
+}
+
+/// The text, or "unknown (older agent)" when an agent did not say.
+fn or_unknown(s: &str) -> String {
+    if s.is_empty() {
+        "unknown (older agent)".to_string()
+    } else {
+        s.to_string()
+    }
 }
 
 /// `hits/lookups (P%)`, or `no lookups`.
@@ -312,6 +345,9 @@ pub fn status_json(s: &FarmStatusResponse) -> Value {
                 "free_disk_bytes": a.free_disk_bytes,
                 "load_1m": a.load_1m,
                 "running_actions": a.running_actions,
+                "sandbox": a.sandbox,
+                "limits": a.limits,
+                "paused_reason": a.paused_reason,
             })
         })
         .collect();

@@ -210,6 +210,7 @@ pub fn job_spec(
         shards: u32::try_from(n).unwrap_or(u32::MAX),
         shard_target_ms: 0,
         exclusive: true,
+        network: false,
     })
 }
 

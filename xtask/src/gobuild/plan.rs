@@ -236,6 +236,7 @@ impl BuildSettings {
             shards: 0,
             shard_target_ms: 0,
             exclusive: false,
+            network: false,
         })
     }
 }

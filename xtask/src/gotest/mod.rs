@@ -431,6 +431,7 @@ impl StepJob<'_> {
             shards,
             shard_target_ms,
             exclusive: false,
+            network: false,
         }
     }
 }

@@ -1,0 +1,188 @@
+//! A donated machine is safe to lend: actions that write outside their work dir, open a TCP
+//! connection, fork thousands of processes, allocate past their memory limit, fill their disk
+//! budget, flood their output or hang fail with a clear limit or infra reason, and the agent
+//! stays healthy and takes the next action. Needs bubblewrap (CI installs it).
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+use archfarm_proto::v1;
+use archfarm_tests::*;
+use serde_json::Value;
+use std::time::Duration;
+
+const POLICY: &str = r#"
+slots = 1
+watchdog_s = 4
+min_free_disk_bytes = 0
+
+[limits]
+memory_bytes = 268435456
+processes = 200
+output_bytes = 1048576
+disk_bytes = 67108864
+"#;
+
+/// One action's line of the report, with the run's exit code.
+fn run_one(farm: &Farm, script: &str) -> (Option<i32>, Value) {
+    let (code, report, stderr) = farm.run_with_report(&[
+        "--platform",
+        &native(),
+        "--no-cache",
+        "--timeout",
+        "120s",
+        "--",
+        "bash",
+        "-c",
+        script,
+    ]);
+    let action = report["actions"][0].clone();
+    assert!(!action.is_null(), "no action in the report: {stderr}");
+    (code, action)
+}
+
+fn native() -> String {
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "powerpc64" => "ppc64le",
+        other => other,
+    };
+    format!("linux/{arch}")
+}
+
+fn text(v: &Value) -> String {
+    format!("{} {}", v["message"], v["reason"])
+}
+
+/// The agent is still there and runs the next action.
+fn still_healthy(farm: &Farm) {
+    let (code, action) = run_one(farm, "echo fine");
+    assert_eq!(code, Some(0), "the next action failed: {action}");
+    assert_eq!(action["state"], "succeeded", "{action}");
+    let status = farm.status().unwrap();
+    assert_eq!(status.agents.len(), 1);
+    assert_eq!(
+        status.agents[0].state,
+        v1::AgentState::Ready as i32,
+        "{:?}",
+        status.agents[0]
+    );
+}
+
+#[test]
+fn actions_that_break_out_or_break_limits_fail_clearly_and_the_agent_goes_on() {
+    let mut farm = Farm::start(&["--max-attempts", "1"]);
+    let policy = farm.dir.path().join("policy.toml");
+    std::fs::write(&policy, POLICY).unwrap();
+    farm.add_agent("sandboxed", &["--policy", policy.to_str().unwrap()]);
+    farm.wait_ready_agents(1);
+
+    let status = farm.status().unwrap();
+    let agent = &status.agents[0];
+    assert!(
+        agent.sandbox.starts_with("bwrap ("),
+        "the agent is not sandboxed: {:?} (is bubblewrap installed?)",
+        agent.sandbox
+    );
+    assert!(agent.sandbox.contains("no network"), "{}", agent.sandbox);
+    assert!(
+        agent.limits.contains("memory 256 MiB") && agent.limits.contains("watchdog 4 s"),
+        "{}",
+        agent.limits
+    );
+    let status_text = String::from_utf8_lossy(&farm.cli(&["farm", "status"]).stdout).into_owned();
+    assert!(status_text.contains("bwrap ("), "{status_text}");
+
+    // Writing outside the work dir: the system is read-only, the agent's files are hidden.
+    let escape = farm.dir.path().join("escaped");
+    let (code, action) = run_one(
+        &farm,
+        &format!(
+            "echo x > /etc/archfarm-escape; echo y > {}; ls {}/agent-sandboxed/credentials",
+            escape.display(),
+            farm.dir.path().display()
+        ),
+    );
+    assert_ne!(code, Some(0), "{action}");
+    assert_eq!(action["state"], "failed", "{action}");
+    assert!(!std::path::Path::new("/etc/archfarm-escape").exists());
+    assert!(!escape.exists(), "the action wrote outside its work dir");
+    still_healthy(&farm);
+
+    // A TCP connection to the coordinator, which listens on this host's loopback.
+    let (code, action) = run_one(
+        &farm,
+        &format!("echo hi > /dev/tcp/127.0.0.1/{}", farm.port),
+    );
+    assert_ne!(
+        code,
+        Some(0),
+        "the sandbox let a TCP connection through: {action}"
+    );
+    assert_eq!(action["state"], "failed", "{action}");
+
+    // 10,000 processes.
+    let (code, action) = run_one(&farm, "for i in $(seq 10000); do sleep 60 & done; wait");
+    assert_ne!(code, Some(0), "{action}");
+    assert_eq!(action["outcome"], "limit_exceeded", "{action}");
+    assert!(text(&action).contains("process limit of 200"), "{action}");
+    still_healthy(&farm);
+
+    // Memory past the limit.
+    let (code, action) = run_one(
+        &farm,
+        "perl -e '$x = \"a\" x (600 * 1024 * 1024); print length $x'",
+    );
+    assert_ne!(code, Some(0), "{action}");
+    assert_eq!(action["outcome"], "limit_exceeded", "{action}");
+    assert!(
+        text(&action).contains("memory limit of 256 MiB"),
+        "{action}"
+    );
+    still_healthy(&farm);
+
+    // One file past the disk budget, then many small ones.
+    for script in [
+        "dd if=/dev/zero of=big bs=1M count=200",
+        "for i in $(seq 200); do head -c 1048576 /dev/zero > f$i; done; sleep 5",
+    ] {
+        let (code, action) = run_one(&farm, script);
+        assert_ne!(code, Some(0), "{script}: {action}");
+        assert_eq!(action["outcome"], "limit_exceeded", "{script}: {action}");
+        assert!(text(&action).contains("disk limit of 64 MiB"), "{action}");
+    }
+    still_healthy(&farm);
+
+    // Output past the limit.
+    let (code, action) = run_one(&farm, "yes | head -c 5000000");
+    assert_ne!(code, Some(0), "{action}");
+    assert_eq!(action["outcome"], "limit_exceeded", "{action}");
+    assert!(text(&action).contains("output limit of 1 MiB"), "{action}");
+
+    // No output and no CPU: stopped by the watchdog as an infra failure, not a test failure.
+    let (code, action) = run_one(&farm, "sleep 100");
+    assert_ne!(code, Some(0), "{action}");
+    assert_eq!(action["state"], "infra_failed", "{action}");
+    assert!(text(&action).contains("watchdog"), "{action}");
+    still_healthy(&farm);
+
+    // A CPU-bound action does not make the agent look dead: its heartbeat goes on.
+    let busy = farm.cli_spawn(&[
+        "farm",
+        "run",
+        "--platform",
+        &native(),
+        "--no-cache",
+        "--",
+        "bash",
+        "-c",
+        "timeout 8 sh -c 'while :; do :; done'; true",
+    ]);
+    std::thread::sleep(Duration::from_secs(6));
+    let status = farm.status().unwrap();
+    assert_eq!(status.agents[0].state, v1::AgentState::Busy as i32);
+    let out = busy.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
