@@ -74,6 +74,17 @@ pub enum AgentCommand {
     },
 }
 
+/// What a heartbeat says about the agent's machine.
+#[derive(Clone, Debug, Default)]
+pub struct HeartbeatReport {
+    /// One-minute load.
+    pub load_1m: f64,
+    /// Free bytes on its data disk.
+    pub free_disk_bytes: u64,
+    /// Why it takes no new work; empty when it does.
+    pub paused_reason: String,
+}
+
 /// How an execution ended, as the agent reported it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -436,12 +447,16 @@ impl Farm {
         &mut self,
         agent: &AgentId,
         conn: u64,
-        load_1m: f64,
-        free_disk_bytes: u64,
-        paused_reason: &str,
+        report: &HeartbeatReport,
         running: &[(ActionId, u64)],
         now: u64,
     ) -> anyhow::Result<()> {
+        let HeartbeatReport {
+            load_1m,
+            free_disk_bytes,
+            paused_reason,
+        } = report;
+        let (load_1m, free_disk_bytes) = (*load_1m, *free_disk_bytes);
         let Some(live) = self.agents.get_mut(agent) else {
             return Ok(());
         };
@@ -451,7 +466,7 @@ impl Farm {
         live.record.last_seen_unix_ms = now;
         live.record.facts.load_1m = load_1m;
         live.record.facts.free_disk_bytes = free_disk_bytes;
-        if live.record.facts.paused_reason != paused_reason {
+        if &live.record.facts.paused_reason != paused_reason {
             tracing::info!(
                 agent = %agent,
                 "agent {}",
@@ -461,7 +476,7 @@ impl Farm {
                     format!("takes no new work: {paused_reason}")
                 }
             );
-            live.record.facts.paused_reason = paused_reason.to_string();
+            live.record.facts.paused_reason.clone_from(paused_reason);
         }
         self.renew(agent, running, now)?;
         self.dispatch(now)
@@ -1152,7 +1167,13 @@ mod tests {
                 .collect();
             let conn = self.conns[agent];
             self.farm
-                .heartbeat(&AgentId(agent.into()), conn, 0.0, 0, "", &running, now)
+                .heartbeat(
+                    &AgentId(agent.into()),
+                    conn,
+                    &HeartbeatReport::default(),
+                    &running,
+                    now,
+                )
                 .unwrap();
         }
 

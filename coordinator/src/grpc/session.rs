@@ -2,6 +2,7 @@
 use super::auth::authorize;
 use super::convert::{command_to_proto, completion_from_proto};
 use super::{internal, SharedRef};
+use crate::farm::HeartbeatReport;
 use crate::model::{ActionId, AgentFacts, AgentId, Offer, Role};
 use archfarm_proto::v1::{
     self, agent_message::Kind, agent_session_server::AgentSession, coordinator_message,
@@ -188,9 +189,11 @@ fn handle(
             .heartbeat(
                 agent,
                 conn,
-                h.load_1m,
-                h.free_disk_bytes,
-                &h.paused_reason.chars().take(200).collect::<String>(),
+                &HeartbeatReport {
+                    load_1m: h.load_1m,
+                    free_disk_bytes: h.free_disk_bytes,
+                    paused_reason: h.paused_reason.chars().take(200).collect(),
+                },
                 &running(&h.running),
                 now,
             )

@@ -228,6 +228,26 @@ mod tests {
     }
 
     #[test]
+    fn paused_agents_wait_and_network_goes_only_where_policy_allows() {
+        let amd = p("linux/amd64");
+        let none = Labels::new();
+        let mut a = agent("a", &[("linux/amd64", false)], 0);
+        a.paused = true;
+        assert_eq!(choose_agent([&a], &req(&amd, &none, false)), None);
+        let why = unservable_reason([&a], &req(&amd, &none, false));
+        assert!(why.contains("1 paused by their policy"), "{why}");
+        a.paused = false;
+        let mut net = req(&amd, &none, false);
+        net.network = true;
+        assert_eq!(choose_agent([&a], &net), None);
+        let why = unservable_reason([&a], &net);
+        assert!(why.contains("does not allow the network"), "{why}");
+        a.network = true;
+        assert!(choose_agent([&a], &net).is_some());
+        assert!(choose_agent([&a], &req(&amd, &none, false)).is_some());
+    }
+
+    #[test]
     fn requires_labels_and_skips_lost_and_draining() {
         let amd = p("linux/amd64");
         let want: Labels = [("node-e2e".to_string(), String::new())].into();
