@@ -417,6 +417,36 @@ mod tests {
     }
 
     #[test]
+    fn the_policy_file_sets_defaults_and_flags_win() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let policy = dir.path().join("agent.toml");
+        std::fs::write(
+            &policy,
+            format!(
+                "slots = 3\nallow_network = true\nwatchdog_s = 0\nsandbox = \"none\"\n\
+                 [emulate]\n\"{}\" = \"/bin/sh\"\n[limits]\nprocesses = 7\n",
+                foreign()
+            ),
+        )
+        .expect("write");
+        let p = policy.to_str().expect("utf-8");
+        let c = args(&["--policy", p]).expect("valid policy");
+        assert_eq!(c.slots, 3);
+        assert!(c.allow_network);
+        assert_eq!(c.watchdog, None);
+        assert_eq!(c.sandbox, SandboxChoice::None);
+        assert_eq!(c.limits.processes, 7);
+        assert_eq!(c.offered_platforms().len(), 2);
+        let c = args(&["--policy", p, "--slots", "5", "--sandbox", "auto"]).expect("valid");
+        assert_eq!(c.slots, 5);
+        assert_eq!(c.sandbox, SandboxChoice::Auto);
+        std::fs::write(&policy, "slots = 2\nnetwork = true\n").expect("write");
+        let e = args(&["--policy", p]).expect_err("unknown key");
+        assert!(e.contains("unknown field `network`"), "{e}");
+        assert!(e.contains("agent.toml"), "{e}");
+    }
+
+    #[test]
     fn refuses_a_non_https_coordinator() {
         let parsed = AgentArgs::try_parse_from([
             "archfarm-agent",
