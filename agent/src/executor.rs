@@ -1047,15 +1047,19 @@ fn process_usage(pid: i32) -> (u64, u64) {
             Some(utime + stime)
         })
         .unwrap_or(0);
-    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+    (resident_bytes(pid), cpu)
+}
+
+/// Resident memory of one process (0 when it is gone).
+fn resident_bytes(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
                 .find_map(|l| l.strip_prefix("VmRSS:"))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         })
-        .unwrap_or(0);
-    (rss * 1024, cpu)
+        .map_or(0, |kib| kib * 1024)
 }
 
 /// Bytes of disk the files under `dir` take (hard links counted once).
@@ -1354,15 +1358,7 @@ pub fn group_members(pgid: i32) -> Vec<(i32, u64)> {
         if pgrp != Some(pgid) || matches!(state, Some("Z") | Some("X")) {
             continue;
         }
-        let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("VmRSS:"))
-                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            })
-            .unwrap_or(0);
-        out.push((pid, rss * 1024));
+        out.push((pid, resident_bytes(pid)));
     }
     out
 }

@@ -200,7 +200,9 @@ impl Bwrap {
             push(&["--share-net".as_ref()]);
         }
         push(&["--die-with-parent".as_ref()]);
-        push(&["--chdir".as_ref(), req.cwd.as_os_str()]);
+        // Rebuilt from its components: no trailing "/" for the program's `pwd` to show.
+        let cwd: PathBuf = req.cwd.components().collect();
+        push(&["--chdir".as_ref(), cwd.as_os_str()]);
         push(&["--".as_ref()]);
         if let (Some(prlimit), true) = (&self.prlimit, req.processes > 0) {
             // Inside the sandbox's user namespace the count is of this sandbox's processes
@@ -281,7 +283,7 @@ mod tests {
     fn arguments_hide_the_data_dir_and_bind_only_the_work_dir() {
         let req = SandboxRequest {
             work_dir: Path::new("/srv/agent/work/a"),
-            cwd: Path::new("/srv/agent/work/a/src"),
+            cwd: Path::new("/srv/agent/work/a/src/"),
             network: false,
             tmp_bytes: 4096,
             processes: 10,
