@@ -572,7 +572,8 @@ impl Farm {
         let mut a = action;
         a.lease = None;
         if !a.spec.steps.is_empty() && c.outcome != Outcome::InfraError {
-            self.record_steps(&a, &c, now)?;
+            let trusted = self.is_trusted(agent);
+            self.record_steps(&a, trusted, &c, now)?;
         }
         let result = ResultRecord {
             encoded: c.encoded.clone(),
@@ -604,8 +605,9 @@ impl Farm {
                 if !a.action_digest.is_empty() && c.cacheable {
                     let key = CacheKey::Action(&a.action_digest);
                     let blobs = c.named_blobs.clone();
+                    let trusted = self.is_trusted(agent);
                     self.cache
-                        .record(key, &a, &c.encoded, blobs, &c.output_trees, now)?;
+                        .record(key, &a, trusted, &c.encoded, blobs, &c.output_trees, now)?;
                 }
             }
             Outcome::Exited => {
@@ -627,7 +629,13 @@ impl Farm {
     }
 
     /// Records the steps' durations, and passing results under their step cache keys.
-    fn record_steps(&mut self, a: &ActionRecord, c: &Completion, now: u64) -> anyhow::Result<()> {
+    fn record_steps(
+        &mut self,
+        a: &ActionRecord,
+        trusted: bool,
+        c: &Completion,
+        now: u64,
+    ) -> anyhow::Result<()> {
         let platform = a.spec.platform.to_string();
         for s in &c.steps {
             let Some(spec) = a.spec.steps.iter().find(|x| x.name == s.name) else {
@@ -641,7 +649,8 @@ impl Farm {
             if passing && !spec.cache_key.is_empty() && c.cacheable {
                 if let Some(out) = s.output {
                     let key = CacheKey::Step(&spec.cache_key);
-                    self.cache.record(key, a, &s.encoded, vec![out], &[], now)?;
+                    self.cache
+                        .record(key, a, trusted, &s.encoded, vec![out], &[], now)?;
                 }
             }
         }
@@ -743,6 +752,14 @@ impl Farm {
         self.store.flush()?;
         self.dispatch(now)?;
         Ok(())
+    }
+
+    /// Whether an agent was joined with a token labelled `trusted=true` (its results are
+    /// cached by default).
+    pub fn is_trusted(&self, agent: &AgentId) -> bool {
+        self.agents
+            .get(agent)
+            .is_some_and(|a| crate::model::is_trusted(&a.record.labels))
     }
 
     /// Whether an agent's certificate has been revoked (checked on every stream message).
@@ -939,6 +956,11 @@ mod tests {
         conns: HashMap<String, u64>,
         seq: u64,
         exclusive: bool,
+        /// Labels of the agents joined next (trusted by default).
+        labels: Labels,
+        /// cache_untrusted and cache_emulated of the next submits.
+        cache_untrusted: bool,
+        cache_emulated: bool,
         /// Blobs every action of the next submits needs (its input tree).
         inputs: Vec<Digest>,
     }
@@ -988,6 +1010,9 @@ mod tests {
                 conns: HashMap::new(),
                 seq: 0,
                 exclusive: false,
+                labels: [("trusted".to_string(), "true".to_string())].into(),
+                cache_untrusted: false,
+                cache_emulated: false,
                 inputs: vec![],
             }
         }
@@ -996,7 +1021,7 @@ mod tests {
             let record = AgentRecord {
                 id: AgentId(id.into()),
                 hostname: id.into(),
-                labels: Labels::new(),
+                labels: self.labels.clone(),
                 facts: AgentFacts::default(),
                 joined_unix_ms: now,
                 last_seen_unix_ms: now,
@@ -1045,6 +1070,8 @@ mod tests {
                         no_cache: false,
                         steps: vec![],
                         exclusive: self.exclusive,
+                        cache_untrusted: self.cache_untrusted,
+                        cache_emulated: self.cache_emulated,
                     };
                     let mut a = ActionRecord::queued(
                         ActionId::new(&job, &platform),
@@ -1330,6 +1357,50 @@ mod tests {
             h.state(&format!("{again}/linux/amd64")).state,
             ActionState::Running
         );
+    }
+
+    #[test]
+    fn only_trusted_native_results_are_cached_unless_the_job_asks() {
+        let out = Digest::of(b"stdout bytes");
+        // (agent trusted, runs emulated, cache_untrusted, cache_emulated) -> stored?
+        let cases = [
+            (true, false, false, false, true),
+            (false, false, false, false, false),
+            (false, false, true, false, true),
+            (true, true, false, false, false),
+            (true, true, false, true, true),
+            (false, true, false, true, false),
+            (false, true, true, true, true),
+        ];
+        for (trusted, emulated, cache_untrusted, cache_emulated, stored) in cases {
+            let what = format!(
+                "trusted={trusted} emulated={emulated} cache_untrusted={cache_untrusted} \
+                 cache_emulated={cache_emulated}"
+            );
+            let mut h = Harness::new();
+            h.farm.cas.put(&out, b"stdout bytes").unwrap();
+            if !trusted {
+                h.labels = Labels::new();
+            }
+            h.join("a", &[("linux/arm64", emulated)], 0);
+            (h.cache_untrusted, h.cache_emulated) = (cache_untrusted, cache_emulated);
+            let first = h.submit_keyed(&["linux/arm64"], true, "key-1", 0);
+            let (_, fence, ran_emulated) = h.assigns("a")[0].clone();
+            assert_eq!(ran_emulated, emulated, "{what}");
+            h.complete_with("a", &format!("{first}/linux/arm64"), fence, &[out], 1);
+            let entry = h
+                .farm
+                .cache()
+                .lookup(CacheKey::Action("key-1"), true, 2)
+                .unwrap();
+            assert_eq!(entry.is_some(), stored, "{what}");
+            if let Some(e) = entry {
+                assert_eq!((e.trusted, e.emulated), (trusted, emulated), "{what}");
+            }
+            // The job itself succeeded either way.
+            let done = h.state(&format!("{first}/linux/arm64"));
+            assert_eq!(done.state, ActionState::Succeeded, "{what}");
+        }
     }
 
     #[test]

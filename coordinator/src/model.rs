@@ -94,6 +94,17 @@ pub struct TokenRecord {
     pub uses: u32,
     /// Free text.
     pub description: String,
+    /// Unix ms of creation (0 for tokens stored before it was recorded).
+    #[serde(default)]
+    pub created_unix_ms: u64,
+}
+
+/// The label that makes an agent trusted: its results are written to the result cache.
+pub const TRUSTED_LABEL: (&str, &str) = ("trusted", "true");
+
+/// Whether labels bound at join make an agent trusted (`trusted=true`).
+pub fn is_trusted(labels: &Labels) -> bool {
+    labels.get(TRUSTED_LABEL.0).map(String::as_str) == Some(TRUSTED_LABEL.1)
 }
 
 /// What an agent serves.
@@ -208,6 +219,12 @@ pub struct ActionSpec {
     /// Takes the whole agent.
     #[serde(default)]
     pub exclusive: bool,
+    /// Store the result in the result cache even when an untrusted agent produced it.
+    #[serde(default)]
+    pub cache_untrusted: bool,
+    /// Store the result in the result cache even when it was produced under emulation.
+    #[serde(default)]
+    pub cache_emulated: bool,
 }
 
 /// Lifecycle of an action.
@@ -294,6 +311,9 @@ pub struct CacheEntry {
     pub platform: Platform,
     /// Whether it ran under emulation.
     pub emulated: bool,
+    /// Whether the producing agent was trusted (joined with `trusted=true`).
+    #[serde(default)]
+    pub trusted: bool,
     /// Unix ms it was recorded.
     pub recorded_unix_ms: u64,
     /// Every blob the result names (outputs with their whole trees, stdout, stderr): a hit is

@@ -267,10 +267,55 @@ impl Farm {
         )
     }
 
-    /// Starts an agent named `name` with a fresh token; `extra` are more agent flags.
+    /// Starts a trusted agent (its token carries `trusted=true`, so its native results are
+    /// cached) named `name` with a fresh token; `extra` are more agent flags.
     pub fn add_agent(&mut self, name: &str, extra: &[&str]) -> usize {
+        let (token, hash) = self.token(&["--labels", "trusted=true"]);
+        self.spawn_agent(name, &token, &hash, extra)
+    }
+
+    /// Starts an agent whose token carries no labels: untrusted, its results are not cached
+    /// unless a job asks for `cache_untrusted`.
+    pub fn add_untrusted_agent(&mut self, name: &str, extra: &[&str]) -> usize {
         let (token, hash) = self.token(&[]);
         self.spawn_agent(name, &token, &hash, extra)
+    }
+
+    /// The credentials directory of agent process `i` (written at join).
+    pub fn agent_credentials(&self, i: usize) -> PathBuf {
+        self.dir.path().join(&self.agents[i].name).join("credentials")
+    }
+
+    /// The agent id agent process `i` was given at join (from its data dir's agent.json).
+    pub fn agent_id(&self, i: usize) -> String {
+        let path = self.dir.path().join(&self.agents[i].name).join("agent.json");
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("failed to read {}: {e}", path.display()));
+        let v: serde_json::Value = serde_json::from_str(&text).expect("agent.json");
+        v["agent_id"].as_str().expect("agent_id").to_string()
+    }
+
+    /// Issues client credentials named `name` through `farm credentials create`; returns
+    /// their directory.
+    pub fn client_credentials(&self, name: &str) -> PathBuf {
+        let out = self.dir.path().join(format!("client-{name}"));
+        let o = self.cli(&[
+            "farm",
+            "credentials",
+            "create",
+            "--role",
+            "client",
+            "--name",
+            name,
+            "--out",
+            out.to_str().expect("utf-8 path"),
+        ]);
+        assert!(
+            o.status.success(),
+            "credentials create failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        out
     }
 
     /// Starts an agent process with the given token and CA hash.

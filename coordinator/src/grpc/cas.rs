@@ -1,7 +1,7 @@
 //! The Cas service: FindMissing, BatchUpload and BatchRead for small blobs, streaming Write and
 //! Read for blobs of any size. The chunk loops are plain functions over streams (`write_blob`,
 //! `read_blob`) so tests drive exactly what the RPCs run; file IO stays on blocking threads.
-use super::auth::authorize;
+use super::auth::{authorize, authorize_stream};
 use super::{internal, SharedRef};
 use crate::cas::{Cas, CasError, VerifiedBlob};
 use crate::model::Role;
@@ -208,17 +208,17 @@ impl CasRpc for CasService {
         &self,
         req: Request<tonic::Streaming<v1::WriteRequest>>,
     ) -> Result<Response<v1::WriteResponse>, Status> {
-        authorize(&self.0, &req, ROLES)?;
-        let stored = write_blob(self.0.cas.clone(), req.into_inner()).await?;
+        let (_, guard) = authorize_stream(&self.0, &req, ROLES)?;
+        let stored = write_blob(self.0.cas.clone(), guard.guard(req.into_inner())).await?;
         Ok(Response::new(v1::WriteResponse { stored }))
     }
 
     async fn read(&self, req: Request<v1::ReadRequest>) -> Result<Response<ReadStream>, Status> {
-        authorize(&self.0, &req, ROLES)?;
+        let (_, guard) = authorize_stream(&self.0, &req, ROLES)?;
         let d = Digest::from_proto_required(req.get_ref().digest.as_ref())
             .map_err(|e| Status::invalid_argument(format!("read: {e}")))?;
         let stream = read_blob(self.0.cas.clone(), d, VERIFY_BEFORE_STREAM_BYTES).await?;
-        Ok(Response::new(stream))
+        Ok(Response::new(Box::pin(guard.guard(stream))))
     }
 
     async fn find_missing(

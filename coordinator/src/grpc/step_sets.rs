@@ -213,6 +213,8 @@ pub fn expand(
             no_cache: spec.no_cache,
             steps,
             exclusive: spec.exclusive,
+            cache_untrusted: spec.cache_untrusted,
+            cache_emulated: spec.cache_emulated,
         };
         let record =
             |id: ActionId, spec: ActionSpec| ActionRecord::queued(id, job_id, seq, spec, now);

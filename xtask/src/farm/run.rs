@@ -4,7 +4,9 @@
 //! into a cancel. With `--output`/`--download` it brings the declared outputs home, and with
 //! `--json-report` it writes what happened for scripts and tests. `demo` and `bench` call the
 //! same [`run_job`].
-use super::args::{ensure_unique, parse_env_var, parse_label, EnvVarArg, LabelArg};
+use super::args::{
+    ensure_unique, parse_env_var, parse_label, CachePolicyArgs, EnvVarArg, LabelArg,
+};
 use super::display::{action_state_name, format_ms, is_final, mode, outcome_name, words};
 use super::download::{download_outputs, output_paths, DownloadedOutput};
 use super::job::{actions_table, ordered_actions, ran_and_cached};
@@ -69,6 +71,8 @@ pub struct RunArgs {
     /// Run every action even when the action cache holds a result for it.
     #[arg(long)]
     pub no_cache: bool,
+    #[command(flatten)]
+    pub cache: CachePolicyArgs,
     /// Write a JSON report (upload figures, job id, each action's state, cached flag and exit
     /// code, downloads) to FILE when the job ends.
     #[arg(long, value_name = "FILE")]
@@ -101,6 +105,7 @@ impl RunArgs {
             outputs: Vec::new(),
             download: None,
             no_cache: false,
+            cache: CachePolicyArgs::default(),
             json_report: None,
             command: command.into_iter().map(Into::into).collect(),
         }
@@ -133,6 +138,8 @@ impl RunArgs {
             shards: 0,
             shard_target_ms: 0,
             exclusive: false,
+            cache_untrusted: self.cache.cache_untrusted,
+            cache_emulated: self.cache.cache_emulated,
         })
     }
 }

@@ -210,6 +210,9 @@ pub fn job_spec(
         shards: u32::try_from(n).unwrap_or(u32::MAX),
         shard_target_ms: 0,
         exclusive: true,
+        // Nothing of a node-e2e run is cached (no_cache, no step cache keys).
+        cache_untrusted: false,
+        cache_emulated: false,
     })
 }
 
