@@ -155,6 +155,9 @@ pub enum FarmError {
     /// Unknown job, agent or action.
     #[error("{0}")]
     NotFound(String),
+    /// The caller asked for something its role or lease does not allow.
+    #[error("{0}")]
+    Refused(String),
     /// Storage failed.
     #[error(transparent)]
     Store(#[from] anyhow::Error),
@@ -494,7 +497,10 @@ impl Farm {
         self.hubs.publish(&job, update);
     }
 
-    /// A result from an agent: recorded once under the current lease, refused otherwise.
+    /// A result from an agent: recorded once under the current lease, refused otherwise. A
+    /// stale fence is refused in the acknowledgement (an agent resends results after a
+    /// reconnect, and its lease may have lapsed meanwhile); a result no lease could ever have
+    /// produced is [`FarmError::Refused`].
     pub fn completed(
         &mut self,
         agent: &AgentId,
@@ -502,7 +508,11 @@ impl Farm {
         fence: u64,
         c: Completion,
         now: u64,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), FarmError> {
+        if let Some(why) = self.never_leased(action_id, fence)? {
+            tracing::warn!(%agent, action = %action_id, fence, "refused a result: {why}");
+            return Err(FarmError::Refused(format!("result refused: {why}")));
+        }
         let (accepted, reason) = self.record_completion(agent, action_id, fence, c, now)?;
         self.send(
             agent,
@@ -513,7 +523,23 @@ impl Farm {
                 reason,
             },
         );
-        self.dispatch(now)
+        Ok(self.dispatch(now)?)
+    }
+
+    /// Why no lease could have produced a result for `action_id` under `fence`, if so: the
+    /// fence was never issued, the action does not exist, or it was never leased to anyone.
+    fn never_leased(&self, action_id: &ActionId, fence: u64) -> anyhow::Result<Option<String>> {
+        if fence == 0 || fence > self.store.counter("fence")? {
+            return Ok(Some(format!("fence {fence} was never issued")));
+        }
+        let attempts = match self.active.get(action_id) {
+            Some(a) => a.attempts,
+            None => match self.store.action(action_id)? {
+                Some(a) => a.attempts,
+                None => return Ok(Some(format!("{action_id} does not exist"))),
+            },
+        };
+        Ok((attempts == 0).then(|| format!("{action_id} was never leased")))
     }
 
     fn record_completion(
@@ -1475,6 +1501,43 @@ mod tests {
         // The same result sent again (lost ack) is accepted without change.
         h.complete("b", &id, 2, 0, 28_000);
         assert_eq!(h.acks("b"), vec![(true, String::new())]);
+    }
+
+    #[test]
+    fn a_result_no_lease_could_have_produced_is_refused_and_changes_nothing() {
+        let mut h = Harness::new();
+        h.join("a", &[("linux/amd64", false)], 0);
+        let running = h.submit(&["linux/amd64"], false, 0);
+        let running = format!("{running}/linux/amd64");
+        let fence = h.assigns("a")[0].1;
+        let queued = h.submit(&["linux/s390x"], false, 1);
+        let queued = format!("{queued}/linux/s390x");
+        let cases = [
+            (queued.as_str(), fence, "was never leased"),
+            ("j-999999/linux/amd64", fence, "does not exist"),
+            (running.as_str(), fence + 1000, "was never issued"),
+            (running.as_str(), 0, "was never issued"),
+        ];
+        for (action, f, why) in cases {
+            let e = h
+                .farm
+                .completed(
+                    &AgentId("a".into()),
+                    &ActionId(action.into()),
+                    f,
+                    exited(0, &[]),
+                    2,
+                )
+                .unwrap_err();
+            assert!(
+                matches!(&e, FarmError::Refused(m) if m.contains(why)),
+                "{action} {f}: {e:?}"
+            );
+        }
+        assert!(h.acks("a").is_empty(), "nothing acknowledged");
+        assert_eq!(h.state(&running).state, ActionState::Running);
+        assert_eq!(h.state(&queued).state, ActionState::Queued);
+        assert_eq!(h.farm.stale_results_refused(), 0);
     }
 
     #[test]

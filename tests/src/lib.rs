@@ -78,6 +78,51 @@ impl Proc {
     }
 }
 
+/// An agent session the test speaks itself (AgentSession.Session): what it sends, and what
+/// the coordinator answers.
+#[derive(Debug)]
+pub struct RawSession {
+    /// Messages to the coordinator.
+    pub tx: tokio::sync::mpsc::Sender<v1::AgentMessage>,
+    /// The coordinator's messages.
+    pub rx: tonic::Streaming<v1::CoordinatorMessage>,
+}
+
+/// A Hello offering one native platform with one slot.
+pub fn hello(platform: &str) -> v1::AgentMessage {
+    hello_message(v1::Hello {
+        platforms: vec![v1::PlatformOffer {
+            platform: platform.into(),
+            emulated: false,
+        }],
+        slots: 1,
+        hostname: "raw-session".into(),
+        ..Default::default()
+    })
+}
+
+/// An AgentMessage carrying `h`.
+pub fn hello_message(h: v1::Hello) -> v1::AgentMessage {
+    v1::AgentMessage {
+        kind: Some(v1::agent_message::Kind::Hello(h)),
+    }
+}
+
+/// An AgentMessage reporting a successful run of `action_id` under `fence`.
+pub fn completed(action_id: &str, fence: u64) -> v1::AgentMessage {
+    v1::AgentMessage {
+        kind: Some(v1::agent_message::Kind::Completed(v1::ActionCompleted {
+            action_id: action_id.into(),
+            fence,
+            result: Some(v1::ExecutionResult {
+                outcome: v1::ExecutionOutcome::Exited as i32,
+                exit_code: 0,
+                ..Default::default()
+            }),
+        })),
+    }
+}
+
 /// A whole farm on loopback.
 pub struct Farm {
     /// Root of everything this farm writes.
@@ -195,6 +240,71 @@ impl Farm {
                 None => Ok(connect(&url, &ServerTrust::Ca(ca), None).await?.channel),
             }
         })
+    }
+
+    /// Opens AgentSession.Session with the credentials in `creds`, sending `first` (the
+    /// coordinator answers only after the first message); returns the session or the refusal.
+    pub fn open_session(
+        &self,
+        creds: &Path,
+        first: v1::AgentMessage,
+    ) -> Result<RawSession, tonic::Status> {
+        let ch = self.channel(Some(creds)).expect("channel");
+        self.block_on(async move {
+            let (tx, rx) = tokio::sync::mpsc::channel(16);
+            tx.send(first).await.expect("queue the first message");
+            let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+            let resp = v1::agent_session_client::AgentSessionClient::new(ch)
+                .session(stream)
+                .await?;
+            Ok(RawSession {
+                tx,
+                rx: resp.into_inner(),
+            })
+        })
+    }
+
+    /// Sends a message on a raw session.
+    pub fn send(&self, s: &RawSession, m: v1::AgentMessage) {
+        self.block_on(s.tx.send(m)).expect("session open for sending");
+    }
+
+    /// The next message of a raw session within `timeout`: Ok(None) when the stream ended,
+    /// Err with the status it ended with (DEADLINE_EXCEEDED when nothing came in time).
+    pub fn next_message(
+        &self,
+        s: &mut RawSession,
+        timeout: Duration,
+    ) -> Result<Option<v1::CoordinatorMessage>, tonic::Status> {
+        self.block_on(async {
+            match tokio::time::timeout(timeout, s.rx.message()).await {
+                Ok(r) => r,
+                Err(_) => Err(tonic::Status::deadline_exceeded(
+                    "test: no message from the coordinator in time",
+                )),
+            }
+        })
+    }
+
+    /// Reads a raw session until a message `pick` accepts, for at most `timeout`.
+    pub fn expect_message<T>(
+        &self,
+        s: &mut RawSession,
+        timeout: Duration,
+        mut pick: impl FnMut(&v1::coordinator_message::Kind) -> Option<T>,
+    ) -> T {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.next_message(s, left) {
+                Ok(Some(m)) => {
+                    if let Some(t) = m.kind.as_ref().and_then(&mut pick) {
+                        return t;
+                    }
+                }
+                other => panic!("the session ended or stalled: {other:?}"),
+            }
+        }
     }
 
     /// Farm status as the admin sees it.

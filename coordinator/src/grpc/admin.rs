@@ -231,6 +231,41 @@ impl Admin for AdminService {
             ca_certificate_pem: self.0.pki.ca_pem().to_string(),
         }))
     }
+
+    async fn revoke_credentials(
+        &self,
+        req: Request<v1::RevokeCredentialsRequest>,
+    ) -> Result<Response<v1::AdminResponse>, Status> {
+        let who = authorize(&self.0, &req, &[Role::Admin])?;
+        let name = req.into_inner().name;
+        let n = self.revoke_clients(&name)?;
+        if n == 0 {
+            return Err(Status::not_found(format!(
+                "no valid client credentials are issued for {name:?}"
+            )));
+        }
+        self.0.announce_revocation();
+        tracing::info!(%name, by = %who.name, certificates = n, "client credentials revoked");
+        Ok(Response::new(v1::AdminResponse {
+            message: format!("client credentials of {name} are revoked ({n} certificate(s)): refused at once, open streams end"),
+        }))
+    }
+}
+
+impl AdminService {
+    /// Marks the client principals named `name` revoked; returns how many.
+    fn revoke_clients(&self, name: &str) -> Result<usize, Status> {
+        let mut n = 0;
+        for (fp, mut p) in self.0.store.principals().map_err(internal)? {
+            if p.role == Role::Client && p.name == name && !p.revoked {
+                p.revoked = true;
+                self.0.store.put_principal(&fp, &p).map_err(internal)?;
+                n += 1;
+            }
+        }
+        self.0.store.flush().map_err(internal)?;
+        Ok(n)
+    }
 }
 
 /// Checks a principal name for issued credentials: `[a-z0-9][a-z0-9._-]*`, at most 63 bytes.

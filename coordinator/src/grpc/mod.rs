@@ -64,6 +64,7 @@ impl From<FarmError> for Status {
     fn from(e: FarmError) -> Self {
         match e {
             FarmError::NotFound(m) => Status::not_found(m),
+            FarmError::Refused(m) => Status::permission_denied(m),
             FarmError::Store(e) => internal(e),
         }
     }

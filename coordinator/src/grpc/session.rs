@@ -199,7 +199,7 @@ fn handle(
                 completion_from_proto(result),
                 now,
             )
-            .map_err(internal)
+            .map_err(Status::from)
         }
         Some(Kind::Hello(_)) => Err(Status::invalid_argument("hello sent twice in one session")),
         None => Err(Status::invalid_argument("empty agent message")),

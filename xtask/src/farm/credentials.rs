@@ -1,6 +1,7 @@
 //! `cargo xtask farm credentials create --role client --name NAME --out DIR`: a key pair made
 //! here (the private key never leaves this machine), its CSR signed by the farm CA through
-//! Admin.IssueCredentials, written as a credentials directory for `--credentials`.
+//! Admin.IssueCredentials, written as a credentials directory for `--credentials`;
+//! `credentials revoke NAME` makes them useless at once.
 use super::{rpc, FarmClient};
 use anyhow::Context;
 use archfarm_proto::tls::{ClientIdentity, Credentials};
@@ -12,6 +13,11 @@ use std::path::PathBuf;
 pub enum CredentialsCommand {
     /// Issue credentials and write cert.pem, key.pem and ca.pem into DIR.
     Create(CreateCredentialsArgs),
+    /// Make every client certificate issued under NAME useless at once.
+    Revoke {
+        /// The name given at `credentials create`.
+        name: String,
+    },
 }
 
 /// `cargo xtask farm credentials create`.
@@ -34,7 +40,18 @@ pub struct CreateCredentialsArgs {
 
 /// Runs a credentials command.
 pub async fn command(client: &mut FarmClient, command: &CredentialsCommand) -> anyhow::Result<u8> {
-    let CredentialsCommand::Create(args) = command;
+    let args = match command {
+        CredentialsCommand::Create(args) => args,
+        CredentialsCommand::Revoke { name } => {
+            let answer = rpc(client
+                .admin
+                .revoke_credentials(v1::RevokeCredentialsRequest { name: name.clone() })
+                .await)
+            .with_context(|| format!("failed to revoke the credentials of {name}"))?;
+            println!("{}", answer.message);
+            return Ok(0);
+        }
+    };
     if args.out.join("key.pem").exists() {
         anyhow::bail!(
             "{} already holds credentials; pick another --out",
