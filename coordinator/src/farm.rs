@@ -527,11 +527,8 @@ impl Farm {
     }
 
     /// Why no lease could have produced a result for `action_id` under `fence`, if so: the
-    /// fence was never issued, the action does not exist, or it was never leased to anyone.
+    /// action does not exist, it was never leased to anyone, or the fence was never issued.
     fn never_leased(&self, action_id: &ActionId, fence: u64) -> anyhow::Result<Option<String>> {
-        if fence == 0 || fence > self.store.counter("fence")? {
-            return Ok(Some(format!("fence {fence} was never issued")));
-        }
         let attempts = match self.active.get(action_id) {
             Some(a) => a.attempts,
             None => match self.store.action(action_id)? {
@@ -539,7 +536,13 @@ impl Farm {
                 None => return Ok(Some(format!("{action_id} does not exist"))),
             },
         };
-        Ok((attempts == 0).then(|| format!("{action_id} was never leased")))
+        if attempts == 0 {
+            return Ok(Some(format!("{action_id} was never leased")));
+        }
+        if fence == 0 || fence > self.store.counter("fence")? {
+            return Ok(Some(format!("fence {fence} was never issued")));
+        }
+        Ok(None)
     }
 
     fn record_completion(

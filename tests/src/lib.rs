@@ -266,7 +266,8 @@ impl Farm {
 
     /// Sends a message on a raw session.
     pub fn send(&self, s: &RawSession, m: v1::AgentMessage) {
-        self.block_on(s.tx.send(m)).expect("session open for sending");
+        self.block_on(s.tx.send(m))
+            .expect("session open for sending");
     }
 
     /// The next message of a raw session within `timeout`: Ok(None) when the stream ended,
@@ -393,12 +394,19 @@ impl Farm {
 
     /// The credentials directory of agent process `i` (written at join).
     pub fn agent_credentials(&self, i: usize) -> PathBuf {
-        self.dir.path().join(&self.agents[i].name).join("credentials")
+        self.dir
+            .path()
+            .join(&self.agents[i].name)
+            .join("credentials")
     }
 
     /// The agent id agent process `i` was given at join (from its data dir's agent.json).
     pub fn agent_id(&self, i: usize) -> String {
-        let path = self.dir.path().join(&self.agents[i].name).join("agent.json");
+        let path = self
+            .dir
+            .path()
+            .join(&self.agents[i].name)
+            .join("agent.json");
         let text = std::fs::read_to_string(&path)
             .unwrap_or_else(|e| panic!("failed to read {}: {e}", path.display()));
         let v: serde_json::Value = serde_json::from_str(&text).expect("agent.json");

@@ -198,7 +198,12 @@ fn roles_results_no_lease_produced_and_revocation_are_refused_with_state_unchang
         ];
         for (call, r) in calls {
             let what = format!("{who} {call}");
-            assert_refused(&what, &refused(&what, r), DENIED, "this call needs role admin");
+            assert_refused(
+                &what,
+                &refused(&what, r),
+                DENIED,
+                "this call needs role admin",
+            );
         }
     }
     // The client may do what clients do.
@@ -260,7 +265,10 @@ fn roles_results_no_lease_produced_and_revocation_are_refused_with_state_unchang
 
     // A result for an action never leased: PERMISSION_DENIED, the session ends.
     farm.send(&s, completed(&queued_action, fence));
-    let e = refused("never leased", farm.next_message(&mut s, Duration::from_secs(10)));
+    let e = refused(
+        "never leased",
+        farm.next_message(&mut s, Duration::from_secs(10)),
+    );
     assert_refused("never leased", &e, DENIED, "was never leased");
     // Nothing moved.
     let after = (
@@ -339,7 +347,12 @@ fn roles_results_no_lease_produced_and_revocation_are_refused_with_state_unchang
             .expect("the write ends without waiting for more data")
             .unwrap()
     });
-    assert_refused("revoked write", &refused("revoked write", e), REVOKED, "revoked");
+    assert_refused(
+        "revoked write",
+        &refused("revoked write", e),
+        REVOKED,
+        "revoked",
+    );
     drop(write_tx);
     assert!(
         started.elapsed() < Duration::from_secs(8),
@@ -347,13 +360,21 @@ fn roles_results_no_lease_produced_and_revocation_are_refused_with_state_unchang
         started.elapsed()
     );
     // Any new call with the revoked certificate.
-    let e = refused("new session", farm.open_session(&agent, hello("linux/amd64")));
+    let e = refused(
+        "new session",
+        farm.open_session(&agent, hello("linux/amd64")),
+    );
     assert_refused("new session", &e, REVOKED, "revoked");
     let ch = farm.channel(Some(&agent)).unwrap();
     let e = farm.block_on(
         v1::cas_client::CasClient::new(ch).find_missing(v1::FindMissingRequest::default()),
     );
-    assert_refused("find missing", &refused("find missing", e), REVOKED, "revoked");
+    assert_refused(
+        "find missing",
+        &refused("find missing", e),
+        REVOKED,
+        "revoked",
+    );
     // Its action went back to the queue; nothing was stored from the half-written blob.
     assert_eq!(state(&farm, &running), (v1::ActionState::Queued, 1));
     let ch = farm.channel(Some(&farm.admin_dir())).unwrap();
@@ -380,7 +401,12 @@ fn roles_results_no_lease_produced_and_revocation_are_refused_with_state_unchang
             }
         }
     });
-    assert_refused("revoked watch", &refused("revoked watch", e), REVOKED, "revoked");
+    assert_refused(
+        "revoked watch",
+        &refused("revoked watch", e),
+        REVOKED,
+        "revoked",
+    );
     let e = farm
         .submit_as(Some(&client), spec("linux/amd64", &["true"]))
         .unwrap_err();
@@ -411,7 +437,10 @@ fn tokens_are_listed_without_secrets_and_a_deleted_token_cannot_join() {
         .unwrap_or_else(|| panic!("{id} not listed: {listed:?}"));
     assert_eq!(t["labels"]["trusted"], "true");
     assert_eq!(t["description"], "lab box");
-    assert_eq!((t["uses"].as_u64(), t["single_use"].as_bool()), (Some(0), Some(false)));
+    assert_eq!(
+        (t["uses"].as_u64(), t["single_use"].as_bool()),
+        (Some(0), Some(false))
+    );
     assert!(t["created_unix_ms"].as_u64().unwrap() > 0);
     assert!(t["expires_unix_ms"].as_u64() > t["created_unix_ms"].as_u64());
     let text = farm.cli(&["farm", "token", "list"]);
@@ -448,7 +477,15 @@ fn issued_client_credentials_submit_but_do_not_administer() {
     let client = farm.client_credentials("ci-runner");
     assert!(Path::new(&client).join("key.pem").exists());
     let out = farm.cli_with(
-        &["farm", "run", "--platform", "linux/amd64", "--", "echo", "hi"],
+        &[
+            "farm",
+            "run",
+            "--platform",
+            "linux/amd64",
+            "--",
+            "echo",
+            "hi",
+        ],
         &client,
     );
     assert!(out.status.success(), "{}", stderr(&out));
@@ -456,11 +493,27 @@ fn issued_client_credentials_submit_but_do_not_administer() {
     assert_eq!(s.recent_jobs[0].submitter, "ci-runner");
     let out = farm.cli_with(&["farm", "token", "create"], &client);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("permission denied"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("permission denied"),
+        "{}",
+        stderr(&out)
+    );
     let out = farm.cli_with(
-        &["farm", "credentials", "create", "--name", "x", "--out", "/nonexistent/x"],
+        &[
+            "farm",
+            "credentials",
+            "create",
+            "--name",
+            "x",
+            "--out",
+            "/nonexistent/x",
+        ],
         &client,
     );
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("permission denied"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("permission denied"),
+        "{}",
+        stderr(&out)
+    );
 }

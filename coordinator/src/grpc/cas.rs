@@ -285,7 +285,10 @@ impl CasRpc for CasService {
             .enumerate()
             .map(|(i, d)| parse(i, d))
             .collect::<Result<Vec<_>, _>>()?;
-        let total: u64 = digests.iter().map(|d| d.size_bytes()).sum();
+        // Saturating: sizes are the caller's claims, and two of u64::MAX must not wrap.
+        let total = digests
+            .iter()
+            .fold(0u64, |sum, d| sum.saturating_add(d.size_bytes()));
         if total > (archfarm_proto::MAX_MESSAGE_BYTES as u64) - 1024 * 1024 {
             return Err(Status::invalid_argument(format!(
                 "BatchRead of {total} bytes exceeds the message limit; read fewer blobs per call"

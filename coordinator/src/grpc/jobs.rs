@@ -407,7 +407,9 @@ impl Jobs for JobsService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(guard.guard(ReceiverStream::new(rx)))))
+        Ok(Response::new(Box::pin(
+            guard.guard(ReceiverStream::new(rx)),
+        )))
     }
 
     async fn get_job(

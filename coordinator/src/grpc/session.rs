@@ -155,7 +155,9 @@ impl AgentSession for SessionService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(guard.guard(ReceiverStream::new(out_rx)))))
+        Ok(Response::new(Box::pin(
+            guard.guard(ReceiverStream::new(out_rx)),
+        )))
     }
 }
 

@@ -77,7 +77,12 @@ pub async fn command(client: &mut FarmClient, command: &CredentialsCommand) -> a
             days: args.days,
         })
         .await)
-    .with_context(|| format!("failed to issue {} credentials for {}", args.role, args.name))?;
+    .with_context(|| {
+        format!(
+            "failed to issue {} credentials for {}",
+            args.role, args.name
+        )
+    })?;
     Credentials {
         identity: ClientIdentity {
             cert_pem: issued.certificate_pem,

@@ -104,9 +104,7 @@ pub async fn run_command(cli: FarmCli) -> anyhow::Result<u8> {
         FarmCommand::Run(args) => run::command(&mut client, &args).await,
         FarmCommand::Token { command } => token::command(&mut client, &command).await,
         FarmCommand::Agents { command } => agents::command(&mut client, &command).await,
-        FarmCommand::Credentials { command } => {
-            credentials::command(&mut client, &command).await
-        }
+        FarmCommand::Credentials { command } => credentials::command(&mut client, &command).await,
         FarmCommand::Cancel(args) => cancel::command(&mut client, &args).await,
         FarmCommand::Job(args) => job::command(&mut client, &args).await,
         FarmCommand::GoTest(args) => crate::gotest::command(&mut client, &args).await,

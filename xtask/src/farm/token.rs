@@ -156,7 +156,11 @@ pub fn render_tokens(tokens: &[v1::TokenInfo], now_unix_ms: u64) -> String {
             rfc3339(tok.created_unix_ms),
             expires,
             if tok.single_use {
-                if tok.uses > 0 { "yes (used)" } else { "yes" }
+                if tok.uses > 0 {
+                    "yes (used)"
+                } else {
+                    "yes"
+                }
             } else {
                 "no"
             }
