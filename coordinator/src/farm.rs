@@ -6,7 +6,7 @@
 use crate::cas::Cas;
 use crate::hubs::{Hubs, JobUpdate};
 use crate::model::*;
-use crate::result_cache::ResultCache;
+use crate::result_cache::{Reported, ResultCache};
 use crate::scheduler::{self, AgentView, Requirement};
 use crate::store::Store;
 use archfarm_proto::{tree, Digest};
@@ -633,10 +633,13 @@ impl Farm {
                 a.state = ActionState::Succeeded;
                 if !a.action_digest.is_empty() && c.cacheable {
                     let key = CacheKey::Action(&a.action_digest);
-                    let blobs = c.named_blobs.clone();
+                    let reported = Reported {
+                        encoded: &c.encoded,
+                        blobs: c.named_blobs.clone(),
+                        output_trees: &c.output_trees,
+                    };
                     let trusted = self.is_trusted(agent);
-                    self.cache
-                        .record(key, &a, trusted, &c.encoded, blobs, &c.output_trees, now)?;
+                    self.cache.record(key, &a, trusted, reported, now)?;
                 }
             }
             Outcome::Exited => {
@@ -678,8 +681,12 @@ impl Farm {
             if passing && !spec.cache_key.is_empty() && c.cacheable {
                 if let Some(out) = s.output {
                     let key = CacheKey::Step(&spec.cache_key);
-                    self.cache
-                        .record(key, a, trusted, &s.encoded, vec![out], &[], now)?;
+                    let reported = Reported {
+                        encoded: &s.encoded,
+                        blobs: vec![out],
+                        output_trees: &[],
+                    };
+                    self.cache.record(key, a, trusted, reported, now)?;
                 }
             }
         }

@@ -43,6 +43,16 @@ pub fn policy_refusal(spec: &ActionSpec, trusted: bool, emulated: bool) -> Optio
     None
 }
 
+/// A result as an agent reported it, to be recorded.
+pub struct Reported<'a> {
+    /// The encoded ExecutionResult (action keys) or StepResult (step keys).
+    pub encoded: &'a [u8],
+    /// Blobs it names directly.
+    pub blobs: Vec<Digest>,
+    /// Roots of output directories: their whole trees are among the blobs a hit needs.
+    pub output_trees: &'a [Digest],
+}
+
 /// The result cache over the store and the CAS.
 pub struct ResultCache {
     store: Store,
@@ -113,19 +123,21 @@ impl ResultCache {
     }
 
     /// Stores a result reported under `a`'s lease by an agent (`trusted`: joined with
-    /// `trusted=true`), if the cache policy allows it and every blob it names is stored; the
-    /// whole trees under `output_trees` are among the blobs a hit needs. Returns whether it
-    /// was stored.
+    /// `trusted=true`), if the cache policy allows it and every blob it names is stored.
+    /// Returns whether it was stored.
     pub fn record(
         &self,
         key: CacheKey<'_>,
         a: &ActionRecord,
         trusted: bool,
-        encoded: &[u8],
-        mut blobs: Vec<Digest>,
-        output_trees: &[Digest],
+        result: Reported<'_>,
         now: u64,
     ) -> anyhow::Result<bool> {
+        let Reported {
+            encoded,
+            mut blobs,
+            output_trees,
+        } = result;
         let Some((agent, emulated)) = a.last_agent.clone() else {
             return Ok(false);
         };

@@ -223,6 +223,15 @@ impl Farm {
         self.runtime.block_on(f)
     }
 
+    /// Starts a future on the harness's runtime without waiting for it.
+    pub fn spawn<F>(&self, f: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.runtime.spawn(f)
+    }
+
     /// A channel with the given credentials directory (None: no client certificate).
     pub fn channel(&self, creds: Option<&Path>) -> anyhow::Result<Channel> {
         let ca = std::fs::read_to_string(self.admin_dir().join("ca.pem"))?;

@@ -312,9 +312,8 @@ fn roles_results_no_lease_produced_and_revocation_are_refused_with_state_unchang
         }))
         .unwrap();
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-        let call = farm.block_on(async move {
-            tokio::spawn(async move { v1::cas_client::CasClient::new(ch).write(stream).await })
-        });
+        let call =
+            farm.spawn(async move { v1::cas_client::CasClient::new(ch).write(stream).await });
         (tx, call)
     };
     let mut watch = {
