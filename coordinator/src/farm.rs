@@ -6,7 +6,7 @@
 use crate::cas::Cas;
 use crate::hubs::{Hubs, JobUpdate};
 use crate::model::*;
-use crate::result_cache::ResultCache;
+use crate::result_cache::{Reported, ResultCache};
 use crate::scheduler::{self, AgentView, Requirement};
 use crate::store::Store;
 use archfarm_proto::{tree, Digest};
@@ -168,6 +168,9 @@ pub enum FarmError {
     /// Unknown job, agent or action.
     #[error("{0}")]
     NotFound(String),
+    /// The caller asked for something its role or lease does not allow.
+    #[error("{0}")]
+    Refused(String),
     /// Storage failed.
     #[error(transparent)]
     Store(#[from] anyhow::Error),
@@ -524,7 +527,10 @@ impl Farm {
         self.hubs.publish(&job, update);
     }
 
-    /// A result from an agent: recorded once under the current lease, refused otherwise.
+    /// A result from an agent: recorded once under the current lease, refused otherwise. A
+    /// stale fence is refused in the acknowledgement (an agent resends results after a
+    /// reconnect, and its lease may have lapsed meanwhile); a result no lease could ever have
+    /// produced is [`FarmError::Refused`].
     pub fn completed(
         &mut self,
         agent: &AgentId,
@@ -532,7 +538,11 @@ impl Farm {
         fence: u64,
         c: Completion,
         now: u64,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), FarmError> {
+        if let Some(why) = self.never_leased(action_id, fence)? {
+            tracing::warn!(%agent, action = %action_id, fence, "refused a result: {why}");
+            return Err(FarmError::Refused(format!("result refused: {why}")));
+        }
         let (accepted, reason) = self.record_completion(agent, action_id, fence, c, now)?;
         self.send(
             agent,
@@ -543,7 +553,26 @@ impl Farm {
                 reason,
             },
         );
-        self.dispatch(now)
+        Ok(self.dispatch(now)?)
+    }
+
+    /// Why no lease could have produced a result for `action_id` under `fence`, if so: the
+    /// action does not exist, it was never leased to anyone, or the fence was never issued.
+    fn never_leased(&self, action_id: &ActionId, fence: u64) -> anyhow::Result<Option<String>> {
+        let attempts = match self.active.get(action_id) {
+            Some(a) => a.attempts,
+            None => match self.store.action(action_id)? {
+                Some(a) => a.attempts,
+                None => return Ok(Some(format!("{action_id} does not exist"))),
+            },
+        };
+        if attempts == 0 {
+            return Ok(Some(format!("{action_id} was never leased")));
+        }
+        if fence == 0 || fence > self.store.counter("fence")? {
+            return Ok(Some(format!("fence {fence} was never issued")));
+        }
+        Ok(None)
     }
 
     fn record_completion(
@@ -602,7 +631,8 @@ impl Farm {
         let mut a = action;
         a.lease = None;
         if !a.spec.steps.is_empty() && c.outcome != Outcome::InfraError {
-            self.record_steps(&a, &c, now)?;
+            let trusted = self.is_trusted(agent);
+            self.record_steps(&a, trusted, &c, now)?;
         }
         let result = ResultRecord {
             encoded: c.encoded.clone(),
@@ -633,9 +663,13 @@ impl Farm {
                 a.state = ActionState::Succeeded;
                 if !a.action_digest.is_empty() && c.cacheable {
                     let key = CacheKey::Action(&a.action_digest);
-                    let blobs = c.named_blobs.clone();
-                    self.cache
-                        .record(key, &a, &c.encoded, blobs, &c.output_trees, now)?;
+                    let reported = Reported {
+                        encoded: &c.encoded,
+                        blobs: c.named_blobs.clone(),
+                        output_trees: &c.output_trees,
+                    };
+                    let trusted = self.is_trusted(agent);
+                    self.cache.record(key, &a, trusted, reported, now)?;
                 }
             }
             Outcome::Exited => {
@@ -657,7 +691,13 @@ impl Farm {
     }
 
     /// Records the steps' durations, and passing results under their step cache keys.
-    fn record_steps(&mut self, a: &ActionRecord, c: &Completion, now: u64) -> anyhow::Result<()> {
+    fn record_steps(
+        &mut self,
+        a: &ActionRecord,
+        trusted: bool,
+        c: &Completion,
+        now: u64,
+    ) -> anyhow::Result<()> {
         let platform = a.spec.platform.to_string();
         for s in &c.steps {
             let Some(spec) = a.spec.steps.iter().find(|x| x.name == s.name) else {
@@ -671,7 +711,12 @@ impl Farm {
             if passing && !spec.cache_key.is_empty() && c.cacheable {
                 if let Some(out) = s.output {
                     let key = CacheKey::Step(&spec.cache_key);
-                    self.cache.record(key, a, &s.encoded, vec![out], &[], now)?;
+                    let reported = Reported {
+                        encoded: &s.encoded,
+                        blobs: vec![out],
+                        output_trees: &[],
+                    };
+                    self.cache.record(key, a, trusted, reported, now)?;
                 }
             }
         }
@@ -773,6 +818,14 @@ impl Farm {
         self.store.flush()?;
         self.dispatch(now)?;
         Ok(())
+    }
+
+    /// Whether an agent was joined with a token labelled `trusted=true` (its results are
+    /// cached by default).
+    pub fn is_trusted(&self, agent: &AgentId) -> bool {
+        self.agents
+            .get(agent)
+            .is_some_and(|a| crate::model::is_trusted(&a.record.labels))
     }
 
     /// Whether an agent's certificate has been revoked (checked on every stream message).
@@ -982,6 +1035,11 @@ mod tests {
         conns: HashMap<String, u64>,
         seq: u64,
         exclusive: bool,
+        /// Labels of the agents joined next (trusted by default).
+        labels: Labels,
+        /// cache_untrusted and cache_emulated of the next submits.
+        cache_untrusted: bool,
+        cache_emulated: bool,
         /// Blobs every action of the next submits needs (its input tree).
         inputs: Vec<Digest>,
     }
@@ -1031,6 +1089,9 @@ mod tests {
                 conns: HashMap::new(),
                 seq: 0,
                 exclusive: false,
+                labels: [("trusted".to_string(), "true".to_string())].into(),
+                cache_untrusted: false,
+                cache_emulated: false,
                 inputs: vec![],
             }
         }
@@ -1039,7 +1100,7 @@ mod tests {
             let record = AgentRecord {
                 id: AgentId(id.into()),
                 hostname: id.into(),
-                labels: Labels::new(),
+                labels: self.labels.clone(),
                 facts: AgentFacts::default(),
                 joined_unix_ms: now,
                 last_seen_unix_ms: now,
@@ -1089,6 +1150,8 @@ mod tests {
                         steps: vec![],
                         exclusive: self.exclusive,
                         network: false,
+                        cache_untrusted: self.cache_untrusted,
+                        cache_emulated: self.cache_emulated,
                     };
                     let mut a = ActionRecord::queued(
                         ActionId::new(&job, &platform),
@@ -1383,6 +1446,50 @@ mod tests {
     }
 
     #[test]
+    fn only_trusted_native_results_are_cached_unless_the_job_asks() {
+        let out = Digest::of(b"stdout bytes");
+        // (agent trusted, runs emulated, cache_untrusted, cache_emulated) -> stored?
+        let cases = [
+            (true, false, false, false, true),
+            (false, false, false, false, false),
+            (false, false, true, false, true),
+            (true, true, false, false, false),
+            (true, true, false, true, true),
+            (false, true, false, true, false),
+            (false, true, true, true, true),
+        ];
+        for (trusted, emulated, cache_untrusted, cache_emulated, stored) in cases {
+            let what = format!(
+                "trusted={trusted} emulated={emulated} cache_untrusted={cache_untrusted} \
+                 cache_emulated={cache_emulated}"
+            );
+            let mut h = Harness::new();
+            h.farm.cas.put(&out, b"stdout bytes").unwrap();
+            if !trusted {
+                h.labels = Labels::new();
+            }
+            h.join("a", &[("linux/arm64", emulated)], 0);
+            (h.cache_untrusted, h.cache_emulated) = (cache_untrusted, cache_emulated);
+            let first = h.submit_keyed(&["linux/arm64"], true, "key-1", 0);
+            let (_, fence, ran_emulated) = h.assigns("a")[0].clone();
+            assert_eq!(ran_emulated, emulated, "{what}");
+            h.complete_with("a", &format!("{first}/linux/arm64"), fence, &[out], 1);
+            let entry = h
+                .farm
+                .cache()
+                .lookup(CacheKey::Action("key-1"), true, 2)
+                .unwrap();
+            assert_eq!(entry.is_some(), stored, "{what}");
+            if let Some(e) = entry {
+                assert_eq!((e.trusted, e.emulated), (trusted, emulated), "{what}");
+            }
+            // The job itself succeeded either way.
+            let done = h.state(&format!("{first}/linux/arm64"));
+            assert_eq!(done.state, ActionState::Succeeded, "{what}");
+        }
+    }
+
+    #[test]
     fn places_by_platform_and_prefers_native_agents() {
         let mut h = Harness::new();
         h.join("emu", &[("linux/amd64", false), ("linux/arm64", true)], 0);
@@ -1454,6 +1561,43 @@ mod tests {
         // The same result sent again (lost ack) is accepted without change.
         h.complete("b", &id, 2, 0, 28_000);
         assert_eq!(h.acks("b"), vec![(true, String::new())]);
+    }
+
+    #[test]
+    fn a_result_no_lease_could_have_produced_is_refused_and_changes_nothing() {
+        let mut h = Harness::new();
+        h.join("a", &[("linux/amd64", false)], 0);
+        let running = h.submit(&["linux/amd64"], false, 0);
+        let running = format!("{running}/linux/amd64");
+        let fence = h.assigns("a")[0].1;
+        let queued = h.submit(&["linux/s390x"], false, 1);
+        let queued = format!("{queued}/linux/s390x");
+        let cases = [
+            (queued.as_str(), fence, "was never leased"),
+            ("j-999999/linux/amd64", fence, "does not exist"),
+            (running.as_str(), fence + 1000, "was never issued"),
+            (running.as_str(), 0, "was never issued"),
+        ];
+        for (action, f, why) in cases {
+            let e = h
+                .farm
+                .completed(
+                    &AgentId("a".into()),
+                    &ActionId(action.into()),
+                    f,
+                    exited(0, &[]),
+                    2,
+                )
+                .unwrap_err();
+            assert!(
+                matches!(&e, FarmError::Refused(m) if m.contains(why)),
+                "{action} {f}: {e:?}"
+            );
+        }
+        assert!(h.acks("a").is_empty(), "nothing acknowledged");
+        assert_eq!(h.state(&running).state, ActionState::Running);
+        assert_eq!(h.state(&queued).state, ActionState::Queued);
+        assert_eq!(h.farm.stale_results_refused(), 0);
     }
 
     #[test]

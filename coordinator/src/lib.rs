@@ -60,6 +60,7 @@ pub fn open(config: &Config) -> anyhow::Result<SharedRef> {
         cas,
         pki,
         clock: now_unix_ms,
+        revocations: tokio::sync::watch::channel(0).0,
     }))
 }
 

@@ -94,6 +94,17 @@ pub struct TokenRecord {
     pub uses: u32,
     /// Free text.
     pub description: String,
+    /// Unix ms of creation (0 for tokens stored before it was recorded).
+    #[serde(default)]
+    pub created_unix_ms: u64,
+}
+
+/// The label that makes an agent trusted: its results are written to the result cache.
+pub const TRUSTED_LABEL: (&str, &str) = ("trusted", "true");
+
+/// Whether labels bound at join make an agent trusted (`trusted=true`).
+pub fn is_trusted(labels: &Labels) -> bool {
+    labels.get(TRUSTED_LABEL.0).map(String::as_str) == Some(TRUSTED_LABEL.1)
 }
 
 /// What an agent serves.
@@ -226,6 +237,12 @@ pub struct ActionSpec {
     /// May use the network: only agents whose policy allows it run it.
     #[serde(default)]
     pub network: bool,
+    /// Store the result in the result cache even when an untrusted agent produced it.
+    #[serde(default)]
+    pub cache_untrusted: bool,
+    /// Store the result in the result cache even when it was produced under emulation.
+    #[serde(default)]
+    pub cache_emulated: bool,
 }
 
 /// Lifecycle of an action.
@@ -312,6 +329,9 @@ pub struct CacheEntry {
     pub platform: Platform,
     /// Whether it ran under emulation.
     pub emulated: bool,
+    /// Whether the producing agent was trusted (joined with `trusted=true`).
+    #[serde(default)]
+    pub trusted: bool,
     /// Unix ms it was recorded.
     pub recorded_unix_ms: u64,
     /// Every blob the result names (outputs with their whole trees, stdout, stderr): a hit is

@@ -164,10 +164,21 @@ impl Pki {
     /// Signs an agent's CSR. Only the CSR's public key is used: the subject, usages and
     /// lifetime are the farm's. Returns the PEM certificate and its fingerprint.
     pub fn sign_csr(&self, csr_pem: &str, agent_id: &str) -> anyhow::Result<(String, String)> {
+        self.sign_client_csr(csr_pem, agent_id, 365)
+    }
+
+    /// Signs a CSR into a client certificate for `name` valid `days` days; only the CSR's
+    /// public key is used. Returns the PEM certificate and its fingerprint.
+    pub fn sign_client_csr(
+        &self,
+        csr_pem: &str,
+        name: &str,
+        days: i64,
+    ) -> anyhow::Result<(String, String)> {
         let csr =
             CertificateSigningRequestParams::from_pem(csr_pem).context("the CSR does not parse")?;
         let cert = self
-            .client_params(agent_id, 365)?
+            .client_params(name, days)?
             .signed_by(&csr.public_key, self.issuer())
             .context("failed to sign the CSR")?;
         Ok((cert.pem(), cert_fingerprint(cert.der())))

@@ -1,9 +1,10 @@
 //! The result cache: results of actions (keyed by their ActionKey digest) and of steps (keyed
 //! by the client's step cache key), recorded only from what an agent reported under a valid
-//! lease, and handed out only while every blob they name is stored intact. Lookups read and
-//! hash those blobs, so they run outside the farm's lock.
+//! lease — by default only from trusted agents running natively — and handed out only while
+//! every blob they name is stored intact. Lookups read and hash those blobs, so they run
+//! outside the farm's lock.
 use crate::cas::Cas;
-use crate::model::{ActionRecord, ActionState, CacheEntry, CacheKey, ResultRecord};
+use crate::model::{ActionRecord, ActionSpec, ActionState, CacheEntry, CacheKey, ResultRecord};
 use crate::store::Store;
 use archfarm_proto::{tree, Digest};
 use std::collections::VecDeque;
@@ -26,6 +27,30 @@ pub struct CacheFigures {
     pub hits_total: u64,
     /// Entries stored.
     pub entries: u64,
+}
+
+/// Why the cache policy keeps a result out of the cache, if it does: only results of trusted
+/// agents running natively are stored, unless the job asked for more (`cache_untrusted`,
+/// `cache_emulated`). A result from an agent nobody vouched for would otherwise answer every
+/// later client, and one produced under emulation may differ from a native run.
+pub fn policy_refusal(spec: &ActionSpec, trusted: bool, emulated: bool) -> Option<&'static str> {
+    if !trusted && !spec.cache_untrusted {
+        return Some("the agent is not trusted (its token lacked trusted=true) and the job did not ask for cache_untrusted");
+    }
+    if emulated && !spec.cache_emulated {
+        return Some("it ran under emulation and the job did not ask for cache_emulated");
+    }
+    None
+}
+
+/// A result as an agent reported it, to be recorded.
+pub struct Reported<'a> {
+    /// The encoded ExecutionResult (action keys) or StepResult (step keys).
+    pub encoded: &'a [u8],
+    /// Blobs it names directly.
+    pub blobs: Vec<Digest>,
+    /// Roots of output directories: their whole trees are among the blobs a hit needs.
+    pub output_trees: &'a [Digest],
 }
 
 /// The result cache over the store and the CAS.
@@ -97,33 +122,42 @@ impl ResultCache {
         Ok(true)
     }
 
-    /// Stores a result reported under `a`'s lease, if every blob it names is stored; the
-    /// whole trees under `output_trees` are among the blobs a hit needs.
+    /// Stores a result reported under `a`'s lease by an agent (`trusted`: joined with
+    /// `trusted=true`), if the cache policy allows it and every blob it names is stored.
+    /// Returns whether it was stored.
     pub fn record(
         &self,
         key: CacheKey<'_>,
         a: &ActionRecord,
-        encoded: &[u8],
-        mut blobs: Vec<Digest>,
-        output_trees: &[Digest],
+        trusted: bool,
+        result: Reported<'_>,
         now: u64,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<bool> {
+        let Reported {
+            encoded,
+            mut blobs,
+            output_trees,
+        } = result;
+        let Some((agent, emulated)) = a.last_agent.clone() else {
+            return Ok(false);
+        };
+        if let Some(why) = policy_refusal(&a.spec, trusted, emulated) {
+            tracing::info!(action = %a.id, %agent, "not caching: {why}");
+            return Ok(false);
+        }
         for root in output_trees {
             match tree::walk_tree(*root, |d| self.cas.get(d).ok().flatten()) {
                 Ok((dirs, files)) => blobs.extend(dirs.into_keys().chain(files)),
                 Err(e) => {
                     tracing::warn!(action = %a.id, "not caching: output tree {root} is incomplete: {e}");
-                    return Ok(());
+                    return Ok(false);
                 }
             }
         }
         if let Some(missing) = blobs.iter().find(|d| !self.cas.contains(d)) {
             tracing::warn!(action = %a.id, "not caching: blob {missing} named by the result is not stored");
-            return Ok(());
+            return Ok(false);
         }
-        let Some((agent, emulated)) = a.last_agent.clone() else {
-            return Ok(());
-        };
         blobs.sort();
         blobs.dedup();
         let entry = CacheEntry {
@@ -131,10 +165,12 @@ impl ResultCache {
             agent,
             platform: a.spec.platform.clone(),
             emulated,
+            trusted,
             recorded_unix_ms: now,
             blobs,
         };
-        self.store.put_cache_entry(key, &entry)
+        self.store.put_cache_entry(key, &entry)?;
+        Ok(true)
     }
 
     /// Lookups and hits, last hour and ever, and the number of entries.

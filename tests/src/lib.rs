@@ -79,6 +79,51 @@ impl Proc {
     }
 }
 
+/// An agent session the test speaks itself (AgentSession.Session): what it sends, and what
+/// the coordinator answers.
+#[derive(Debug)]
+pub struct RawSession {
+    /// Messages to the coordinator.
+    pub tx: tokio::sync::mpsc::Sender<v1::AgentMessage>,
+    /// The coordinator's messages.
+    pub rx: tonic::Streaming<v1::CoordinatorMessage>,
+}
+
+/// A Hello offering one native platform with one slot.
+pub fn hello(platform: &str) -> v1::AgentMessage {
+    hello_message(v1::Hello {
+        platforms: vec![v1::PlatformOffer {
+            platform: platform.into(),
+            emulated: false,
+        }],
+        slots: 1,
+        hostname: "raw-session".into(),
+        ..Default::default()
+    })
+}
+
+/// An AgentMessage carrying `h`.
+pub fn hello_message(h: v1::Hello) -> v1::AgentMessage {
+    v1::AgentMessage {
+        kind: Some(v1::agent_message::Kind::Hello(h)),
+    }
+}
+
+/// An AgentMessage reporting a successful run of `action_id` under `fence`.
+pub fn completed(action_id: &str, fence: u64) -> v1::AgentMessage {
+    v1::AgentMessage {
+        kind: Some(v1::agent_message::Kind::Completed(v1::ActionCompleted {
+            action_id: action_id.into(),
+            fence,
+            result: Some(v1::ExecutionResult {
+                outcome: v1::ExecutionOutcome::Exited as i32,
+                exit_code: 0,
+                ..Default::default()
+            }),
+        })),
+    }
+}
+
 /// A whole farm on loopback.
 pub struct Farm {
     /// Root of everything this farm writes.
@@ -183,6 +228,15 @@ impl Farm {
         self.runtime.block_on(f)
     }
 
+    /// Starts a future on the harness's runtime without waiting for it.
+    pub fn spawn<F>(&self, f: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.runtime.spawn(f)
+    }
+
     /// A channel with the given credentials directory (None: no client certificate).
     pub fn channel(&self, creds: Option<&Path>) -> anyhow::Result<Channel> {
         let ca = std::fs::read_to_string(self.admin_dir().join("ca.pem"))?;
@@ -200,6 +254,72 @@ impl Farm {
                 None => Ok(connect(&url, &ServerTrust::Ca(ca), None).await?.channel),
             }
         })
+    }
+
+    /// Opens AgentSession.Session with the credentials in `creds`, sending `first` (the
+    /// coordinator answers only after the first message); returns the session or the refusal.
+    pub fn open_session(
+        &self,
+        creds: &Path,
+        first: v1::AgentMessage,
+    ) -> Result<RawSession, tonic::Status> {
+        let ch = self.channel(Some(creds)).expect("channel");
+        self.block_on(async move {
+            let (tx, rx) = tokio::sync::mpsc::channel(16);
+            tx.send(first).await.expect("queue the first message");
+            let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+            let resp = v1::agent_session_client::AgentSessionClient::new(ch)
+                .session(stream)
+                .await?;
+            Ok(RawSession {
+                tx,
+                rx: resp.into_inner(),
+            })
+        })
+    }
+
+    /// Sends a message on a raw session.
+    pub fn send(&self, s: &RawSession, m: v1::AgentMessage) {
+        self.block_on(s.tx.send(m))
+            .expect("session open for sending");
+    }
+
+    /// The next message of a raw session within `timeout`: Ok(None) when the stream ended,
+    /// Err with the status it ended with (DEADLINE_EXCEEDED when nothing came in time).
+    pub fn next_message(
+        &self,
+        s: &mut RawSession,
+        timeout: Duration,
+    ) -> Result<Option<v1::CoordinatorMessage>, tonic::Status> {
+        self.block_on(async {
+            match tokio::time::timeout(timeout, s.rx.message()).await {
+                Ok(r) => r,
+                Err(_) => Err(tonic::Status::deadline_exceeded(
+                    "test: no message from the coordinator in time",
+                )),
+            }
+        })
+    }
+
+    /// Reads a raw session until a message `pick` accepts, for at most `timeout`.
+    pub fn expect_message<T>(
+        &self,
+        s: &mut RawSession,
+        timeout: Duration,
+        mut pick: impl FnMut(&v1::coordinator_message::Kind) -> Option<T>,
+    ) -> T {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.next_message(s, left) {
+                Ok(Some(m)) => {
+                    if let Some(t) = m.kind.as_ref().and_then(&mut pick) {
+                        return t;
+                    }
+                }
+                other => panic!("the session ended or stalled: {other:?}"),
+            }
+        }
     }
 
     /// Farm status as the admin sees it.
@@ -272,10 +392,62 @@ impl Farm {
         )
     }
 
-    /// Starts an agent named `name` with a fresh token; `extra` are more agent flags.
+    /// Starts a trusted agent (its token carries `trusted=true`, so its native results are
+    /// cached) named `name` with a fresh token; `extra` are more agent flags.
     pub fn add_agent(&mut self, name: &str, extra: &[&str]) -> usize {
+        let (token, hash) = self.token(&["--labels", "trusted=true"]);
+        self.spawn_agent(name, &token, &hash, extra)
+    }
+
+    /// Starts an agent whose token carries no labels: untrusted, its results are not cached
+    /// unless a job asks for `cache_untrusted`.
+    pub fn add_untrusted_agent(&mut self, name: &str, extra: &[&str]) -> usize {
         let (token, hash) = self.token(&[]);
         self.spawn_agent(name, &token, &hash, extra)
+    }
+
+    /// The credentials directory of agent process `i` (written at join).
+    pub fn agent_credentials(&self, i: usize) -> PathBuf {
+        self.dir
+            .path()
+            .join(&self.agents[i].name)
+            .join("credentials")
+    }
+
+    /// The agent id agent process `i` was given at join (from its data dir's agent.json).
+    pub fn agent_id(&self, i: usize) -> String {
+        let path = self
+            .dir
+            .path()
+            .join(&self.agents[i].name)
+            .join("agent.json");
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("failed to read {}: {e}", path.display()));
+        let v: serde_json::Value = serde_json::from_str(&text).expect("agent.json");
+        v["agent_id"].as_str().expect("agent_id").to_string()
+    }
+
+    /// Issues client credentials named `name` through `farm credentials create`; returns
+    /// their directory.
+    pub fn client_credentials(&self, name: &str) -> PathBuf {
+        let out = self.dir.path().join(format!("client-{name}"));
+        let o = self.cli(&[
+            "farm",
+            "credentials",
+            "create",
+            "--role",
+            "client",
+            "--name",
+            name,
+            "--out",
+            out.to_str().expect("utf-8 path"),
+        ]);
+        assert!(
+            o.status.success(),
+            "credentials create failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        out
     }
 
     /// Starts an agent process with the given token and CA hash.

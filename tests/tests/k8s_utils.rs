@@ -106,6 +106,8 @@ fn k8s_utils_unit_tests_on_five_platforms_match_direct_runs_and_cache() {
             "farm",
             "go-test",
             "--allow-emulation",
+            // The warm run must answer the emulated cells from the cache too.
+            "--cache-emulated",
             "--platform",
             "linux/amd64",
         ];

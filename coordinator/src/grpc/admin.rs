@@ -1,7 +1,8 @@
-//! The Admin service: join tokens, drain and revoke.
+//! The Admin service: join tokens (create, list, delete), client credentials, drain and
+//! revoke.
 use super::auth::authorize;
 use super::{internal, SharedRef};
-use crate::model::{AgentId, Labels, Role, TokenRecord};
+use crate::model::{AgentId, Labels, Principal, Role, TokenRecord};
 use archfarm_proto::v1::{self, admin_server::Admin};
 use rand::Rng;
 use tonic::{Request, Response, Status};
@@ -82,6 +83,7 @@ impl Admin for AdminService {
                 single_use: r.single_use,
                 uses: 0,
                 description: r.description,
+                created_unix_ms: self.0.now(),
             })
             .map_err(internal)?;
         self.0.store.flush().map_err(internal)?;
@@ -124,9 +126,164 @@ impl Admin for AdminService {
             }
         }
         self.0.store.flush().map_err(internal)?;
+        self.0.announce_revocation();
         tracing::info!(agent = %id, "agent revoked");
         Ok(Response::new(v1::AdminResponse {
             message: format!("agent {id} is revoked: its certificate is refused and its actions were queued again"),
         }))
+    }
+
+    async fn list_tokens(
+        &self,
+        req: Request<v1::ListTokensRequest>,
+    ) -> Result<Response<v1::ListTokensResponse>, Status> {
+        authorize(&self.0, &req, &[Role::Admin])?;
+        let tokens = self
+            .0
+            .store
+            .tokens()
+            .map_err(internal)?
+            .into_iter()
+            .map(|t| v1::TokenInfo {
+                labels: super::convert::labels_to_proto(&t.labels),
+                id: t.id,
+                created_unix_ms: t.created_unix_ms,
+                expires_unix_ms: t.expires_unix_ms,
+                single_use: t.single_use,
+                uses: t.uses,
+                description: t.description,
+            })
+            .collect();
+        Ok(Response::new(v1::ListTokensResponse { tokens }))
+    }
+
+    async fn delete_token(
+        &self,
+        req: Request<v1::DeleteTokenRequest>,
+    ) -> Result<Response<v1::AdminResponse>, Status> {
+        let who = authorize(&self.0, &req, &[Role::Admin])?;
+        let id = req.into_inner().token_id;
+        // Under the farm lock, as Join checks and uses tokens under it.
+        let deleted = {
+            let _farm = self.0.farm()?;
+            let deleted = self.0.store.delete_token(&id).map_err(internal)?;
+            self.0.store.flush().map_err(internal)?;
+            deleted
+        };
+        if !deleted {
+            return Err(Status::not_found(format!(
+                "join token {id:?} is not known to this farm"
+            )));
+        }
+        tracing::info!(token = %id, by = %who.name, "join token deleted");
+        Ok(Response::new(v1::AdminResponse {
+            message: format!(
+                "join token {id} is deleted: it can no longer join (agents that joined with it stay)"
+            ),
+        }))
+    }
+
+    async fn issue_credentials(
+        &self,
+        req: Request<v1::IssueCredentialsRequest>,
+    ) -> Result<Response<v1::IssueCredentialsResponse>, Status> {
+        let who = authorize(&self.0, &req, &[Role::Admin])?;
+        let r = req.into_inner();
+        if r.role != Role::Client.name() {
+            return Err(Status::invalid_argument(format!(
+                "role {:?}: only client credentials are issued this way",
+                r.role
+            )));
+        }
+        check_principal_name(&r.name)?;
+        let days = match r.days {
+            0 => 365,
+            d if d <= 3650 => d,
+            d => {
+                return Err(Status::invalid_argument(format!(
+                    "days {d} is more than ten years (3650)"
+                )))
+            }
+        };
+        if r.csr_pem.len() > 64 * 1024 {
+            return Err(Status::invalid_argument("CSR is larger than 64 KiB"));
+        }
+        let (certificate_pem, fingerprint) = self
+            .0
+            .pki
+            .sign_client_csr(&r.csr_pem, &r.name, i64::from(days))
+            .map_err(|e| {
+                Status::invalid_argument(format!("bad certificate signing request: {e:#}"))
+            })?;
+        let principal = Principal {
+            role: Role::Client,
+            name: r.name.clone(),
+            revoked: false,
+        };
+        self.0
+            .store
+            .put_principal(&fingerprint, &principal)
+            .map_err(internal)?;
+        self.0.store.flush().map_err(internal)?;
+        tracing::info!(name = %r.name, by = %who.name, days, "client credentials issued");
+        Ok(Response::new(v1::IssueCredentialsResponse {
+            certificate_pem,
+            ca_certificate_pem: self.0.pki.ca_pem().to_string(),
+        }))
+    }
+
+    async fn revoke_credentials(
+        &self,
+        req: Request<v1::RevokeCredentialsRequest>,
+    ) -> Result<Response<v1::AdminResponse>, Status> {
+        let who = authorize(&self.0, &req, &[Role::Admin])?;
+        let name = req.into_inner().name;
+        let n = self.revoke_clients(&name)?;
+        if n == 0 {
+            return Err(Status::not_found(format!(
+                "no valid client credentials are issued for {name:?}"
+            )));
+        }
+        self.0.announce_revocation();
+        tracing::info!(%name, by = %who.name, certificates = n, "client credentials revoked");
+        Ok(Response::new(v1::AdminResponse {
+            message: format!("client credentials of {name} are revoked ({n} certificate(s)): refused at once, open streams end"),
+        }))
+    }
+}
+
+impl AdminService {
+    /// Marks the client principals named `name` revoked; returns how many.
+    fn revoke_clients(&self, name: &str) -> Result<usize, Status> {
+        let mut n = 0;
+        for (fp, mut p) in self.0.store.principals().map_err(internal)? {
+            if p.role == Role::Client && p.name == name && !p.revoked {
+                p.revoked = true;
+                self.0.store.put_principal(&fp, &p).map_err(internal)?;
+                n += 1;
+            }
+        }
+        self.0.store.flush().map_err(internal)?;
+        Ok(n)
+    }
+}
+
+/// Checks a principal name for issued credentials: `[a-z0-9][a-z0-9._-]*`, at most 63 bytes.
+fn check_principal_name(name: &str) -> Result<(), Status> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(format!(
+            "name {name:?} must match [a-z0-9][a-z0-9._-]* (at most 63 bytes)"
+        )))
     }
 }

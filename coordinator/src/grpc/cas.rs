@@ -1,7 +1,7 @@
 //! The Cas service: FindMissing, BatchUpload and BatchRead for small blobs, streaming Write and
 //! Read for blobs of any size. The chunk loops are plain functions over streams (`write_blob`,
 //! `read_blob`) so tests drive exactly what the RPCs run; file IO stays on blocking threads.
-use super::auth::authorize;
+use super::auth::{authorize, authorize_stream};
 use super::{internal, SharedRef};
 use crate::cas::{Cas, CasError, VerifiedBlob};
 use crate::model::Role;
@@ -208,17 +208,17 @@ impl CasRpc for CasService {
         &self,
         req: Request<tonic::Streaming<v1::WriteRequest>>,
     ) -> Result<Response<v1::WriteResponse>, Status> {
-        authorize(&self.0, &req, ROLES)?;
-        let stored = write_blob(self.0.cas.clone(), req.into_inner()).await?;
+        let (_, guard) = authorize_stream(&self.0, &req, ROLES)?;
+        let stored = write_blob(self.0.cas.clone(), guard.guard(req.into_inner())).await?;
         Ok(Response::new(v1::WriteResponse { stored }))
     }
 
     async fn read(&self, req: Request<v1::ReadRequest>) -> Result<Response<ReadStream>, Status> {
-        authorize(&self.0, &req, ROLES)?;
+        let (_, guard) = authorize_stream(&self.0, &req, ROLES)?;
         let d = Digest::from_proto_required(req.get_ref().digest.as_ref())
             .map_err(|e| Status::invalid_argument(format!("read: {e}")))?;
         let stream = read_blob(self.0.cas.clone(), d, VERIFY_BEFORE_STREAM_BYTES).await?;
-        Ok(Response::new(stream))
+        Ok(Response::new(Box::pin(guard.guard(stream))))
     }
 
     async fn find_missing(
@@ -285,7 +285,10 @@ impl CasRpc for CasService {
             .enumerate()
             .map(|(i, d)| parse(i, d))
             .collect::<Result<Vec<_>, _>>()?;
-        let total: u64 = digests.iter().map(|d| d.size_bytes()).sum();
+        // Saturating: sizes are the caller's claims, and two of u64::MAX must not wrap.
+        let total = digests
+            .iter()
+            .fold(0u64, |sum, d| sum.saturating_add(d.size_bytes()));
         if total > (archfarm_proto::MAX_MESSAGE_BYTES as u64) - 1024 * 1024 {
             return Err(Status::invalid_argument(format!(
                 "BatchRead of {total} bytes exceeds the message limit; read fewer blobs per call"

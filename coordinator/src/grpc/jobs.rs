@@ -1,5 +1,5 @@
 //! The Jobs service: submit (validated field by field), watch, get, cancel, farm status.
-use super::auth::authorize;
+use super::auth::{authorize, authorize_stream};
 use super::convert::{action_status, agent_state, job_status, labels_to_proto, update_to_event};
 use super::{internal, SharedRef};
 use crate::hubs::JobUpdate;
@@ -273,6 +273,8 @@ impl Jobs for JobsService {
                             steps: vec![],
                             exclusive: spec.exclusive,
                             network: spec.network,
+                            cache_untrusted: spec.cache_untrusted,
+                            cache_emulated: spec.cache_emulated,
                         };
                         let mut a = ActionRecord::queued(
                             ActionId::new(&job_id, p),
@@ -335,7 +337,7 @@ impl Jobs for JobsService {
 
     async fn watch(&self, req: Request<v1::WatchRequest>) -> Result<Response<EventStream>, Status> {
         let shared = self.0.clone();
-        authorize(&shared, &req, &[Role::Client])?;
+        let (_, guard) = authorize_stream(&shared, &req, &[Role::Client])?;
         let r = req.into_inner();
         let id = JobId(r.job_id);
         let (job, actions) = load_job(&shared, &id)?;
@@ -407,7 +409,9 @@ impl Jobs for JobsService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            guard.guard(ReceiverStream::new(rx)),
+        )))
     }
 
     async fn get_job(

@@ -30,6 +30,8 @@ pub struct Shared {
     pub pki: Pki,
     /// Wall clock in Unix ms (injected in tests).
     pub clock: fn() -> u64,
+    /// Bumped on every revocation: open streams re-check their caller when it changes.
+    pub revocations: tokio::sync::watch::Sender<u64>,
 }
 
 /// Shared state handle.
@@ -41,6 +43,10 @@ impl Shared {
         self.farm
             .lock()
             .map_err(|_| Status::internal("farm state lock poisoned by an earlier panic"))
+    }
+    /// Wakes every open stream to re-check its caller (after a revocation).
+    pub fn announce_revocation(&self) {
+        self.revocations.send_modify(|n| *n += 1);
     }
     /// Now, in Unix ms.
     pub fn now(&self) -> u64 {
@@ -58,6 +64,7 @@ impl From<FarmError> for Status {
     fn from(e: FarmError) -> Self {
         match e {
             FarmError::NotFound(m) => Status::not_found(m),
+            FarmError::Refused(m) => Status::permission_denied(m),
             FarmError::Store(e) => internal(e),
         }
     }

@@ -1,5 +1,5 @@
 //! The AgentSession service: one bidirectional stream per agent, relayed to and from the farm.
-use super::auth::authorize;
+use super::auth::authorize_stream;
 use super::convert::{command_to_proto, completion_from_proto};
 use super::{internal, SharedRef};
 use crate::farm::HeartbeatReport;
@@ -84,7 +84,7 @@ impl AgentSession for SessionService {
         req: Request<Streaming<v1::AgentMessage>>,
     ) -> Result<Response<OutStream>, Status> {
         let shared = self.0.clone();
-        let principal = authorize(&shared, &req, &[Role::Agent])?;
+        let (principal, guard) = authorize_stream(&shared, &req, &[Role::Agent])?;
         let agent = AgentId(principal.name);
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(Duration::from_secs(30), inbound.message())
@@ -167,7 +167,9 @@ impl AgentSession for SessionService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+        Ok(Response::new(Box::pin(
+            guard.guard(ReceiverStream::new(out_rx)),
+        )))
     }
 }
 
@@ -214,7 +216,7 @@ fn handle(
                 completion_from_proto(result),
                 now,
             )
-            .map_err(internal)
+            .map_err(Status::from)
         }
         Some(Kind::Hello(_)) => Err(Status::invalid_argument("hello sent twice in one session")),
         None => Err(Status::invalid_argument("empty agent message")),

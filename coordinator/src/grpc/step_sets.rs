@@ -96,6 +96,12 @@ pub fn validate(spec: &v1::JobSpec) -> Result<Vec<ValidStepSet>, Status> {
             {
                 return Err(invalid(format!("{at}: cache_key must be 64 hex digits")));
             }
+            if st.timeout_ms > super::jobs::MAX_TIMEOUT_MS {
+                return Err(invalid(format!(
+                    "{at}: timeout_ms {} is more than 24 h",
+                    st.timeout_ms
+                )));
+            }
             if st.history_key.len() > 1024 {
                 return Err(invalid(format!(
                     "{at}: history_key is longer than 1024 bytes"
@@ -214,6 +220,8 @@ pub fn expand(
             steps,
             exclusive: spec.exclusive,
             network: spec.network,
+            cache_untrusted: spec.cache_untrusted,
+            cache_emulated: spec.cache_emulated,
         };
         let record =
             |id: ActionId, spec: ActionSpec| ActionRecord::queued(id, job_id, seq, spec, now);
@@ -309,8 +317,10 @@ pub fn expand(
                         spec.timeout_ms
                     }
                 })
-                .sum();
-            a.spec.timeout_ms = (budget + 60_000).min(super::jobs::MAX_TIMEOUT_MS);
+                .fold(0, u64::saturating_add);
+            a.spec.timeout_ms = budget
+                .saturating_add(60_000)
+                .min(super::jobs::MAX_TIMEOUT_MS);
             exp.pins.insert(id, pins);
             exp.actions.push(a);
         }

@@ -197,6 +197,14 @@ impl Store {
     pub fn token(&self, id: &str) -> anyhow::Result<Option<TokenRecord>> {
         self.get("token", &self.tokens, id)
     }
+    /// Every token, by id.
+    pub fn tokens(&self) -> anyhow::Result<Vec<TokenRecord>> {
+        self.all("token", &self.tokens)
+    }
+    /// Removes a token; returns whether it existed.
+    pub fn delete_token(&self, id: &str) -> anyhow::Result<bool> {
+        Ok(self.tokens.remove(id)?.is_some())
+    }
 
     /// Binds a certificate fingerprint to a principal.
     pub fn put_principal(&self, fingerprint: &str, p: &Principal) -> anyhow::Result<()> {
@@ -305,6 +313,8 @@ mod tests {
             steps: vec![],
             exclusive: false,
             network: false,
+            cache_untrusted: false,
+            cache_emulated: false,
         };
         let job = JobId("j-000001".into());
         {

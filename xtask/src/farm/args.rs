@@ -42,6 +42,23 @@ impl LabelArg {
     }
 }
 
+/// Which results of a job the farm may store in its caches beyond the default (results of
+/// trusted agents running natively). Lookups do not change.
+#[derive(clap::Args, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CachePolicyArgs {
+    /// Store results from untrusted agents (joined with a token without the label
+    /// trusted=true) in the farm's cache too, so later runs anywhere may reuse them. By
+    /// default only trusted agents' results are cached; others are returned but not stored.
+    #[arg(long)]
+    pub cache_untrusted: bool,
+    /// Store results produced under emulation (qemu-user) in the farm's cache too. By default
+    /// they are returned but not stored, even with --allow-emulation: an emulated run is a
+    /// weaker verdict than a native one. Stored emulated results only ever answer jobs that
+    /// allow emulation.
+    #[arg(long)]
+    pub cache_emulated: bool,
+}
+
 /// Parses `NAME=VALUE` (clap value parser for `--env`).
 pub fn parse_env_var(s: &str) -> Result<EnvVarArg, String> {
     let (name, value) = s

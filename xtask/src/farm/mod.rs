@@ -6,6 +6,7 @@ pub mod agents;
 pub mod args;
 pub mod blobs;
 pub mod cancel;
+pub mod credentials;
 pub mod display;
 pub mod download;
 pub mod job;
@@ -66,10 +67,16 @@ pub enum FarmCommand {
     Status(status::StatusArgs),
     /// Run a command on one or more platforms and stream its output.
     Run(run::RunArgs),
-    /// Join tokens for agents.
+    /// Join tokens for agents: create, list, delete.
+    #[command(alias = "tokens")]
     Token {
         #[command(subcommand)]
         command: token::TokenCommand,
+    },
+    /// Client credentials (a certificate with the client role) for CI systems and people.
+    Credentials {
+        #[command(subcommand)]
+        command: credentials::CredentialsCommand,
     },
     /// Drain or revoke agents.
     Agents {
@@ -97,6 +104,7 @@ pub async fn run_command(cli: FarmCli) -> anyhow::Result<u8> {
         FarmCommand::Run(args) => run::command(&mut client, &args).await,
         FarmCommand::Token { command } => token::command(&mut client, &command).await,
         FarmCommand::Agents { command } => agents::command(&mut client, &command).await,
+        FarmCommand::Credentials { command } => credentials::command(&mut client, &command).await,
         FarmCommand::Cancel(args) => cancel::command(&mut client, &args).await,
         FarmCommand::Job(args) => job::command(&mut client, &args).await,
         FarmCommand::GoTest(args) => crate::gotest::command(&mut client, &args).await,

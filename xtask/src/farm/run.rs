@@ -4,7 +4,9 @@
 //! into a cancel. With `--output`/`--download` it brings the declared outputs home, and with
 //! `--json-report` it writes what happened for scripts and tests. `demo` and `bench` call the
 //! same [`run_job`].
-use super::args::{ensure_unique, parse_env_var, parse_label, EnvVarArg, LabelArg};
+use super::args::{
+    ensure_unique, parse_env_var, parse_label, CachePolicyArgs, EnvVarArg, LabelArg,
+};
 use super::display::{action_state_name, format_ms, is_final, mode, outcome_name, words};
 use super::download::{download_outputs, output_paths, DownloadedOutput};
 use super::job::{actions_table, ordered_actions, ran_and_cached};
@@ -73,6 +75,8 @@ pub struct RunArgs {
     /// other action runs without any network).
     #[arg(long)]
     pub network: bool,
+    #[command(flatten)]
+    pub cache: CachePolicyArgs,
     /// Write a JSON report (upload figures, job id, each action's state, cached flag and exit
     /// code, downloads) to FILE when the job ends.
     #[arg(long, value_name = "FILE")]
@@ -106,6 +110,7 @@ impl RunArgs {
             download: None,
             no_cache: false,
             network: false,
+            cache: CachePolicyArgs::default(),
             json_report: None,
             command: command.into_iter().map(Into::into).collect(),
         }
@@ -139,6 +144,8 @@ impl RunArgs {
             shard_target_ms: 0,
             exclusive: false,
             network: self.network,
+            cache_untrusted: self.cache.cache_untrusted,
+            cache_emulated: self.cache.cache_emulated,
         })
     }
 }

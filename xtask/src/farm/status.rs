@@ -49,7 +49,24 @@ pub async fn farm_status(
     .context("failed to get the farm status")
 }
 
-fn table(header: Vec<&str>) -> Table {
+/// Whether an agent carries the label `trusted=true` from its join token: only trusted
+/// agents' native results are stored in the farm's cache by default.
+pub fn is_trusted(a: &v1::AgentStatus) -> bool {
+    a.labels
+        .iter()
+        .any(|l| l.key == "trusted" && l.value == "true")
+}
+
+fn trust(a: &v1::AgentStatus) -> &'static str {
+    if is_trusted(a) {
+        "trusted"
+    } else {
+        "untrusted"
+    }
+}
+
+/// A table in the farm commands' style.
+pub fn table(header: Vec<&str>) -> Table {
     let mut t = Table::new();
     t.load_preset(presets::UTF8_FULL_CONDENSED)
         .set_content_arrangement(ContentArrangement::Dynamic)
@@ -105,6 +122,7 @@ pub fn render_status(s: &FarmStatusResponse, now_unix_ms: u64) -> String {
             "agent",
             "hostname",
             "mode",
+            "trust",
             "state",
             "slots",
             "heartbeat",
@@ -118,6 +136,7 @@ pub fn render_status(s: &FarmStatusResponse, now_unix_ms: u64) -> String {
                 a.agent_id.clone(),
                 a.hostname.clone(),
                 mode(emulated).to_uppercase(),
+                trust(a).to_string(),
                 if a.paused_reason.is_empty() {
                     agent_state_name(a.state()).to_string()
                 } else {
@@ -335,6 +354,7 @@ pub fn status_json(s: &FarmStatusResponse) -> Value {
                     "emulated": p.emulated,
                 })).collect::<Vec<_>>(),
                 "labels": labels_json(&a.labels),
+                "trusted": is_trusted(a),
                 "state": agent_state_name(a.state()),
                 "slots_used": a.slots_used,
                 "slots": a.slots,
@@ -409,10 +429,16 @@ mod tests {
                             emulated: true,
                         },
                     ],
-                    labels: vec![v1::Label {
-                        key: "lab".into(),
-                        value: "osu".into(),
-                    }],
+                    labels: vec![
+                        v1::Label {
+                            key: "lab".into(),
+                            value: "osu".into(),
+                        },
+                        v1::Label {
+                            key: "trusted".into(),
+                            value: "true".into(),
+                        },
+                    ],
                     state: v1::AgentState::Busy as i32,
                     slots_used: 2,
                     slots: 2,
@@ -485,6 +511,10 @@ mod tests {
         );
         assert!(text.contains("4 succeeded, 1 failed"), "{text}");
         assert!(text.contains("1m 5s (since queued)"), "{text}");
+        assert!(
+            text.contains("trusted") && text.contains("untrusted"),
+            "{text}"
+        );
         let native = text.find("a-arm").unwrap();
         let emulated = text.find("a-emu").unwrap();
         assert!(native < emulated, "natives come first:\n{text}");
@@ -495,6 +525,8 @@ mod tests {
         let v = status_json(&sample());
         assert_eq!(v["agents"][0]["state"], "busy");
         assert_eq!(v["agents"][0]["labels"]["lab"], "osu");
+        assert_eq!(v["agents"][0]["trusted"], true);
+        assert_eq!(v["agents"][1]["trusted"], false);
         assert_eq!(v["agents"][1]["platforms"][0]["emulated"], true);
         assert_eq!(v["queues"][0]["oldest_wait_ms"], 12_000);
         assert_eq!(v["running"][0]["state"], "running");

@@ -211,6 +211,9 @@ pub fn job_spec(
         shard_target_ms: 0,
         exclusive: true,
         network: false,
+        // Nothing of a node-e2e run is cached (no_cache, no step cache keys).
+        cache_untrusted: false,
+        cache_emulated: false,
     })
 }
 

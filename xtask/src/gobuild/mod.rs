@@ -15,7 +15,7 @@ pub mod inputs;
 pub mod plan;
 pub mod report;
 
-use crate::farm::args::ensure_unique;
+use crate::farm::args::{ensure_unique, CachePolicyArgs};
 use crate::farm::blobs::{read_blob, read_to_file};
 use crate::farm::display::{format_duration, format_ms, mode};
 use crate::farm::download::platform_dir;
@@ -61,6 +61,8 @@ pub struct GoBuildArgs {
     /// Build even when the farm's action cache holds the result.
     #[arg(long)]
     pub no_cache: bool,
+    #[command(flatten)]
+    pub cache: CachePolicyArgs,
     /// Platform of the agents that cross-compile pure-Go targets.
     #[arg(long, value_name = "PLATFORM", default_value = DEFAULT_BUILD_PLATFORM, conflicts_with = "cgo")]
     pub build_platform: String,
@@ -567,6 +569,7 @@ pub async fn command(client: &mut FarmClient, args: &GoBuildArgs) -> anyhow::Res
         user_env: user_env(args.cgo),
         allow_emulation: args.allow_emulation,
         no_cache: args.no_cache,
+        cache: args.cache,
         timeout: args.timeout,
     };
     eprintln!(

@@ -1,6 +1,7 @@
 //! What a go-build job is, as pure functions: the binary name of each target, the environment
 //! and the shell script that build every target for one platform, and the job spec. Everything
 //! here goes into the action's cache key, so none of it may depend on the client's paths.
+use crate::farm::args::CachePolicyArgs;
 use crate::farm::download::output_paths;
 use anyhow::bail;
 use archfarm_proto::{v1, Digest, Platform};
@@ -93,6 +94,8 @@ pub struct BuildSettings {
     pub allow_emulation: bool,
     /// Skip the action cache lookup.
     pub no_cache: bool,
+    /// Which results may be stored beyond trusted native ones.
+    pub cache: CachePolicyArgs,
     /// Per-action time limit.
     pub timeout: Duration,
 }
@@ -237,6 +240,8 @@ impl BuildSettings {
             shard_target_ms: 0,
             exclusive: false,
             network: false,
+            cache_untrusted: self.cache.cache_untrusted,
+            cache_emulated: self.cache.cache_emulated,
         })
     }
 }
@@ -298,6 +303,7 @@ mod tests {
             user_env: vec![("GOAMD64".into(), "v2".into())],
             allow_emulation: false,
             no_cache: false,
+            cache: CachePolicyArgs::default(),
             timeout: Duration::from_secs(1800),
         }
     }

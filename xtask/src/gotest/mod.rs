@@ -21,7 +21,7 @@ pub mod steps;
 pub mod verdict;
 pub mod watch;
 
-use crate::farm::args::{ensure_unique, parse_env_var, EnvVarArg};
+use crate::farm::args::{ensure_unique, parse_env_var, CachePolicyArgs, EnvVarArg};
 use crate::farm::blobs::{batch_read, plan_batches, read_blob, MAX_BATCH_BLOB_BYTES};
 use crate::farm::upload::{upload_tree, Progress};
 use crate::farm::{rpc, FarmClient};
@@ -78,11 +78,14 @@ pub struct GoTestArgs {
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub rerun_fails: u32,
     /// Let agents that emulate a platform (qemu-user) run it; native agents are preferred.
+    /// Cached emulated results then count; new ones are stored only with --cache-emulated.
     #[arg(long)]
     pub allow_emulation: bool,
     /// Build and run every package even when the farm holds a passing result for it.
     #[arg(long)]
     pub no_cache: bool,
+    #[command(flatten)]
+    pub cache: CachePolicyArgs,
     /// Build tags, as for `go test -tags`.
     #[arg(long, value_name = "TAGS")]
     pub tags: Option<String>,
@@ -111,6 +114,7 @@ impl GoTestArgs {
             rerun_fails: 0,
             allow_emulation: false,
             no_cache: false,
+            cache: CachePolicyArgs::default(),
             tags: None,
             env: Vec::new(),
             verbose: false,
@@ -432,6 +436,8 @@ impl StepJob<'_> {
             shard_target_ms,
             exclusive: false,
             network: false,
+            cache_untrusted: args.cache.cache_untrusted,
+            cache_emulated: args.cache.cache_emulated,
         }
     }
 }
