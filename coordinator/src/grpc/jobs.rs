@@ -455,6 +455,7 @@ impl Jobs for JobsService {
                 let (used, held) = usage.get(&a.record.id).cloned().unwrap_or_default();
                 let alive = farm.agent_alive(a, now);
                 let f = &a.record.facts;
+                let q = &a.record.quarantine;
                 agents.push(v1::AgentStatus {
                     agent_id: a.record.id.to_string(),
                     hostname: a.record.hostname.clone(),
@@ -467,7 +468,7 @@ impl Jobs for JobsService {
                         })
                         .collect(),
                     labels: labels_to_proto(&a.record.labels),
-                    state: agent_state(&a.record, alive, used) as i32,
+                    state: agent_state(&a.record, alive, used, now) as i32,
                     slots_used: used,
                     slots: f.slots,
                     last_seen_unix_ms: a.record.last_seen_unix_ms,
@@ -477,6 +478,17 @@ impl Jobs for JobsService {
                     free_disk_bytes: f.free_disk_bytes,
                     load_1m: f.load_1m,
                     running_actions: held.iter().map(|x| x.to_string()).collect(),
+                    quarantined_until_unix_ms: if q.quarantines > 0 {
+                        q.until_unix_ms
+                    } else {
+                        0
+                    },
+                    quarantine_reason: if q.quarantines > 0 {
+                        q.reason.clone()
+                    } else {
+                        String::new()
+                    },
+                    consecutive_infra_failures: q.consecutive_infra_failures,
                 });
             }
             let mut queues: BTreeMap<String, v1::PlatformQueue> = BTreeMap::new();
@@ -528,9 +540,11 @@ impl Jobs for JobsService {
         });
         for job in self.0.store.recent_jobs(n).map_err(internal)? {
             let mut states = std::collections::HashMap::new();
+            let mut infra_failures = 0;
             for a in &job.actions {
                 if let Some(a) = self.0.store.action(a).map_err(internal)? {
                     *states.entry(a.state.name().to_string()).or_insert(0) += 1;
+                    infra_failures += a.infra_failed_on.len() as u32;
                 }
             }
             resp.recent_jobs.push(v1::JobSummary {
@@ -540,6 +554,7 @@ impl Jobs for JobsService {
                 submitted_unix_ms: job.submitted_unix_ms,
                 finished: job.finished,
                 states,
+                infra_failures,
             });
         }
         Ok(Response::new(resp))

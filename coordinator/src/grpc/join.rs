@@ -109,6 +109,7 @@ impl Join for JoinService {
             last_seen_unix_ms: 0,
             draining: false,
             revoked: false,
+            quarantine: Default::default(),
         })
         .map_err(internal)?;
         tracing::info!(agent = %agent_id, hostname = %r.hostname, token = %id, "agent joined");
