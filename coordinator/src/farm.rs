@@ -1021,6 +1021,9 @@ impl Farm {
     }
 }
 
+#[cfg(test)]
+mod lease_props;
+
 /// Length of the `n`th quarantine in a row (from 1): the base, doubled per quarantine, capped.
 pub fn quarantine_backoff_ms(cfg: &FarmConfig, n: u32) -> u64 {
     let doublings = n.saturating_sub(1).min(32);
