@@ -162,6 +162,40 @@ pub fn validate_spec(spec: &v1::JobSpec) -> Result<ValidSpec, Status> {
     })
 }
 
+/// The actions of a validated job spec without steps, one per platform, queued at `now`, each
+/// with its action cache key. Pure: the fuzz target for job specs runs it.
+pub fn plan_actions(
+    spec: &v1::JobSpec,
+    valid: &ValidSpec,
+    job_id: &JobId,
+    seq: u64,
+    now: u64,
+) -> Vec<ActionRecord> {
+    valid
+        .platforms
+        .iter()
+        .map(|p| {
+            let action = ActionSpec {
+                argv: spec.argv.iter().map(|a| expand_arg(a, p)).collect(),
+                env: valid.env.clone(),
+                working_directory: spec.working_directory.clone(),
+                input_root: valid.input_root,
+                platform: p.clone(),
+                required_labels: valid.labels.clone(),
+                timeout_ms: spec.timeout_ms,
+                allow_emulation: spec.allow_emulation,
+                output_paths: valid.output_paths.clone(),
+                no_cache: spec.no_cache,
+                steps: vec![],
+                exclusive: spec.exclusive,
+            };
+            let mut a = ActionRecord::queued(ActionId::new(job_id, p), job_id, seq, action, now);
+            a.action_digest = super::convert::action_digest(&a.spec).hex();
+            a
+        })
+        .collect()
+}
+
 /// Replaces `{os}`, `{arch}` and `{variant}` with the platform's parts.
 pub fn expand_arg(arg: &str, p: &Platform) -> String {
     arg.replace("{os}", p.os())
@@ -254,35 +288,7 @@ impl Jobs for JobsService {
                     }
                     None => vec![],
                 };
-                let actions: Vec<ActionRecord> = valid
-                    .platforms
-                    .iter()
-                    .map(|p| {
-                        let spec = ActionSpec {
-                            argv: spec.argv.iter().map(|a| expand_arg(a, p)).collect(),
-                            env: valid.env.clone(),
-                            working_directory: spec.working_directory.clone(),
-                            input_root: valid.input_root,
-                            platform: p.clone(),
-                            required_labels: valid.labels.clone(),
-                            timeout_ms: spec.timeout_ms,
-                            allow_emulation: spec.allow_emulation,
-                            output_paths: valid.output_paths.clone(),
-                            no_cache: spec.no_cache,
-                            steps: vec![],
-                            exclusive: spec.exclusive,
-                        };
-                        let mut a = ActionRecord::queued(
-                            ActionId::new(&job_id, p),
-                            &job_id,
-                            seq,
-                            spec,
-                            now,
-                        );
-                        a.action_digest = super::convert::action_digest(&a.spec).hex();
-                        a
-                    })
-                    .collect();
+                let actions = plan_actions(&spec, &valid, &job_id, seq, now);
                 // The result cache answers what it can before the farm is locked (a lookup
                 // reads and hashes every blob the stored result names).
                 let cache = shared.cache.clone();
