@@ -591,7 +591,7 @@ impl Farm {
             a.infra_failed_on.push(agent.clone());
             self.agent_infra_failure(agent, &c.message, now)?;
         } else {
-            self.agent_success(agent)?;
+            self.agent_success(agent, now)?;
         }
         let result = ResultRecord {
             encoded: c.encoded.clone(),
@@ -996,12 +996,14 @@ impl Farm {
     }
 
     /// `agent` ran an action to its end (whatever the command did): its infra-failure count
-    /// and any probation are cleared.
-    fn agent_success(&mut self, agent: &AgentId) -> anyhow::Result<()> {
+    /// and any probation are cleared. An action it started before a quarantine that is still
+    /// on does not end the quarantine: only work taken on probation proves it healthy.
+    fn agent_success(&mut self, agent: &AgentId, now: u64) -> anyhow::Result<()> {
         let Some(live) = self.agents.get_mut(agent) else {
             return Ok(());
         };
-        if live.record.quarantine == Quarantine::default() {
+        let q = &live.record.quarantine;
+        if *q == Quarantine::default() || q.active(now) {
             return Ok(());
         }
         if live.record.quarantine.quarantines > 0 {
@@ -1438,6 +1440,37 @@ mod tests {
             vec![(id2.clone(), 7, false)],
             "not quarantined"
         );
+    }
+
+    #[test]
+    fn a_success_of_work_started_before_the_quarantine_does_not_end_it() {
+        let mut h = Harness::new();
+        h.join("a", &[("linux/amd64", false)], 0);
+        h.farm
+            .agents
+            .get_mut(&AgentId("a".into()))
+            .unwrap()
+            .record
+            .facts
+            .slots = 4;
+        let jobs: Vec<String> = (0..4)
+            .map(|_| format!("{}/linux/amd64", h.submit(&["linux/amd64"], false, 0)))
+            .collect();
+        let fences: Vec<u64> = h.assigns("a").iter().map(|(_, f, _)| *f).collect();
+        assert_eq!(fences, vec![1, 2, 3, 4]);
+        for i in 0..3 {
+            h.infra("a", &jobs[i], fences[i], 1);
+        }
+        // The only agent: the first two retries came back to it before the quarantine.
+        let retried: Vec<String> = h.assigns("a").into_iter().map(|(id, _, _)| id).collect();
+        assert_eq!(retried, vec![jobs[0].clone(), jobs[1].clone()]);
+        let q = h.quarantine("a");
+        assert_eq!(q.until_unix_ms, 1 + 60_000);
+        assert_eq!(h.state(&jobs[2]).state, ActionState::Queued, "waits");
+        // The long run it took before the quarantine succeeds: still quarantined.
+        h.complete("a", &jobs[3], fences[3], 0, 2);
+        assert_eq!(h.quarantine("a"), q);
+        assert!(h.assigns("a").is_empty());
     }
 
     #[test]
