@@ -2,6 +2,9 @@
 use crate::farm::FarmConfig;
 use std::path::PathBuf;
 
+/// Longest quarantine of an agent, in seconds.
+pub const QUARANTINE_MAX_S: u64 = 3600;
+
 /// Everything `run` needs.
 #[derive(Clone, Debug, clap::Parser)]
 #[command(
@@ -31,6 +34,14 @@ pub struct Config {
     /// Attempts per action before it fails as an infra failure.
     #[arg(long, default_value_t = 3)]
     pub max_attempts: u32,
+    /// Actions an agent may fail in a row for infra reasons (lost, lease lapsed, INFRA_ERROR)
+    /// before it is quarantined: no new work for a while.
+    #[arg(long, default_value_t = 3)]
+    pub quarantine_after: u32,
+    /// Seconds of an agent's first quarantine; each further one in a row doubles it, up to
+    /// an hour.
+    #[arg(long, default_value_t = 60)]
+    pub quarantine_base_s: u64,
     /// Size budget of the blob store in bytes; least recently used blobs that no queued or
     /// running action needs are evicted above it.
     #[arg(long, default_value_t = crate::cas::DEFAULT_BUDGET_BYTES)]
@@ -64,11 +75,22 @@ impl Config {
             self.unschedulable_grace_s >= 1,
             "--unschedulable-grace-s must be at least 1"
         );
+        anyhow::ensure!(
+            (1..=100).contains(&self.quarantine_after),
+            "--quarantine-after must be 1..=100"
+        );
+        anyhow::ensure!(
+            (1..=QUARANTINE_MAX_S).contains(&self.quarantine_base_s),
+            "--quarantine-base-s must be 1..={QUARANTINE_MAX_S}"
+        );
         Ok(FarmConfig {
             lease_ms: self.lease_s * 1000,
             heartbeat_ms: self.heartbeat_s * 1000,
             unschedulable_grace_ms: self.unschedulable_grace_s * 1000,
             max_attempts: self.max_attempts,
+            quarantine_after: self.quarantine_after,
+            quarantine_base_ms: self.quarantine_base_s * 1000,
+            quarantine_max_ms: QUARANTINE_MAX_S * 1000,
         })
     }
 }
@@ -95,5 +117,31 @@ mod tests {
             .cas_budget_bytes()
             .is_err());
         assert!(parse(&["--cas-budget-bytes", "20GiB"]).is_err());
+    }
+
+    #[test]
+    fn quarantine_defaults_to_three_failures_and_a_minute_doubling_to_an_hour() {
+        let parse = |extra: &[&str]| {
+            Config::try_parse_from(
+                ["archfarm-coordinator", "--data-dir", "/tmp/x"]
+                    .iter()
+                    .chain(extra),
+            )
+            .unwrap()
+            .farm_config()
+        };
+        let f = parse(&[]).unwrap();
+        assert_eq!(
+            (
+                f.quarantine_after,
+                f.quarantine_base_ms,
+                f.quarantine_max_ms
+            ),
+            (3, 60_000, 3_600_000)
+        );
+        let f = parse(&["--quarantine-after", "5", "--quarantine-base-s", "10"]).unwrap();
+        assert_eq!((f.quarantine_after, f.quarantine_base_ms), (5, 10_000));
+        assert!(parse(&["--quarantine-after", "0"]).is_err());
+        assert!(parse(&["--quarantine-base-s", "3601"]).is_err());
     }
 }

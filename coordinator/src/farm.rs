@@ -25,6 +25,12 @@ pub struct FarmConfig {
     pub unschedulable_grace_ms: u64,
     /// Attempts (leases) per action before it fails as an infra failure.
     pub max_attempts: u32,
+    /// Infra failures in a row after which an agent is quarantined.
+    pub quarantine_after: u32,
+    /// First quarantine's length; each further one in a row doubles it.
+    pub quarantine_base_ms: u64,
+    /// Longest quarantine.
+    pub quarantine_max_ms: u64,
 }
 
 impl Default for FarmConfig {
@@ -34,6 +40,9 @@ impl Default for FarmConfig {
             heartbeat_ms: 3_000,
             unschedulable_grace_ms: 30_000,
             max_attempts: 3,
+            quarantine_after: 3,
+            quarantine_base_ms: 60_000,
+            quarantine_max_ms: 3_600_000,
         }
     }
 }
@@ -632,7 +641,14 @@ impl Farm {
         a.lease = None;
         if !a.spec.steps.is_empty() && c.outcome != Outcome::InfraError {
             let trusted = self.is_trusted(agent);
-            self.record_steps(&a, trusted, &c, now)?;
+            let cacheable = c.outcome != Outcome::LimitExceeded;
+            self.record_steps(&a, trusted, &c, cacheable, now)?;
+        }
+        if c.outcome == Outcome::InfraError {
+            a.infra_failed_on.push(agent.clone());
+            self.agent_infra_failure(agent, &c.message, now)?;
+        } else {
+            self.agent_success(agent, now)?;
         }
         let result = ResultRecord {
             encoded: c.encoded.clone(),
@@ -643,7 +659,8 @@ impl Farm {
                 a.state = ActionState::Queued;
                 a.queued_unix_ms = now;
                 a.reason = format!(
-                    "attempt {} on {agent} failed for infra reasons: {}",
+                    "attempt {} on {agent} failed for infra reasons: {}; queued again for \
+                     another agent",
                     a.attempts, c.message
                 );
                 a.result = None;
@@ -676,9 +693,17 @@ impl Farm {
                 a.state = ActionState::Failed;
                 a.reason = format!("exit code {}", c.exit_code);
             }
-            Outcome::TimedOut | Outcome::LimitExceeded => {
+            Outcome::TimedOut => {
                 a.state = ActionState::Failed;
                 a.reason = c.message.clone();
+            }
+            Outcome::LimitExceeded => {
+                a.state = ActionState::Failed;
+                a.reason = if c.message.is_empty() {
+                    "exceeded an agent limit".into()
+                } else {
+                    c.message.clone()
+                };
             }
             Outcome::Cancelled => {
                 a.state = ActionState::Cancelled;
@@ -690,12 +715,14 @@ impl Farm {
         Ok((true, String::new()))
     }
 
-    /// Records the steps' durations, and passing results under their step cache keys.
+    /// Records the steps' durations, and (if `cacheable`) passing results under their step
+    /// cache keys.
     fn record_steps(
         &mut self,
         a: &ActionRecord,
         trusted: bool,
         c: &Completion,
+        cacheable: bool,
         now: u64,
     ) -> anyhow::Result<()> {
         let platform = a.spec.platform.to_string();
@@ -708,7 +735,7 @@ impl Farm {
                     .record_duration(&platform, spec.history_item(), s.duration_ms)?;
             }
             let passing = s.exit_code == 0 && !s.timed_out;
-            if passing && !spec.cache_key.is_empty() && c.cacheable {
+            if passing && cacheable && !spec.cache_key.is_empty() && c.cacheable {
                 if let Some(out) = s.output {
                     let key = CacheKey::Step(&spec.cache_key);
                     let reported = Reported {
@@ -833,16 +860,22 @@ impl Farm {
         self.agents.get(agent).is_none_or(|a| a.record.revoked)
     }
 
-    /// A lease ended without a result: queue again, or fail after the last attempt.
+    /// A lease ended without a result (an infra failure of the attempt): queue again,
+    /// preferably for another agent, or fail after the last attempt.
     fn lease_lost(&mut self, id: &ActionId, why: &str, now: u64) -> anyhow::Result<()> {
         let Some(mut a) = self.active.get(id).cloned() else {
             return Ok(());
         };
-        a.lease = None;
+        if let Some(l) = a.lease.take() {
+            a.infra_failed_on.push(l.agent);
+        }
         if a.attempts < self.cfg.max_attempts {
             a.state = ActionState::Queued;
             a.queued_unix_ms = now;
-            a.reason = format!("{why}; queued again after attempt {}", a.attempts);
+            a.reason = format!(
+                "{why}; queued again for another agent after attempt {}",
+                a.attempts
+            );
             self.save(&a)?;
             self.active.insert(a.id.clone(), a);
         } else {
@@ -867,14 +900,12 @@ impl Farm {
             })
             .collect();
         for (id, agent) in lapsed {
-            self.lease_lost(
-                &id,
-                &format!(
-                    "agent {agent} lost (no heartbeat within {} s)",
-                    self.cfg.lease_ms / 1000
-                ),
-                now,
-            )?;
+            let why = format!(
+                "agent {agent} lost (no heartbeat within {} s)",
+                self.cfg.lease_ms / 1000
+            );
+            self.lease_lost(&id, &why, now)?;
+            self.agent_infra_failure(&agent, &format!("lease on {id} lapsed"), now)?;
         }
         // Unschedulable: queued actions no connected agent could ever take.
         let views = self.agent_views(now);
@@ -894,6 +925,7 @@ impl Farm {
                 allow_emulation: a.spec.allow_emulation,
                 exclusive: a.spec.exclusive,
                 network: a.spec.network,
+                infra_failed_on: &a.infra_failed_on,
             };
             if views
                 .iter()
@@ -943,6 +975,7 @@ impl Farm {
                 draining: a.record.draining,
                 paused: !a.record.facts.paused_reason.is_empty(),
                 network: a.record.facts.allow_network,
+                quarantined: a.record.quarantine.active(now),
             })
             .collect()
     }
@@ -971,6 +1004,7 @@ impl Farm {
                 allow_emulation: a.spec.allow_emulation,
                 exclusive: a.spec.exclusive,
                 network: a.spec.network,
+                infra_failed_on: &a.infra_failed_on,
             };
             let Some((agent, emulated)) = scheduler::choose_agent(&views, &req) else {
                 continue;
@@ -1013,12 +1047,79 @@ impl Farm {
         Ok(())
     }
 
+    /// An action failed on `agent` for infra reasons: count it, and quarantine the agent after
+    /// `quarantine_after` in a row, or at once while on probation. Each quarantine in a row
+    /// lasts twice as long as the one before, up to `quarantine_max_ms`.
+    fn agent_infra_failure(&mut self, agent: &AgentId, why: &str, now: u64) -> anyhow::Result<()> {
+        let cfg = &self.cfg;
+        let Some(live) = self.agents.get_mut(agent) else {
+            return Ok(());
+        };
+        let q = &mut live.record.quarantine;
+        q.consecutive_infra_failures = q.consecutive_infra_failures.saturating_add(1);
+        let probation = q.on_probation(now);
+        if !q.active(now) && (probation || q.consecutive_infra_failures >= cfg.quarantine_after) {
+            q.quarantines = q.quarantines.saturating_add(1);
+            let backoff_ms = quarantine_backoff_ms(cfg, q.quarantines);
+            q.until_unix_ms = now + backoff_ms;
+            q.reason = if probation {
+                format!(
+                    "infra failure on probation ({why}); quarantine {} in a row, {} s",
+                    q.quarantines,
+                    backoff_ms / 1000
+                )
+            } else {
+                format!(
+                    "{} infra failures in a row (last: {why}); quarantined for {} s",
+                    q.consecutive_infra_failures,
+                    backoff_ms / 1000
+                )
+            };
+            tracing::warn!(agent = %agent, until_unix_ms = q.until_unix_ms, "agent quarantined: {}", q.reason);
+        }
+        let record = live.record.clone();
+        self.store.put_agent(&record)?;
+        self.store.flush()?;
+        Ok(())
+    }
+
+    /// `agent` ran an action to its end (whatever the command did): its infra-failure count
+    /// and any probation are cleared. An action it started before a quarantine that is still
+    /// on does not end the quarantine: only work taken on probation proves it healthy.
+    fn agent_success(&mut self, agent: &AgentId, now: u64) -> anyhow::Result<()> {
+        let Some(live) = self.agents.get_mut(agent) else {
+            return Ok(());
+        };
+        let q = &live.record.quarantine;
+        if *q == Quarantine::default() || q.active(now) {
+            return Ok(());
+        }
+        if live.record.quarantine.quarantines > 0 {
+            tracing::info!(agent = %agent, "agent passed its probation");
+        }
+        live.record.quarantine = Quarantine::default();
+        let record = live.record.clone();
+        self.store.put_agent(&record)?;
+        Ok(())
+    }
+
     fn send(&self, agent: &AgentId, cmd: AgentCommand) {
         if let Some(s) = self.agents.get(agent).and_then(|a| a.session.as_ref()) {
             // A closed session is noticed by its own task; the lease covers the gap.
             let _ = s.tx.send(cmd);
         }
     }
+}
+
+#[cfg(test)]
+mod lease_props;
+
+/// Length of the `n`th quarantine in a row (from 1): the base, doubled per quarantine, capped.
+pub fn quarantine_backoff_ms(cfg: &FarmConfig, n: u32) -> u64 {
+    let doublings = n.saturating_sub(1).min(32);
+    cfg.quarantine_base_ms
+        .saturating_mul(1u64 << doublings)
+        .min(cfg.quarantine_max_ms)
 }
 
 #[cfg(test)]
@@ -1106,6 +1207,7 @@ mod tests {
                 last_seen_unix_ms: now,
                 draining: false,
                 revoked: false,
+                quarantine: Default::default(),
             };
             if !self.farm.agents.contains_key(&record.id) {
                 self.farm.add_agent(record).unwrap();
@@ -1260,6 +1362,258 @@ mod tests {
         fn complete(&mut self, agent: &str, action: &str, fence: u64, exit_code: i32, now: u64) {
             self.report(agent, action, fence, exited(exit_code, &[]), now);
         }
+
+        /// Reports that the agent could not run the action (an INFRA_ERROR).
+        fn infra(&mut self, agent: &str, action: &str, fence: u64, now: u64) {
+            let c = Completion {
+                outcome: Outcome::InfraError,
+                exit_code: -1,
+                message: "sandbox setup failed".into(),
+                ..exited(0, &[])
+            };
+            self.report(agent, action, fence, c, now);
+        }
+
+        fn quarantine(&self, agent: &str) -> Quarantine {
+            self.farm.agents[&AgentId(agent.into())]
+                .record
+                .quarantine
+                .clone()
+        }
+    }
+
+    #[test]
+    fn an_infra_error_is_retried_on_another_agent_and_counted_apart_from_failures() {
+        let mut h = Harness::new();
+        h.join("a", &[("linux/s390x", false)], 0);
+        h.join("b", &[("linux/s390x", false)], 0);
+        let job = h.submit(&["linux/s390x"], false, 0);
+        let id = format!("{job}/linux/s390x");
+        assert_eq!(h.assigns("a"), vec![(id.clone(), 1, false)]);
+        h.infra("a", &id, 1, 1);
+        assert!(
+            h.assigns("a").is_empty(),
+            "not back to the agent that failed"
+        );
+        assert_eq!(h.assigns("b"), vec![(id.clone(), 2, false)]);
+        h.complete("b", &id, 2, 1, 2);
+        let done = h.state(&id);
+        assert_eq!(
+            (done.state, done.attempts, done.infra_failed_on.clone()),
+            (ActionState::Failed, 2, vec![AgentId("a".into())])
+        );
+        assert_eq!(done.reason, "exit code 1");
+        assert_eq!(h.quarantine("a").consecutive_infra_failures, 1);
+        assert_eq!(
+            h.quarantine("b"),
+            Quarantine::default(),
+            "a command failure is no infra failure"
+        );
+    }
+
+    #[test]
+    fn a_lapsed_lease_is_retried_elsewhere_and_counts_against_the_silent_agent() {
+        let mut h = Harness::new();
+        h.join("a", &[("linux/arm64", false)], 0);
+        h.join("b", &[("linux/arm64", false)], 0);
+        h.farm
+            .agents
+            .get_mut(&AgentId("b".into()))
+            .unwrap()
+            .record
+            .facts
+            .slots = 2;
+        let first = h.submit(&["linux/arm64"], false, 0);
+        let second = h.submit(&["linux/arm64"], false, 0);
+        let (one, two) = (
+            format!("{first}/linux/arm64"),
+            format!("{second}/linux/arm64"),
+        );
+        // The idle one of equal load wins by id: a gets the first, b the second.
+        assert_eq!(h.assigns("a"), vec![(one.clone(), 1, false)]);
+        assert_eq!(h.assigns("b"), vec![(two.clone(), 2, false)]);
+        // a goes silent; its lease lapses; b (one slot still free) takes the retry.
+        h.heartbeat("a", &[(&one, 1)], 1);
+        h.heartbeat("b", &[(&two, 2)], LEASE + 2);
+        h.farm.tick(LEASE + 2).unwrap();
+        assert_eq!(h.assigns("b"), vec![(one.clone(), 3, false)]);
+        let again = h.state(&one);
+        assert_eq!(again.infra_failed_on, vec![AgentId("a".into())]);
+        assert!(again.reason.contains("queued again for another agent"));
+        assert_eq!(h.quarantine("a").consecutive_infra_failures, 1);
+    }
+
+    #[test]
+    fn a_run_that_broke_an_agent_limit_fails_once_uncached_and_the_agent_is_fine() {
+        let mut h = Harness::new();
+        h.join("a", &[("linux/amd64", false)], 0);
+        h.farm
+            .agents
+            .get_mut(&AgentId("a".into()))
+            .unwrap()
+            .record
+            .quarantine
+            .consecutive_infra_failures = 2;
+        let job = h.submit_keyed(&["linux/amd64"], false, "key-1", 1);
+        let id = format!("{job}/linux/amd64");
+        let (agent, fence) = ("a", h.assigns("a")[0].1);
+        let c = Completion {
+            outcome: Outcome::LimitExceeded,
+            exit_code: -1,
+            message: "memory limit of 2 GiB exceeded".into(),
+            ..exited(0, &[])
+        };
+        h.report(agent, &id, fence, c, 2);
+        let done = h.state(&id);
+        assert_eq!(
+            (done.state, done.attempts, done.infra_failed_on.len()),
+            (ActionState::Failed, 1, 0),
+            "failed, not retried, not an infra failure"
+        );
+        assert_eq!(done.reason, "memory limit of 2 GiB exceeded");
+        assert_eq!(
+            h.quarantine(agent),
+            Quarantine::default(),
+            "the agent ran it to its end: its infra count starts over"
+        );
+        assert!(h.assigns("a").is_empty(), "not retried");
+        let again = h.submit_keyed(&["linux/amd64"], false, "key-1", 3);
+        assert_eq!(
+            h.state(&format!("{again}/linux/amd64")).state,
+            ActionState::Running,
+            "never cached"
+        );
+    }
+
+    #[test]
+    fn n_infra_failures_in_a_row_quarantine_with_doubling_backoff_and_probation() {
+        let mut h = Harness::new();
+        h.farm.cfg.max_attempts = 20;
+        h.join("a", &[("linux/riscv64", false)], 0);
+        let job = h.submit(&["linux/riscv64"], false, 0);
+        let id = format!("{job}/linux/riscv64");
+        // The only agent: each retry comes back to it (nobody else could take it).
+        for (n, fence) in [(1, 1), (2, 2)] {
+            assert_eq!(h.assigns("a"), vec![(id.clone(), fence, false)]);
+            h.infra("a", &id, fence, n);
+            assert_eq!(h.quarantine("a").consecutive_infra_failures, n as u32);
+        }
+        assert_eq!(h.assigns("a"), vec![(id.clone(), 3, false)]);
+        h.infra("a", &id, 3, 10);
+        let q = h.quarantine("a");
+        assert_eq!((q.quarantines, q.until_unix_ms), (1, 10 + 60_000));
+        assert!(
+            q.reason.contains("3 infra failures in a row"),
+            "{}",
+            q.reason
+        );
+        // No new work during the backoff, even with a heartbeat just before its end.
+        assert!(h.assigns("a").is_empty());
+        h.heartbeat("a", &[], 60_009);
+        assert!(h.assigns("a").is_empty(), "still quarantined");
+        assert_eq!(h.state(&id).state, ActionState::Queued);
+        h.farm.tick(60_009).unwrap();
+        assert_eq!(
+            h.state(&id).state,
+            ActionState::Queued,
+            "waits, not unschedulable"
+        );
+        // Backoff over: work again, on probation.
+        h.heartbeat("a", &[], 60_010);
+        assert_eq!(h.assigns("a"), vec![(id.clone(), 4, false)]);
+        assert!(h.quarantine("a").on_probation(60_010));
+        // One infra failure on probation: quarantined again, twice as long.
+        h.infra("a", &id, 4, 60_020);
+        let q = h.quarantine("a");
+        assert_eq!((q.quarantines, q.until_unix_ms), (2, 60_020 + 120_000));
+        h.heartbeat("a", &[], 180_019);
+        assert!(h.assigns("a").is_empty());
+        h.heartbeat("a", &[], 180_020);
+        assert_eq!(h.assigns("a"), vec![(id.clone(), 5, false)]);
+        // A success clears everything; the next failure is the first of a new count.
+        h.complete("a", &id, 5, 0, 180_030);
+        assert_eq!(h.quarantine("a"), Quarantine::default());
+        assert_eq!(h.state(&id).infra_failed_on.len(), 4);
+        let job2 = h.submit(&["linux/riscv64"], false, 180_040);
+        let id2 = format!("{job2}/linux/riscv64");
+        assert_eq!(h.assigns("a"), vec![(id2.clone(), 6, false)]);
+        h.infra("a", &id2, 6, 180_050);
+        let q = h.quarantine("a");
+        assert_eq!((q.consecutive_infra_failures, q.until_unix_ms), (1, 0));
+        assert_eq!(
+            h.assigns("a"),
+            vec![(id2.clone(), 7, false)],
+            "not quarantined"
+        );
+    }
+
+    #[test]
+    fn a_success_of_work_started_before_the_quarantine_does_not_end_it() {
+        let mut h = Harness::new();
+        h.join("a", &[("linux/amd64", false)], 0);
+        h.farm
+            .agents
+            .get_mut(&AgentId("a".into()))
+            .unwrap()
+            .record
+            .facts
+            .slots = 4;
+        let jobs: Vec<String> = (0..4)
+            .map(|_| format!("{}/linux/amd64", h.submit(&["linux/amd64"], false, 0)))
+            .collect();
+        let fences: Vec<u64> = h.assigns("a").iter().map(|(_, f, _)| *f).collect();
+        assert_eq!(fences, vec![1, 2, 3, 4]);
+        for i in 0..3 {
+            h.infra("a", &jobs[i], fences[i], 1);
+        }
+        // The only agent: the first two retries came back to it before the quarantine.
+        let retried: Vec<String> = h.assigns("a").into_iter().map(|(id, _, _)| id).collect();
+        assert_eq!(retried, vec![jobs[0].clone(), jobs[1].clone()]);
+        let q = h.quarantine("a");
+        assert_eq!(q.until_unix_ms, 1 + 60_000);
+        assert_eq!(h.state(&jobs[2]).state, ActionState::Queued, "waits");
+        // The long run it took before the quarantine succeeds: still quarantined.
+        h.complete("a", &jobs[3], fences[3], 0, 2);
+        assert_eq!(h.quarantine("a"), q);
+        assert!(h.assigns("a").is_empty());
+    }
+
+    #[test]
+    fn the_backoff_doubles_per_quarantine_up_to_the_cap() {
+        let cfg = FarmConfig::default();
+        let b: Vec<u64> = (1..=8).map(|n| quarantine_backoff_ms(&cfg, n)).collect();
+        assert_eq!(
+            b,
+            vec![60_000, 120_000, 240_000, 480_000, 960_000, 1_920_000, 3_600_000, 3_600_000]
+        );
+        assert_eq!(quarantine_backoff_ms(&cfg, u32::MAX), 3_600_000);
+    }
+
+    #[test]
+    fn a_quarantine_survives_a_coordinator_restart() {
+        let mut h = Harness::new();
+        h.join("a", &[("linux/ppc64le", false)], 0);
+        let job = h.submit(&["linux/ppc64le"], false, 0);
+        let id = format!("{job}/linux/ppc64le");
+        for fence in 1..=3 {
+            assert_eq!(h.assigns("a"), vec![(id.clone(), fence, false)]);
+            h.infra("a", &id, fence, fence);
+        }
+        assert_eq!(h.state(&id).state, ActionState::InfraFailed);
+        let before = h.quarantine("a");
+        assert_eq!(before.until_unix_ms, 3 + 60_000);
+        let store = h.farm.store.clone();
+        let cas = h.farm.cas.clone();
+        h.farm = Farm::load(store, cas, FarmConfig::default(), 1_000).unwrap();
+        assert_eq!(h.quarantine("a"), before);
+        h.join("a", &[("linux/ppc64le", false)], 1_000);
+        h.submit(&["linux/ppc64le"], false, 1_000);
+        assert!(
+            h.assigns("a").is_empty(),
+            "still quarantined after the restart"
+        );
+        h.heartbeat("a", &[], 60_003);
+        assert_eq!(h.assigns("a").len(), 1);
     }
 
     #[test]

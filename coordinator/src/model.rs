@@ -171,6 +171,37 @@ pub struct AgentRecord {
     pub draining: bool,
     /// Certificate revoked.
     pub revoked: bool,
+    /// Infra failures in a row and quarantine.
+    #[serde(default)]
+    pub quarantine: Quarantine,
+}
+
+/// An agent's infra-failure record: failures since its last success, and its quarantine.
+///
+/// Quarantined while `now < until_unix_ms`; afterwards, while `quarantines > 0`, it is on
+/// probation: one more infra failure quarantines it again for twice as long, a success clears
+/// the record.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quarantine {
+    /// Actions failed for infra reasons since the last success.
+    pub consecutive_infra_failures: u32,
+    /// Quarantines in a row (0: never, or cleared by a success).
+    pub quarantines: u32,
+    /// Unix ms when the current or last quarantine ends; 0 if none.
+    pub until_unix_ms: u64,
+    /// Why it was quarantined.
+    pub reason: String,
+}
+
+impl Quarantine {
+    /// Whether the agent takes no new work at `now`.
+    pub fn active(&self, now: u64) -> bool {
+        now < self.until_unix_ms
+    }
+    /// Whether a quarantine has passed and no success has cleared it yet.
+    pub fn on_probation(&self, now: u64) -> bool {
+        self.quarantines > 0 && !self.active(now)
+    }
 }
 
 /// One step of an action made of steps (see the wire Step).
@@ -378,6 +409,10 @@ pub struct ActionRecord {
     /// Expected run time from recorded durations (actions made of steps).
     #[serde(default)]
     pub predicted_ms: u64,
+    /// One entry per attempt lost for infra reasons (agent lost, lease lapsed, revoked,
+    /// INFRA_ERROR): the agent it was on. Placement avoids these agents.
+    #[serde(default)]
+    pub infra_failed_on: Vec<AgentId>,
 }
 
 impl ActionRecord {
@@ -400,6 +435,7 @@ impl ActionRecord {
             cached: false,
             started_unix_ms: 0,
             predicted_ms: 0,
+            infra_failed_on: Vec::new(),
         }
     }
 }

@@ -89,6 +89,7 @@ pub fn action_status(a: &ActionRecord) -> v1::ActionStatus {
         started_unix_ms: a.started_unix_ms,
         predicted_ms: a.predicted_ms,
         step_names: a.spec.steps.iter().map(|s| s.name.clone()).collect(),
+        infra_failures: a.infra_failed_on.len() as u32,
     }
 }
 
@@ -255,17 +256,79 @@ pub fn update_to_event(
     })
 }
 
-/// The wire form of an agent's state.
-pub fn agent_state(record: &AgentRecord, alive: bool, used: u32) -> v1::AgentState {
+/// The wire form of an agent's state at `now`.
+pub fn agent_state(record: &AgentRecord, alive: bool, used: u32, now: u64) -> v1::AgentState {
     if record.revoked {
         v1::AgentState::Revoked
     } else if !alive {
         v1::AgentState::Lost
+    } else if record.quarantine.active(now) {
+        v1::AgentState::Quarantined
     } else if record.draining {
         v1::AgentState::Draining
     } else if used >= record.facts.slots {
         v1::AgentState::Busy
     } else {
         v1::AgentState::Ready
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_map_to_what_the_farm_records() {
+        let of = |outcome: i32| {
+            completion_from_proto(&v1::ExecutionResult {
+                outcome,
+                ..Default::default()
+            })
+            .outcome
+        };
+        assert_eq!(
+            of(v1::ExecutionOutcome::LimitExceeded as i32),
+            Outcome::LimitExceeded
+        );
+        assert_eq!(of(v1::ExecutionOutcome::Exited as i32), Outcome::Exited);
+        assert_eq!(
+            of(v1::ExecutionOutcome::InfraError as i32),
+            Outcome::InfraError
+        );
+        assert_eq!(
+            of(99),
+            Outcome::InfraError,
+            "unknown outcomes are the farm's"
+        );
+    }
+
+    #[test]
+    fn a_quarantined_agent_says_so_unless_lost_or_revoked() {
+        let mut record = AgentRecord {
+            id: AgentId("a".into()),
+            hostname: "a".into(),
+            labels: Labels::new(),
+            facts: AgentFacts {
+                slots: 1,
+                ..Default::default()
+            },
+            joined_unix_ms: 0,
+            last_seen_unix_ms: 0,
+            draining: false,
+            revoked: false,
+            quarantine: Quarantine {
+                quarantines: 1,
+                until_unix_ms: 100,
+                ..Default::default()
+            },
+        };
+        assert_eq!(
+            agent_state(&record, true, 0, 99),
+            v1::AgentState::Quarantined
+        );
+        assert_eq!(agent_state(&record, true, 0, 100), v1::AgentState::Ready);
+        assert_eq!(agent_state(&record, false, 0, 99), v1::AgentState::Lost);
+        record.revoked = true;
+        assert_eq!(agent_state(&record, true, 0, 99), v1::AgentState::Revoked);
     }
 }

@@ -162,6 +162,44 @@ pub fn validate_spec(spec: &v1::JobSpec) -> Result<ValidSpec, Status> {
     })
 }
 
+/// The actions of a validated job spec without steps, one per platform, queued at `now`, each
+/// with its action cache key. Pure: the fuzz target for job specs runs it.
+pub fn plan_actions(
+    spec: &v1::JobSpec,
+    valid: &ValidSpec,
+    job_id: &JobId,
+    seq: u64,
+    now: u64,
+) -> Vec<ActionRecord> {
+    valid
+        .platforms
+        .iter()
+        .map(|p| {
+            let action = ActionSpec {
+                argv: spec.argv.iter().map(|a| expand_arg(a, p)).collect(),
+                env: valid.env.clone(),
+                working_directory: spec.working_directory.clone(),
+                input_root: valid.input_root,
+                platform: p.clone(),
+                required_labels: valid.labels.clone(),
+                timeout_ms: spec.timeout_ms,
+                allow_emulation: spec.allow_emulation,
+                output_paths: valid.output_paths.clone(),
+                // A result that depended on the network is no answer for later.
+                no_cache: spec.no_cache || spec.network,
+                steps: vec![],
+                exclusive: spec.exclusive,
+                network: spec.network,
+                cache_untrusted: spec.cache_untrusted,
+                cache_emulated: spec.cache_emulated,
+            };
+            let mut a = ActionRecord::queued(ActionId::new(job_id, p), job_id, seq, action, now);
+            a.action_digest = super::convert::action_digest(&a.spec).hex();
+            a
+        })
+        .collect()
+}
+
 /// Replaces `{os}`, `{arch}` and `{variant}` with the platform's parts.
 pub fn expand_arg(arg: &str, p: &Platform) -> String {
     arg.replace("{os}", p.os())
@@ -254,39 +292,7 @@ impl Jobs for JobsService {
                     }
                     None => vec![],
                 };
-                let actions: Vec<ActionRecord> = valid
-                    .platforms
-                    .iter()
-                    .map(|p| {
-                        let spec = ActionSpec {
-                            argv: spec.argv.iter().map(|a| expand_arg(a, p)).collect(),
-                            env: valid.env.clone(),
-                            working_directory: spec.working_directory.clone(),
-                            input_root: valid.input_root,
-                            platform: p.clone(),
-                            required_labels: valid.labels.clone(),
-                            timeout_ms: spec.timeout_ms,
-                            allow_emulation: spec.allow_emulation,
-                            output_paths: valid.output_paths.clone(),
-                            // A result that depended on the network is no answer for later.
-                            no_cache: spec.no_cache || spec.network,
-                            steps: vec![],
-                            exclusive: spec.exclusive,
-                            network: spec.network,
-                            cache_untrusted: spec.cache_untrusted,
-                            cache_emulated: spec.cache_emulated,
-                        };
-                        let mut a = ActionRecord::queued(
-                            ActionId::new(&job_id, p),
-                            &job_id,
-                            seq,
-                            spec,
-                            now,
-                        );
-                        a.action_digest = super::convert::action_digest(&a.spec).hex();
-                        a
-                    })
-                    .collect();
+                let actions = plan_actions(&spec, &valid, &job_id, seq, now);
                 // The result cache answers what it can before the farm is locked (a lookup
                 // reads and hashes every blob the stored result names).
                 let cache = shared.cache.clone();
@@ -461,6 +467,7 @@ impl Jobs for JobsService {
                 let (used, held) = usage.get(&a.record.id).cloned().unwrap_or_default();
                 let alive = farm.agent_alive(a, now);
                 let f = &a.record.facts;
+                let q = &a.record.quarantine;
                 agents.push(v1::AgentStatus {
                     agent_id: a.record.id.to_string(),
                     hostname: a.record.hostname.clone(),
@@ -473,7 +480,7 @@ impl Jobs for JobsService {
                         })
                         .collect(),
                     labels: labels_to_proto(&a.record.labels),
-                    state: agent_state(&a.record, alive, used) as i32,
+                    state: agent_state(&a.record, alive, used, now) as i32,
                     slots_used: used,
                     slots: f.slots,
                     last_seen_unix_ms: a.record.last_seen_unix_ms,
@@ -486,6 +493,17 @@ impl Jobs for JobsService {
                     sandbox: f.sandbox.clone(),
                     limits: f.limits.clone(),
                     paused_reason: f.paused_reason.clone(),
+                    quarantined_until_unix_ms: if q.quarantines > 0 {
+                        q.until_unix_ms
+                    } else {
+                        0
+                    },
+                    quarantine_reason: if q.quarantines > 0 {
+                        q.reason.clone()
+                    } else {
+                        String::new()
+                    },
+                    consecutive_infra_failures: q.consecutive_infra_failures,
                 });
             }
             let mut queues: BTreeMap<String, v1::PlatformQueue> = BTreeMap::new();
@@ -537,9 +555,11 @@ impl Jobs for JobsService {
         });
         for job in self.0.store.recent_jobs(n).map_err(internal)? {
             let mut states = std::collections::HashMap::new();
+            let mut infra_failures = 0;
             for a in &job.actions {
                 if let Some(a) = self.0.store.action(a).map_err(internal)? {
                     *states.entry(a.state.name().to_string()).or_insert(0) += 1;
+                    infra_failures += a.infra_failed_on.len() as u32;
                 }
             }
             resp.recent_jobs.push(v1::JobSummary {
@@ -549,6 +569,7 @@ impl Jobs for JobsService {
                 submitted_unix_ms: job.submitted_unix_ms,
                 finished: job.finished,
                 states,
+                infra_failures,
             });
         }
         Ok(Response::new(resp))

@@ -22,7 +22,9 @@ pub fn parse_token(token: &str) -> Result<(&str, &str), Status> {
     Ok((id, secret))
 }
 
-fn agent_id_for(hostname: &str) -> String {
+/// A fresh agent id from a host name: its letters, digits and dashes (at most 40, lower
+/// case, others become dashes), a dash and 6 random hex digits; `agent-...` if nothing is left.
+pub fn agent_id_for(hostname: &str) -> String {
     let mut base: String = hostname
         .chars()
         .map(|c| {
@@ -109,6 +111,7 @@ impl Join for JoinService {
             last_seen_unix_ms: 0,
             draining: false,
             revoked: false,
+            quarantine: Default::default(),
         })
         .map_err(internal)?;
         tracing::info!(agent = %agent_id, hostname = %r.hostname, token = %id, "agent joined");

@@ -1,8 +1,17 @@
 //! Pure placement: which agent takes an action, and why none can. No IO, no async, no proto.
 //!
 //! Choosing is `min()` over [`Score`], whose fields in declaration order are the priorities:
-//! native before emulated, then the least loaded, then the agent id so the choice is
-//! deterministic.
+//! native before emulated, then agents that have not failed the action for infra reasons,
+//! then the least loaded, then the agent id so the choice is deterministic.
+//!
+//! Retry elsewhere: an action that failed on an agent for infra reasons (agent lost, lease
+//! lapsed, INFRA_ERROR) goes back to that agent only when no other agent could ever take it
+//! (none connected, unquarantined, with the platform and labels). If another one could but is
+//! busy, the action waits for it. A single machine serving a platform still gets its retries;
+//! an agent that keeps failing is stopped by quarantine, not here.
+//!
+//! Quarantined agents take no new work, but still count as able to serve a platform: work
+//! waits for their quarantine to end rather than being declared unschedulable.
 use crate::model::{AgentId, Labels};
 use archfarm_proto::Platform;
 
@@ -27,6 +36,8 @@ pub struct AgentView {
     pub paused: bool,
     /// Its policy lets actions have the network.
     pub network: bool,
+    /// Quarantined for infra failures: no new work until the backoff passes.
+    pub quarantined: bool,
 }
 
 /// What an action requires.
@@ -42,6 +53,15 @@ pub struct Requirement<'a> {
     pub exclusive: bool,
     /// Needs the network.
     pub network: bool,
+    /// Agents on which the action failed for infra reasons, one entry per failure.
+    pub infra_failed_on: &'a [AgentId],
+}
+
+impl Requirement<'_> {
+    /// How many times the action failed on `agent` for infra reasons.
+    fn infra_failures_on(&self, agent: &AgentId) -> u32 {
+        self.infra_failed_on.iter().filter(|a| *a == agent).count() as u32
+    }
 }
 
 /// Placement preference; smaller is better.
@@ -49,6 +69,8 @@ pub struct Requirement<'a> {
 pub struct Score {
     /// Emulated agents only when no native one is free.
     pub emulated: bool,
+    /// Times the action failed on this agent for infra reasons: fewest first.
+    pub infra_failures_here: u32,
     /// Used slots per thousand offered.
     pub load_permille: u32,
     /// Tie-break.
@@ -78,16 +100,27 @@ pub fn can_serve(agent: &AgentView, req: &Requirement<'_>) -> Option<bool> {
 }
 
 /// The agent that should take `req` now, and whether it will emulate.
+///
+/// Agents that failed the action for infra reasons are skipped while any other agent could
+/// take it, free now or not (see the module's doc).
 pub fn choose_agent<'a>(
-    agents: impl IntoIterator<Item = &'a AgentView>,
+    agents: impl IntoIterator<Item = &'a AgentView> + Clone,
     req: &Requirement<'_>,
 ) -> Option<(AgentId, bool)> {
+    let another_could = agents.clone().into_iter().any(|a| {
+        !a.quarantined && req.infra_failures_on(&a.id) == 0 && can_serve(a, req).is_some()
+    });
     agents
         .into_iter()
-        .filter(|a| a.used < a.slots && (!req.exclusive || a.used == 0))
+        .filter(|a| !a.quarantined && a.used < a.slots && (!req.exclusive || a.used == 0))
         .filter_map(|a| {
+            let infra_failures_here = req.infra_failures_on(&a.id);
+            if another_could && infra_failures_here > 0 {
+                return None;
+            }
             can_serve(a, req).map(|emulated| Score {
                 emulated,
+                infra_failures_here,
                 load_permille: a.used.saturating_mul(1000) / a.slots.max(1),
                 agent: a.id.clone(),
             })
@@ -190,6 +223,7 @@ mod tests {
             draining: false,
             paused: false,
             network: false,
+            quarantined: false,
         }
     }
 
@@ -200,6 +234,7 @@ mod tests {
             allow_emulation: allow,
             exclusive: false,
             network: false,
+            infra_failed_on: &[],
         }
     }
 
@@ -278,6 +313,60 @@ mod tests {
         assert_eq!(
             choose_agent([&busy, &idle], &r),
             Some((AgentId("idle".into()), false))
+        );
+    }
+
+    #[test]
+    fn an_infra_failure_sends_the_retry_to_another_agent_even_a_busier_one() {
+        let amd = p("linux/amd64");
+        let none = Labels::new();
+        let failed = [AgentId("a".into())];
+        let mut r = req(&amd, &none, false);
+        r.infra_failed_on = &failed;
+        let a = agent("a", &[("linux/amd64", false)], 0);
+        let mut b = agent("b", &[("linux/amd64", false)], 1);
+        assert_eq!(
+            choose_agent([&a, &b], &req(&amd, &none, false)),
+            Some((AgentId("a".into()), false)),
+            "without the failure the idle a wins"
+        );
+        assert_eq!(
+            choose_agent([&a, &b], &r),
+            Some((AgentId("b".into()), false))
+        );
+        b.used = 2;
+        assert_eq!(
+            choose_agent([&a, &b], &r),
+            None,
+            "b could take it once free: wait for b rather than go back to a"
+        );
+        b.connected = false;
+        assert_eq!(
+            choose_agent([&a, &b], &r),
+            Some((AgentId("a".into()), false)),
+            "nobody else can ever take it: back to a"
+        );
+        b.connected = true;
+        b.used = 0;
+        b.quarantined = true;
+        assert_eq!(
+            choose_agent([&a, &b], &r),
+            Some((AgentId("a".into()), false)),
+            "a quarantined agent is no alternative"
+        );
+    }
+
+    #[test]
+    fn quarantined_agents_get_no_work_but_still_serve_their_platform() {
+        let amd = p("linux/amd64");
+        let none = Labels::new();
+        let mut a = agent("a", &[("linux/amd64", false)], 0);
+        a.quarantined = true;
+        assert_eq!(choose_agent([&a], &req(&amd, &none, false)), None);
+        assert_eq!(
+            can_serve(&a, &req(&amd, &none, false)),
+            Some(false),
+            "work waits for the quarantine to end instead of becoming unschedulable"
         );
     }
 

@@ -118,7 +118,7 @@ pub fn is_final(state: ActionState) -> bool {
     )
 }
 
-/// An agent state's name: `ready`, `busy`, `draining`, `lost`, `revoked`.
+/// An agent state's name: `ready`, `busy`, `draining`, `lost`, `revoked`, `quarantined`.
 pub fn agent_state_name(state: AgentState) -> &'static str {
     match state {
         AgentState::Unspecified => "unspecified",
@@ -127,10 +127,12 @@ pub fn agent_state_name(state: AgentState) -> &'static str {
         AgentState::Draining => "draining",
         AgentState::Lost => "lost",
         AgentState::Revoked => "revoked",
+        AgentState::Quarantined => "quarantined",
     }
 }
 
-/// An execution outcome's name: `exited`, `timed_out`, `cancelled`, `infra_error`.
+/// An execution outcome's name: `exited`, `timed_out`, `cancelled`, `infra_error`,
+/// `limit_exceeded`.
 pub fn outcome_name(outcome: ExecutionOutcome) -> &'static str {
     match outcome {
         ExecutionOutcome::Unspecified => "unspecified",

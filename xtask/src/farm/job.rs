@@ -82,8 +82,8 @@ pub fn ordered_actions<'a>(
     ordered
 }
 
-/// Platform, state, exit code, agent, native/emulated, duration, attempts, reason: one row per
-/// action.
+/// Platform, state, exit code, agent, native/emulated, duration, attempts (with those lost
+/// for infra reasons apart), reason: one row per action.
 pub fn actions_table(platforms: &[String], actions: &[ActionStatus]) -> Table {
     let mut table = Table::new();
     table
@@ -122,11 +122,19 @@ pub fn actions_table(platforms: &[String], actions: &[ActionStatus]) -> Table {
                 "-".to_string()
             },
             result.map_or("-".to_string(), |r| format_ms(r.duration_ms)),
-            a.attempts.to_string(),
+            format_attempts(a),
             reason,
         ]);
     }
     table
+}
+
+/// Attempts started, and how many of them were lost for infra reasons: `3 (2 infra)`.
+pub fn format_attempts(a: &ActionStatus) -> String {
+    match a.infra_failures {
+        0 => a.attempts.to_string(),
+        n => format!("{} ({n} infra)", a.attempts),
+    }
 }
 
 /// An action's state in words, with `(cached)` when the result came from the action cache:
@@ -203,6 +211,7 @@ pub fn action_json(a: &ActionStatus) -> Value {
         "platform": a.platform,
         "state": action_state_name(a.state()),
         "attempts": a.attempts,
+        "infra_failures": a.infra_failures,
         "agent_id": a.agent_id,
         "emulated": a.emulated,
         "reason": a.reason,

@@ -81,7 +81,7 @@ pub fn render_status(s: &FarmStatusResponse, now_unix_ms: u64) -> String {
     let count = |state: v1::AgentState| s.agents.iter().filter(|a| a.state() == state).count();
     let _ = writeln!(
         out,
-        "coordinator up {}; {} agents: {} ready, {} busy, {} draining, {} lost, {} revoked; {} stale results refused",
+        "coordinator up {}; {} agents: {} ready, {} busy, {} draining, {} quarantined, {} lost, {} revoked; {} stale results refused",
         format_duration(Duration::from_millis(
             now_unix_ms.saturating_sub(s.coordinator_started_unix_ms)
         )),
@@ -89,6 +89,7 @@ pub fn render_status(s: &FarmStatusResponse, now_unix_ms: u64) -> String {
         count(v1::AgentState::Ready),
         count(v1::AgentState::Busy),
         count(v1::AgentState::Draining),
+        count(v1::AgentState::Quarantined),
         count(v1::AgentState::Lost),
         count(v1::AgentState::Revoked),
         s.stale_results_refused,
@@ -129,6 +130,7 @@ pub fn render_status(s: &FarmStatusResponse, now_unix_ms: u64) -> String {
             "cores",
             "memory",
             "load",
+            "infra fails",
             "labels",
         ]);
         for (a, emulated) in agents {
@@ -138,19 +140,29 @@ pub fn render_status(s: &FarmStatusResponse, now_unix_ms: u64) -> String {
                 mode(emulated).to_uppercase(),
                 trust(a).to_string(),
                 if a.paused_reason.is_empty() {
-                    agent_state_name(a.state()).to_string()
+                    agent_state_words(a, now_unix_ms)
                 } else {
-                    format!("{} (paused)", agent_state_name(a.state()))
+                    format!("{} (paused)", agent_state_words(a, now_unix_ms))
                 },
                 format!("{}/{}", a.slots_used, a.slots),
                 format_ago(now_unix_ms, a.last_seen_unix_ms),
                 a.cores.to_string(),
                 format_gib(a.memory_bytes),
                 format!("{:.2}", a.load_1m),
+                a.consecutive_infra_failures.to_string(),
                 format_labels(&a.labels),
             ]);
         }
         let _ = writeln!(out, "{t}");
+    }
+    for a in s.agents.iter().filter(|a| a.quarantined_until_unix_ms > 0) {
+        let _ = writeln!(
+            out,
+            "{} {}: {}",
+            a.agent_id,
+            agent_state_words(a, now_unix_ms),
+            a.quarantine_reason
+        );
     }
 
     if !s.agents.is_empty() {
@@ -236,6 +248,7 @@ pub fn render_status(s: &FarmStatusResponse, now_unix_ms: u64) -> String {
             "submitted",
             "state",
             "verdict",
+            "infra retries",
         ]);
         for j in &s.recent_jobs {
             t.add_row(vec![
@@ -245,6 +258,7 @@ pub fn render_status(s: &FarmStatusResponse, now_unix_ms: u64) -> String {
                 format_ago(now_unix_ms, j.submitted_unix_ms),
                 if j.finished { "finished" } else { "running" }.to_string(),
                 format_verdict(&j.states),
+                j.infra_failures.to_string(),
             ]);
         }
         let _ = writeln!(out, "{t}");
@@ -258,6 +272,20 @@ fn or_unknown(s: &str) -> String {
         "unknown (older agent)".to_string()
     } else {
         s.to_string()
+    }
+}
+
+/// An agent's state, with its quarantine: `quarantined (45s left)`, or `ready (probation)`
+/// once a quarantine has passed and no success has cleared it yet.
+pub fn agent_state_words(a: &v1::AgentStatus, now_unix_ms: u64) -> String {
+    let state = agent_state_name(a.state());
+    if a.quarantined_until_unix_ms == 0 {
+        state.to_string()
+    } else if a.state() == v1::AgentState::Quarantined {
+        let left = a.quarantined_until_unix_ms.saturating_sub(now_unix_ms);
+        format!("{state} ({} left)", format_ms(left))
+    } else {
+        format!("{state} (probation)")
     }
 }
 
@@ -368,6 +396,9 @@ pub fn status_json(s: &FarmStatusResponse) -> Value {
                 "sandbox": a.sandbox,
                 "limits": a.limits,
                 "paused_reason": a.paused_reason,
+                "quarantined_until_unix_ms": a.quarantined_until_unix_ms,
+                "quarantine_reason": a.quarantine_reason,
+                "consecutive_infra_failures": a.consecutive_infra_failures,
             })
         })
         .collect();
@@ -394,6 +425,7 @@ pub fn status_json(s: &FarmStatusResponse) -> Value {
                 "submitted_unix_ms": j.submitted_unix_ms,
                 "finished": j.finished,
                 "states": Value::Object(j.states.iter().map(|(k, v)| (k.clone(), json!(v))).collect()),
+                "infra_failures": j.infra_failures,
             })
         })
         .collect();
@@ -460,6 +492,21 @@ mod tests {
                     last_seen_unix_ms: now - 1_000,
                     ..Default::default()
                 },
+                v1::AgentStatus {
+                    agent_id: "a-flaky".into(),
+                    hostname: "box2".into(),
+                    platforms: vec![v1::PlatformOffer {
+                        platform: "linux/s390x".into(),
+                        emulated: false,
+                    }],
+                    state: v1::AgentState::Quarantined as i32,
+                    slots: 1,
+                    last_seen_unix_ms: now - 1_000,
+                    quarantined_until_unix_ms: now + 45_000,
+                    quarantine_reason: "3 infra failures in a row (last: disk full)".into(),
+                    consecutive_infra_failures: 3,
+                    ..Default::default()
+                },
             ],
             queues: vec![v1::PlatformQueue {
                 platform: "linux/arm64".into(),
@@ -481,6 +528,7 @@ mod tests {
                 states: [("succeeded".to_string(), 4), ("failed".to_string(), 1)]
                     .into_iter()
                     .collect(),
+                infra_failures: 2,
                 ..Default::default()
             }],
             coordinator_started_unix_ms: now - 180_000,
@@ -493,7 +541,9 @@ mod tests {
     fn human_form_groups_agents_by_platform_and_says_native_or_emulated() {
         let text = render_status(&sample(), 1_000_000_000);
         assert!(
-            text.contains("coordinator up 3m; 2 agents: 1 ready, 1 busy"),
+            text.contains(
+                "coordinator up 3m; 3 agents: 1 ready, 1 busy, 0 draining, 1 quarantined"
+            ),
             "{text}"
         );
         assert!(text.contains("linux/arm64: 1 native, 1 emulated"), "{text}");
@@ -515,6 +565,12 @@ mod tests {
             text.contains("trusted") && text.contains("untrusted"),
             "{text}"
         );
+        assert!(
+            text.contains(
+                "a-flaky quarantined (45s left): 3 infra failures in a row (last: disk full)"
+            ),
+            "{text}"
+        );
         let native = text.find("a-arm").unwrap();
         let emulated = text.find("a-emu").unwrap();
         assert!(native < emulated, "natives come first:\n{text}");
@@ -531,6 +587,13 @@ mod tests {
         assert_eq!(v["queues"][0]["oldest_wait_ms"], 12_000);
         assert_eq!(v["running"][0]["state"], "running");
         assert_eq!(v["recent_jobs"][0]["states"]["succeeded"], 4);
+        assert_eq!(v["recent_jobs"][0]["infra_failures"], 2);
+        assert_eq!(v["agents"][2]["state"], "quarantined");
+        assert_eq!(v["agents"][2]["consecutive_infra_failures"], 3);
+        assert_eq!(
+            v["agents"][2]["quarantined_until_unix_ms"],
+            1_000_045_000u64
+        );
         assert_eq!(v["cas"], Value::Null);
     }
 
