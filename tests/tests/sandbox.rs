@@ -69,7 +69,7 @@ fn still_healthy(farm: &Farm) {
 
 #[test]
 fn actions_that_break_out_or_break_limits_fail_clearly_and_the_agent_goes_on() {
-    let mut farm = Farm::start(&["--max-attempts", "1"]);
+    let mut farm = Farm::start(&["--max-attempts", "1", "--unschedulable-grace-s", "2"]);
     let policy = farm.dir.path().join("policy.toml");
     std::fs::write(&policy, POLICY).unwrap();
     farm.add_agent("sandboxed", &["--policy", policy.to_str().unwrap()]);
@@ -185,4 +185,34 @@ fn actions_that_break_out_or_break_limits_fail_clearly_and_the_agent_goes_on() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // A job that asks for the network waits for an agent whose policy allows it, and has it.
+    let connect = format!("echo hi > /dev/tcp/127.0.0.1/{}", farm.port);
+    let network_run = |farm: &Farm| {
+        farm.run_with_report(&[
+            "--platform",
+            &native(),
+            "--network",
+            "--timeout",
+            "60s",
+            "--",
+            "bash",
+            "-c",
+            &connect,
+        ])
+    };
+    let (code, report, _) = network_run(&farm);
+    assert_ne!(code, Some(0));
+    let action = &report["actions"][0];
+    assert_eq!(action["state"], "unschedulable", "{action}");
+    assert!(
+        text(action).contains("does not allow the network"),
+        "{action}"
+    );
+    let open = farm.dir.path().join("open.toml");
+    std::fs::write(&open, "allow_network = true\nmin_free_disk_bytes = 0\n").unwrap();
+    farm.add_agent("open", &["--policy", open.to_str().unwrap()]);
+    farm.wait_ready_agents(2);
+    let (code, report, stderr) = network_run(&farm);
+    assert_eq!(code, Some(0), "{report} {stderr}");
 }
