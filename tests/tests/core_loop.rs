@@ -278,11 +278,24 @@ fn a_killed_agents_work_moves_and_late_results_are_refused() {
     let act = &job.actions[0];
     assert_eq!(act.state, v1::ActionState::Succeeded as i32);
     assert_eq!(act.attempts, 2, "one lost attempt, one good one");
+    assert_eq!(
+        act.infra_failures, 1,
+        "the lost attempt is an infra failure"
+    );
     assert_ne!(
         act.result.as_ref().unwrap().agent_id,
         holder,
         "recorded from the surviving agent"
     );
+    let status = farm.status().unwrap();
+    let killed = status.agents.iter().find(|a| a.agent_id == holder).unwrap();
+    assert_eq!(
+        (killed.state(), killed.consecutive_infra_failures),
+        (v1::AgentState::Lost, 1),
+        "the lost lease counts against the killed agent"
+    );
+    let summary = status.recent_jobs.iter().find(|j| j.job_id == job.job_id);
+    assert_eq!(summary.map(|j| j.infra_failures), Some(1));
 
     // Late result: freeze the agent running an action until its lease lapses, then thaw it.
     farm.restart_agent(victim, &["--slots", "1"]);
