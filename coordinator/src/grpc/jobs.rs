@@ -337,21 +337,37 @@ impl Jobs for JobsService {
         let r = req.into_inner();
         let id = JobId(r.job_id);
         let (job, actions) = load_job(&shared, &id)?;
-        let (existing, epoch) = {
+        let (sub, epoch) = {
             let mut farm = shared.farm()?;
-            (farm.hubs().subscribe_existing(&id), farm.started_unix_ms())
-        };
-        let sub = match existing {
-            Some(sub) => Some(sub),
-            // Long finished: the stored states and results (output is in the CAS).
-            None if job.finished => None,
-            None => Some(shared.farm()?.hubs().subscribe(&id)),
+            let epoch = farm.started_unix_ms();
+            let sub = match farm.hubs().subscribe_existing(&id) {
+                Some(sub) => Some(sub),
+                // Long finished: the stored states and results (output is in the CAS).
+                None if job.finished => None,
+                // Active, but this coordinator process has no hub for it (it restarted since
+                // the submit): open one that starts with the stored state of every action,
+                // read under the farm's lock so that no change falls between that state and
+                // the live feed, and every later watcher of this process gets it numbered.
+                None => {
+                    let (now, stored) = load_job(&shared, &id)?;
+                    let hubs = farm.hubs();
+                    hubs.open(&id);
+                    for a in stored {
+                        hubs.publish(&id, JobUpdate::Action(Box::new(a)));
+                    }
+                    if now.finished {
+                        hubs.publish(&id, JobUpdate::Finished(id.clone()));
+                    }
+                    Some(hubs.subscribe(&id))
+                }
+            };
+            (sub, epoch)
         };
         let (mut first, live) = match sub {
             Some(crate::hubs::Subscription { history, live }) => (history, Some(live)),
             None => (Vec::new(), None),
         };
-        // A new hub (after a restart) or none: start from the stored state, unnumbered.
+        // No hub (finished long ago): the stored state, unnumbered.
         if first.is_empty() {
             first = actions
                 .into_iter()
