@@ -69,6 +69,11 @@ impl Hubs {
         });
     }
 
+    /// Whether the job's hub is open (updates for it are recorded).
+    pub fn is_open(&self, job: &JobId) -> bool {
+        self.hubs.contains_key(job)
+    }
+
     /// Records and broadcasts an update for a job whose hub is open.
     pub fn publish(&mut self, job: &JobId, update: JobUpdate) {
         let Some(hub) = self.hubs.get_mut(job) else {

@@ -60,6 +60,7 @@ pub fn open(config: &Config) -> anyhow::Result<SharedRef> {
         cas,
         pki,
         clock: now_unix_ms,
+        committing: tokio::sync::Mutex::new(()),
     }))
 }
 
@@ -94,6 +95,8 @@ pub async fn run(
                             },
                             Err(e) => tracing::error!("failed to lock the farm: {}", e.message()),
                         }
+                        // Errors are logged where they happen (`internal`).
+                        let _ = shared.commit().await;
                     }
                 }
             }
@@ -147,8 +150,8 @@ pub async fn run(
         .await
         .context("failed to serve")?;
     ticker.abort();
-    if let Ok(farm) = shared.farm() {
-        farm.store().flush()?;
+    if let Ok(mut farm) = shared.farm() {
+        farm.commit()?;
     }
     Ok(())
 }

@@ -325,6 +325,7 @@ impl Jobs for JobsService {
             .farm()?
             .submit(job, actions, &pins, now)
             .map_err(internal)?;
+        shared.commit().await?;
         tracing::info!(job = %job_id, by = %who.name, "job submitted");
         Ok(Response::new(v1::SubmitResponse { job_id: job_id.0 }))
     }
@@ -349,6 +350,8 @@ impl Jobs for JobsService {
                 // read under the farm's lock so that no change falls between that state and
                 // the live feed, and every later watcher of this process gets it numbered.
                 None => {
+                    // Only durable state is shown: flush what the committer has not yet.
+                    shared.store.flush().map_err(internal)?;
                     let (now, stored) = load_job(&shared, &id)?;
                     let hubs = farm.hubs();
                     hubs.open(&id);
@@ -449,6 +452,7 @@ impl Jobs for JobsService {
             .0
             .farm()?
             .cancel_job(&JobId(r.job_id.clone()), &reason, now)?;
+        self.0.commit().await?;
         tracing::info!(job = %r.job_id, by = %who.name, cancelled, "job cancelled");
         Ok(Response::new(v1::CancelJobResponse { cancelled }))
     }

@@ -493,6 +493,7 @@ async fn drive(
     let mut last_progress = Instant::now();
     let mut peak_rss = 0u64;
     let mut next_sample = Instant::now();
+    let mut next_report = Instant::now() + Duration::from_secs(10);
     while accepted_total < actions {
         while in_flight < args.jobs_in_flight {
             let Some((first, n)) = plan.pop_front() else {
@@ -528,6 +529,13 @@ async fn drive(
         if Instant::now() >= next_sample {
             peak_rss = peak_rss.max(memory_of(coordinator.pid())?.0);
             next_sample = Instant::now() + Duration::from_secs(1);
+            if next_report <= Instant::now() {
+                eprintln!(
+                    "{accepted_total} of {actions} actions done after {}",
+                    format_duration(started.elapsed())
+                );
+                next_report = Instant::now() + Duration::from_secs(10);
+            }
         }
         let event = match tokio::time::timeout(Duration::from_secs(1), seen.recv()).await {
             Ok(Some(e)) => e,
