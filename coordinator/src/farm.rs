@@ -1586,6 +1586,94 @@ mod tests {
     }
 
     #[test]
+    fn announcements_wait_for_the_flush_and_a_later_hub_gets_none_of_the_old_ones() {
+        let mut h = Harness::new();
+        h.join("a", &[("linux/arm64", false)], 0);
+        let job = h.submit(&["linux/arm64"], false, 0);
+        let id = format!("{job}/linux/arm64");
+        let fence = h.assigns("a")[0].1;
+        let watch = h.farm.hubs().subscribe(&job);
+        let mut live = watch.live;
+        h.farm
+            .completed(
+                &AgentId("a".into()),
+                &ActionId(id.clone()),
+                fence,
+                exited(0, &[]),
+                1,
+            )
+            .unwrap();
+        // Recorded (the store holds it) but not yet announced to the agent or the watchers.
+        assert_eq!(h.state(&id).state, ActionState::Succeeded);
+        assert!(
+            h.rx.get_mut("a").unwrap().try_recv().is_err(),
+            "no ack before the flush"
+        );
+        assert!(live.try_recv().is_err(), "no event before the flush");
+        let outbox = h.farm.take_outbox();
+        assert!(outbox.needs_flush);
+        h.farm.store.flush().unwrap();
+        h.farm.release(outbox);
+        assert_eq!(h.acks("a"), vec![(true, String::new())]);
+        let mut events = Vec::new();
+        while let Ok((_, u)) = live.try_recv() {
+            events.push(match u {
+                JobUpdate::Action(a) => a.state.name().to_string(),
+                JobUpdate::Finished(_) => "finished".into(),
+                JobUpdate::Log { .. } => "log".into(),
+            });
+        }
+        assert_eq!(events, ["succeeded", "finished"]);
+        assert!(h.farm.take_outbox().is_empty());
+
+        // A job whose hub is not open (a restarted coordinator): its events are not held
+        // for a hub opened later, which starts from the stored state instead.
+        let other = h.submit(&["linux/arm64"], false, 2);
+        let other_id = format!("{other}/linux/arm64");
+        let fence = h.assigns("a")[0].1;
+        h.farm.commit().unwrap();
+        h.farm.hubs.forget(&other);
+        h.farm
+            .completed(
+                &AgentId("a".into()),
+                &ActionId(other_id),
+                fence,
+                exited(0, &[]),
+                3,
+            )
+            .unwrap();
+        h.farm.hubs().open(&other);
+        let later = h.farm.hubs().subscribe(&other);
+        h.farm.commit().unwrap();
+        assert!(
+            later.history.is_empty(),
+            "nothing from before the hub opened"
+        );
+    }
+
+    #[test]
+    fn placement_follows_the_queue_index_in_job_order() {
+        let mut h = Harness::new();
+        let first = h.submit(&["linux/arm64"], false, 0);
+        let second = h.submit(&["linux/arm64"], false, 0);
+        assert_eq!(h.farm.queued.len(), 2);
+        h.join("a", &[("linux/arm64", false)], 1);
+        // One slot: the older job's action goes first; the other stays queued.
+        let placed = h.assigns("a");
+        assert_eq!(placed.len(), 1);
+        assert_eq!(placed[0].0, format!("{first}/linux/arm64"));
+        assert_eq!(h.farm.queued.len(), 1);
+        assert_eq!(h.farm.leased[&AgentId("a".into())].len(), 1);
+        h.complete("a", &placed[0].0, placed[0].1, 0, 2);
+        let next = h.assigns("a");
+        assert_eq!(next[0].0, format!("{second}/linux/arm64"));
+        assert!(h.farm.queued.is_empty());
+        h.complete("a", &next[0].0, next[0].1, 0, 3);
+        h.farm.commit().unwrap();
+        assert!(h.farm.leased.is_empty() && h.farm.active.is_empty());
+    }
+
+    #[test]
     fn gives_up_after_the_attempt_limit() {
         let mut h = Harness::new();
         h.join("a", &[("linux/ppc64le", false)], 0);

@@ -118,6 +118,12 @@ impl Hubs {
         self.hubs.contains_key(job).then(|| self.subscribe(job))
     }
 
+    /// Forgets a job's hub, as a restart does.
+    #[cfg(test)]
+    pub fn forget(&mut self, job: &JobId) {
+        self.hubs.remove(job);
+    }
+
     /// Drops the hubs of jobs finished longer ago than watchers are served from memory
     /// (the farm's tick calls it; publishing, which runs per log chunk, does not).
     pub fn prune(&mut self) {
