@@ -2,15 +2,19 @@
 //! and what happens on submit, hello, heartbeat, result, cancel, drain, revoke and each tick.
 //!
 //! Every method takes `now_unix_ms`, so leases, requeues and unschedulable grace are tested
-//! with injected time. Every change is written through to the store before it is announced.
+//! with injected time. Every change is written through to the store before it is announced,
+//! and announced only once durable: agent commands and job events wait in an outbox until a
+//! flush covers them ([`Farm::take_outbox`], flush, [`Farm::release`]), so one flush serves
+//! every change made meanwhile (group commit) instead of one fsync per result and placement.
 use crate::cas::Cas;
 use crate::hubs::{Hubs, JobUpdate};
 use crate::model::*;
 use crate::result_cache::{Reported, ResultCache};
 use crate::scheduler::{self, AgentView, Requirement};
 use crate::store::Store;
-use archfarm_proto::{tree, Digest};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use archfarm_proto::{tree, Digest, Platform};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::ops::Bound;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
@@ -147,6 +151,31 @@ pub struct StepCompletion {
     pub encoded: Vec<u8>,
 }
 
+/// Something the farm announced, held until a flush makes the change behind it durable.
+#[derive(Debug)]
+enum Announcement {
+    /// A command for the agent's session numbered `conn` (dropped if that session is gone).
+    Agent(AgentId, u64, AgentCommand),
+    /// An event for the watchers of a job whose hub was open when it was made (a hub opened
+    /// later starts from the stored state, which already holds the change).
+    Job(JobId, JobUpdate),
+}
+
+/// Announcements taken out of the farm for release, in order.
+#[derive(Debug)]
+pub struct Outbox {
+    announcements: Vec<Announcement>,
+    /// The store was written since the last take: flush it before releasing.
+    pub needs_flush: bool,
+}
+
+impl Outbox {
+    /// Nothing to flush and nothing to release.
+    pub fn is_empty(&self) -> bool {
+        self.announcements.is_empty() && !self.needs_flush
+    }
+}
+
 /// A session's sending half, told apart from earlier sessions of the same agent.
 #[derive(Clone, Debug)]
 pub struct SessionHandle {
@@ -191,10 +220,21 @@ pub struct Farm {
     store: Store,
     cas: Arc<Cas>,
     agents: BTreeMap<AgentId, AgentLive>,
+    /// Every action not final. Changed only through `put_active` and `remove_active`, which
+    /// keep the two indexes below in step with it.
     active: BTreeMap<ActionId, ActionRecord>,
+    /// The queued actions in dispatch order (job sequence, then id): placement and the
+    /// unschedulable check walk this, not every active action.
+    queued: BTreeSet<(u64, ActionId)>,
+    /// The actions under a lease, per agent: slot usage and lease expiry walk this.
+    leased: HashMap<AgentId, BTreeSet<ActionId>>,
     /// Job id -> its actions still active.
     active_by_job: HashMap<JobId, BTreeSet<ActionId>>,
     hubs: Hubs,
+    /// Announcements waiting for the flush that makes their changes durable.
+    outbox: Vec<Announcement>,
+    /// The store was written since the outbox was last taken.
+    unflushed: bool,
     next_conn: u64,
     stale_results_refused: u64,
     started_unix_ms: u64,
@@ -212,8 +252,12 @@ impl Farm {
             cas,
             agents: BTreeMap::new(),
             active: BTreeMap::new(),
+            queued: BTreeSet::new(),
+            leased: HashMap::new(),
             active_by_job: HashMap::new(),
             hubs: Hubs::default(),
+            outbox: Vec::new(),
+            unflushed: false,
             next_conn: 0,
             stale_results_refused: 0,
             started_unix_ms: now,
@@ -236,7 +280,7 @@ impl Farm {
                 .entry(a.job.clone())
                 .or_default()
                 .insert(a.id.clone());
-            farm.active.insert(a.id.clone(), a);
+            farm.put_active(a);
         }
         // Pin the input trees of the queued and running actions again.
         let mut trees: HashMap<Digest, Vec<Digest>> = HashMap::new();
@@ -253,6 +297,39 @@ impl Farm {
             farm.cas.pin(id.as_str(), digests);
         }
         Ok(farm)
+    }
+
+    /// Puts an action into the active set (replacing its earlier record) and indexes it as
+    /// queued or leased by its state and lease.
+    fn put_active(&mut self, a: ActionRecord) {
+        self.remove_active(&a.id);
+        if a.state == ActionState::Queued {
+            self.queued.insert((a.job_seq, a.id.clone()));
+        }
+        if let Some(l) = &a.lease {
+            self.leased
+                .entry(l.agent.clone())
+                .or_default()
+                .insert(a.id.clone());
+        }
+        self.active.insert(a.id.clone(), a);
+    }
+
+    /// Takes an action out of the active set and its indexes.
+    fn remove_active(&mut self, id: &ActionId) -> Option<ActionRecord> {
+        let old = self.active.remove(id)?;
+        if old.state == ActionState::Queued {
+            self.queued.remove(&(old.job_seq, old.id.clone()));
+        }
+        if let Some(l) = &old.lease {
+            if let Some(held) = self.leased.get_mut(&l.agent) {
+                held.remove(id);
+                if held.is_empty() {
+                    self.leased.remove(&l.agent);
+                }
+            }
+        }
+        Some(old)
     }
 
     /// Every digest of the stored tree under a root (what is there of it).
@@ -306,27 +383,32 @@ impl Farm {
     /// Slots each agent uses now and the actions it holds, from one pass over the active
     /// actions (placement runs on every heartbeat). An exclusive action has the whole agent.
     pub fn slot_usage(&self) -> HashMap<AgentId, (u32, Vec<ActionId>)> {
-        let mut usage: HashMap<AgentId, (u32, Vec<ActionId>)> = HashMap::new();
-        let mut exclusive = Vec::new();
-        for a in self.active.values() {
-            let Some(l) = &a.lease else { continue };
-            let (used, held) = usage.entry(l.agent.clone()).or_default();
-            *used += 1;
-            held.push(a.id.clone());
-            if a.spec.exclusive {
-                exclusive.push(l.agent.clone());
-            }
-        }
-        for agent in exclusive {
+        self.leased
+            .iter()
+            .map(|(agent, held)| {
+                (
+                    agent.clone(),
+                    (self.slots_used(agent, held), held.iter().cloned().collect()),
+                )
+            })
+            .collect()
+    }
+
+    /// Slots an agent's leased actions take: one each, or all of them for an exclusive one.
+    fn slots_used(&self, agent: &AgentId, held: &BTreeSet<ActionId>) -> u32 {
+        let used = held.len() as u32;
+        if held
+            .iter()
+            .any(|id| self.active.get(id).is_some_and(|a| a.spec.exclusive))
+        {
             let slots = self
                 .agents
-                .get(&agent)
+                .get(agent)
                 .map_or(1, |a| a.record.facts.slots.max(1));
-            if let Some((used, _)) = usage.get_mut(&agent) {
-                *used = (*used).max(slots);
-            }
+            used.max(slots)
+        } else {
+            used
         }
-        usage
     }
 
     /// Registers a freshly joined agent.
@@ -345,8 +427,53 @@ impl Farm {
 
     fn save(&mut self, action: &ActionRecord) -> anyhow::Result<()> {
         self.store.put_action(action)?;
-        self.hubs
-            .publish(&action.job, JobUpdate::Action(Box::new(action.clone())));
+        self.unflushed = true;
+        self.announce(&action.job, JobUpdate::Action(Box::new(action.clone())));
+        Ok(())
+    }
+
+    /// Holds an event for a job's watchers until the next release.
+    fn announce(&mut self, job: &JobId, update: JobUpdate) {
+        if self.hubs.is_open(job) {
+            self.outbox.push(Announcement::Job(job.clone(), update));
+        }
+    }
+
+    /// Takes what was announced so far, to release after a flush when `needs_flush` (which
+    /// makes every change behind it durable: each was written to the store before it was
+    /// announced).
+    pub fn take_outbox(&mut self) -> Outbox {
+        Outbox {
+            announcements: std::mem::take(&mut self.outbox),
+            needs_flush: std::mem::take(&mut self.unflushed),
+        }
+    }
+
+    /// Delivers taken announcements, in order: commands to the sessions they were meant for,
+    /// events to the jobs' watchers.
+    pub fn release(&mut self, outbox: Outbox) {
+        for a in outbox.announcements {
+            match a {
+                Announcement::Agent(agent, conn, cmd) => {
+                    let session = self.agents.get(&agent).and_then(|a| a.session.as_ref());
+                    if let Some(s) = session.filter(|s| s.conn == conn) {
+                        // A closed session is noticed by its own task; the lease covers the gap.
+                        let _ = s.tx.send(cmd);
+                    }
+                }
+                Announcement::Job(job, update) => self.hubs.publish(&job, update),
+            }
+        }
+    }
+
+    /// Flushes and releases at once, under the caller's lock (tests; the coordinator's
+    /// committer flushes outside the lock).
+    pub fn commit(&mut self) -> anyhow::Result<()> {
+        let outbox = self.take_outbox();
+        if outbox.needs_flush {
+            self.store.flush()?;
+        }
+        self.release(outbox);
         Ok(())
     }
 
@@ -369,28 +496,25 @@ impl Farm {
         for a in done.iter().chain(queued.iter()) {
             self.store.put_action(a)?;
         }
-        self.store.flush()?;
+        self.unflushed = true;
         self.hubs.open(&job.id);
         for a in &done {
-            self.hubs
-                .publish(&job.id, JobUpdate::Action(Box::new(a.clone())));
+            self.announce(&job.id, JobUpdate::Action(Box::new(a.clone())));
         }
         for a in queued {
             self.cas.pin(
                 a.id.as_str(),
                 pins.get(&a.id).into_iter().flatten().copied(),
             );
-            self.hubs
-                .publish(&job.id, JobUpdate::Action(Box::new(a.clone())));
+            self.announce(&job.id, JobUpdate::Action(Box::new(a.clone())));
             self.active_by_job
                 .entry(job.id.clone())
                 .or_default()
                 .insert(a.id.clone());
-            self.active.insert(a.id.clone(), a);
+            self.put_active(a);
         }
         if job.finished {
-            self.hubs
-                .publish(&job.id, JobUpdate::Finished(job.id.clone()));
+            self.announce(&job.id, JobUpdate::Finished(job.id.clone()));
         }
         self.dispatch(now)
     }
@@ -533,7 +657,7 @@ impl Farm {
             attempt: a.attempts,
         };
         let job = a.job.clone();
-        self.hubs.publish(&job, update);
+        self.announce(&job, update);
     }
 
     /// A result from an agent: recorded once under the current lease, refused otherwise. A
@@ -665,8 +789,7 @@ impl Farm {
                 );
                 a.result = None;
                 self.save(&a)?;
-                self.active.insert(a.id.clone(), a);
-                self.store.flush()?;
+                self.put_active(a);
                 return Ok((true, String::new()));
             }
             Outcome::InfraError => {
@@ -756,7 +879,7 @@ impl Farm {
         self.save(&a)?;
         self.cas.unpin(a.id.as_str());
         let job_id = a.job.clone();
-        self.active.remove(&a.id);
+        self.remove_active(&a.id);
         let job_done = match self.active_by_job.get_mut(&job_id) {
             Some(set) => {
                 set.remove(&a.id);
@@ -770,10 +893,8 @@ impl Farm {
                 job.finished = true;
                 self.store.put_job(&job)?;
             }
-            self.hubs
-                .publish(&job_id, JobUpdate::Finished(job_id.clone()));
+            self.announce(&job_id, JobUpdate::Finished(job_id.clone()));
         }
-        self.store.flush()?;
         Ok(())
     }
 
@@ -834,11 +955,10 @@ impl Farm {
         let record = live.record.clone();
         self.store.put_agent(&record)?;
         let held: Vec<ActionId> = self
-            .active
-            .values()
-            .filter(|a| a.lease.as_ref().is_some_and(|l| &l.agent == agent))
-            .map(|a| a.id.clone())
-            .collect();
+            .leased
+            .get(agent)
+            .map(|h| h.iter().cloned().collect())
+            .unwrap_or_default();
         for id in held {
             self.lease_lost(&id, &format!("agent {agent} was revoked"), now)?;
         }
@@ -877,7 +997,7 @@ impl Farm {
                 a.attempts
             );
             self.save(&a)?;
-            self.active.insert(a.id.clone(), a);
+            self.put_active(a);
         } else {
             a.state = ActionState::InfraFailed;
             a.reason = format!("{why}; gave up after {} attempts", a.attempts);
@@ -889,16 +1009,19 @@ impl Farm {
     /// Expires lapsed leases, notices lost agents, declares unschedulable actions, places work.
     pub fn tick(&mut self, now: u64) -> anyhow::Result<()> {
         self.hubs.prune();
-        let lapsed: Vec<(ActionId, AgentId)> = self
-            .active
+        let mut lapsed: Vec<(ActionId, AgentId)> = self
+            .leased
             .values()
-            .filter_map(|a| {
+            .flatten()
+            .filter_map(|id| {
+                let a = self.active.get(id)?;
                 a.lease
                     .as_ref()
                     .filter(|l| l.expiry_unix_ms < now)
                     .map(|l| (a.id.clone(), l.agent.clone()))
             })
             .collect();
+        lapsed.sort();
         for (id, agent) in lapsed {
             let why = format!(
                 "agent {agent} lost (no heartbeat within {} s)",
@@ -907,15 +1030,49 @@ impl Farm {
             self.lease_lost(&id, &why, now)?;
             self.agent_infra_failure(&agent, &format!("lease on {id} lapsed"), now)?;
         }
-        // Unschedulable: queued actions no connected agent could ever take.
+        // Unschedulable: queued actions no connected agent could ever take. Whether anyone
+        // can serve a requirement is asked once per distinct requirement, not per action.
         let views = self.agent_views(now);
-        let queued: Vec<ActionId> = self
-            .active
-            .values()
-            .filter(|a| a.state == ActionState::Queued)
-            .map(|a| a.id.clone())
-            .collect();
-        for id in queued {
+        let mut servable: HashMap<(&Platform, &Labels, bool, bool, bool), bool> = HashMap::new();
+        let mut unservable: Vec<ActionId> = Vec::new();
+        let mut served_again: Vec<ActionId> = Vec::new();
+        for (_, id) in &self.queued {
+            let Some(a) = self.active.get(id) else {
+                continue;
+            };
+            let key = (
+                &a.spec.platform,
+                &a.spec.required_labels,
+                a.spec.allow_emulation,
+                a.spec.exclusive,
+                a.spec.network,
+            );
+            let can = *servable.entry(key).or_insert_with(|| {
+                let req = Requirement {
+                    platform: key.0,
+                    labels: key.1,
+                    allow_emulation: key.2,
+                    exclusive: key.3,
+                    network: key.4,
+                    // Whether anyone could ever serve it; where it failed before only ranks.
+                    infra_failed_on: &[],
+                };
+                views
+                    .iter()
+                    .any(|v| scheduler::can_serve(v, &req).is_some())
+            });
+            if !can {
+                unservable.push(id.clone());
+            } else if a.unservable_since_unix_ms.is_some() {
+                served_again.push(id.clone());
+            }
+        }
+        for id in served_again {
+            if let Some(a) = self.active.get_mut(&id) {
+                a.unservable_since_unix_ms = None;
+            }
+        }
+        for id in unservable {
             let Some(a) = self.active.get_mut(&id) else {
                 continue;
             };
@@ -927,13 +1084,6 @@ impl Farm {
                 network: a.spec.network,
                 infra_failed_on: &a.infra_failed_on,
             };
-            if views
-                .iter()
-                .any(|v| scheduler::can_serve(v, &req).is_some())
-            {
-                a.unservable_since_unix_ms = None;
-                continue;
-            }
             let since = *a.unservable_since_unix_ms.get_or_insert(now);
             if now.saturating_sub(since) >= self.cfg.unschedulable_grace_ms {
                 let mut a = a.clone();
@@ -946,7 +1096,11 @@ impl Farm {
     }
 
     fn agent_views(&self, now: u64) -> Vec<AgentView> {
-        let usage = self.slot_usage();
+        let usage: HashMap<&AgentId, u32> = self
+            .leased
+            .iter()
+            .map(|(agent, held)| (agent, self.slots_used(agent, held)))
+            .collect();
         self.agents
             .values()
             .filter(|a| !a.record.revoked)
@@ -970,7 +1124,7 @@ impl Farm {
                         .collect(),
                 },
                 slots: a.record.facts.slots,
-                used: usage.get(&a.record.id).map_or(0, |(used, _)| *used),
+                used: usage.get(&a.record.id).copied().unwrap_or(0),
                 connected: a.alive(now, self.cfg.lease_ms),
                 draining: a.record.draining,
                 paused: !a.record.facts.paused_reason.is_empty(),
@@ -980,24 +1134,49 @@ impl Farm {
             .collect()
     }
 
-    /// Places queued actions, oldest job first, on the best free agents.
+    /// Places queued actions, oldest job first, on the best free agents. Runs on every
+    /// heartbeat and result, so it walks the queue index only while some agent has a free
+    /// slot, and asks about a requirement no free agent met only once.
     pub fn dispatch(&mut self, now: u64) -> anyhow::Result<()> {
-        let mut queued: Vec<(u64, ActionId)> = self
-            .active
-            .values()
-            .filter(|a| a.state == ActionState::Queued)
-            .map(|a| (a.job_seq, a.id.clone()))
-            .collect();
-        if queued.is_empty() {
+        if self.queued.is_empty() {
             return Ok(());
         }
-        queued.sort();
         let mut views = self.agent_views(now);
-        let mut placed = false;
-        for (_, id) in queued {
+        let free = |v: &AgentView| {
+            if v.connected && !v.draining {
+                v.slots.saturating_sub(v.used)
+            } else {
+                0
+            }
+        };
+        let mut free_slots: u32 = views.iter().map(free).sum();
+        let mut unplaceable: HashSet<(Platform, Labels, bool, bool)> = HashSet::new();
+        let mut after: Option<(u64, ActionId)> = None;
+        while free_slots > 0 {
+            let next = match &after {
+                None => self.queued.iter().next(),
+                Some(k) => self
+                    .queued
+                    .range((Bound::Excluded(k.clone()), Bound::Unbounded))
+                    .next(),
+            };
+            let Some(key) = next.cloned() else {
+                break;
+            };
+            after = Some(key.clone());
+            let id = key.1;
             let Some(a) = self.active.get(&id) else {
                 continue;
             };
+            let wanted = (
+                a.spec.platform.clone(),
+                a.spec.required_labels.clone(),
+                a.spec.allow_emulation,
+                a.spec.exclusive,
+            );
+            if unplaceable.contains(&wanted) {
+                continue;
+            }
             let req = Requirement {
                 platform: &a.spec.platform,
                 labels: &a.spec.required_labels,
@@ -1006,7 +1185,9 @@ impl Farm {
                 network: a.spec.network,
                 infra_failed_on: &a.infra_failed_on,
             };
+            // Placing only ever fills agents, so what found no agent now finds none later.
             let Some((agent, emulated)) = scheduler::choose_agent(&views, &req) else {
+                unplaceable.insert(wanted);
                 continue;
             };
             let fence = self.store.next_counter("fence")?;
@@ -1024,11 +1205,13 @@ impl Farm {
             a.started_unix_ms = now;
             self.save(&a)?;
             if let Some(v) = views.iter_mut().find(|v| v.id == agent) {
+                let before = free(v);
                 v.used = if a.spec.exclusive {
                     v.slots
                 } else {
                     v.used + 1
                 };
+                free_slots -= before - free(v);
             }
             self.send(
                 &agent,
@@ -1038,11 +1221,7 @@ impl Farm {
                     emulated,
                 },
             );
-            self.active.insert(id, a);
-            placed = true;
-        }
-        if placed {
-            self.store.flush()?;
+            self.put_active(a);
         }
         Ok(())
     }
@@ -1079,7 +1258,7 @@ impl Farm {
         }
         let record = live.record.clone();
         self.store.put_agent(&record)?;
-        self.store.flush()?;
+        self.unflushed = true;
         Ok(())
     }
 
@@ -1100,13 +1279,15 @@ impl Farm {
         live.record.quarantine = Quarantine::default();
         let record = live.record.clone();
         self.store.put_agent(&record)?;
+        self.unflushed = true;
         Ok(())
     }
 
-    fn send(&self, agent: &AgentId, cmd: AgentCommand) {
+    /// Holds a command for the agent's current session until the next release.
+    fn send(&mut self, agent: &AgentId, cmd: AgentCommand) {
         if let Some(s) = self.agents.get(agent).and_then(|a| a.session.as_ref()) {
-            // A closed session is noticed by its own task; the lease covers the gap.
-            let _ = s.tx.send(cmd);
+            self.outbox
+                .push(Announcement::Agent(agent.clone(), s.conn, cmd));
         }
     }
 }
@@ -1125,7 +1306,6 @@ pub fn quarantine_backoff_ms(cfg: &FarmConfig, n: u32) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use archfarm_proto::Platform;
 
     const LEASE: u64 = 15_000;
 
@@ -1288,6 +1468,8 @@ mod tests {
 
         /// Drains the agent's commands; returns the assigns as (action, fence, emulated).
         fn assigns(&mut self, agent: &str) -> Vec<(String, u64, bool)> {
+            // What the farm announced goes out at a commit.
+            self.farm.commit().unwrap();
             let rx = self.rx.get_mut(agent).unwrap();
             let mut out = vec![];
             while let Ok(cmd) = rx.try_recv() {
@@ -1304,6 +1486,8 @@ mod tests {
         }
 
         fn acks(&mut self, agent: &str) -> Vec<(bool, String)> {
+            // What the farm announced goes out at a commit.
+            self.farm.commit().unwrap();
             let rx = self.rx.get_mut(agent).unwrap();
             let mut out = vec![];
             while let Ok(cmd) = rx.try_recv() {
@@ -1683,7 +1867,7 @@ mod tests {
         };
         let mut a = h.farm.active[&ActionId(id.clone())].clone();
         a.spec.steps = vec![step("ok", &"a".repeat(64)), step("bad", &"b".repeat(64))];
-        h.farm.active.insert(a.id.clone(), a);
+        h.farm.put_active(a);
         let fence = h.assigns("a")[0].1;
         let out = Digest::of(b"PASS\n");
         h.farm.cas.put(&out, b"PASS\n").unwrap();
@@ -1955,6 +2139,94 @@ mod tests {
     }
 
     #[test]
+    fn announcements_wait_for_the_flush_and_a_later_hub_gets_none_of_the_old_ones() {
+        let mut h = Harness::new();
+        h.join("a", &[("linux/arm64", false)], 0);
+        let job = h.submit(&["linux/arm64"], false, 0);
+        let id = format!("{job}/linux/arm64");
+        let fence = h.assigns("a")[0].1;
+        let watch = h.farm.hubs().subscribe(&job);
+        let mut live = watch.live;
+        h.farm
+            .completed(
+                &AgentId("a".into()),
+                &ActionId(id.clone()),
+                fence,
+                exited(0, &[]),
+                1,
+            )
+            .unwrap();
+        // Recorded (the store holds it) but not yet announced to the agent or the watchers.
+        assert_eq!(h.state(&id).state, ActionState::Succeeded);
+        assert!(
+            h.rx.get_mut("a").unwrap().try_recv().is_err(),
+            "no ack before the flush"
+        );
+        assert!(live.try_recv().is_err(), "no event before the flush");
+        let outbox = h.farm.take_outbox();
+        assert!(outbox.needs_flush);
+        h.farm.store.flush().unwrap();
+        h.farm.release(outbox);
+        assert_eq!(h.acks("a"), vec![(true, String::new())]);
+        let mut events = Vec::new();
+        while let Ok((_, u)) = live.try_recv() {
+            events.push(match u {
+                JobUpdate::Action(a) => a.state.name().to_string(),
+                JobUpdate::Finished(_) => "finished".into(),
+                JobUpdate::Log { .. } => "log".into(),
+            });
+        }
+        assert_eq!(events, ["succeeded", "finished"]);
+        assert!(h.farm.take_outbox().is_empty());
+
+        // A job whose hub is not open (a restarted coordinator): its events are not held
+        // for a hub opened later, which starts from the stored state instead.
+        let other = h.submit(&["linux/arm64"], false, 2);
+        let other_id = format!("{other}/linux/arm64");
+        let fence = h.assigns("a")[0].1;
+        h.farm.commit().unwrap();
+        h.farm.hubs.forget(&other);
+        h.farm
+            .completed(
+                &AgentId("a".into()),
+                &ActionId(other_id),
+                fence,
+                exited(0, &[]),
+                3,
+            )
+            .unwrap();
+        h.farm.hubs().open(&other);
+        let later = h.farm.hubs().subscribe(&other);
+        h.farm.commit().unwrap();
+        assert!(
+            later.history.is_empty(),
+            "nothing from before the hub opened"
+        );
+    }
+
+    #[test]
+    fn placement_follows_the_queue_index_in_job_order() {
+        let mut h = Harness::new();
+        let first = h.submit(&["linux/arm64"], false, 0);
+        let second = h.submit(&["linux/arm64"], false, 0);
+        assert_eq!(h.farm.queued.len(), 2);
+        h.join("a", &[("linux/arm64", false)], 1);
+        // One slot: the older job's action goes first; the other stays queued.
+        let placed = h.assigns("a");
+        assert_eq!(placed.len(), 1);
+        assert_eq!(placed[0].0, format!("{first}/linux/arm64"));
+        assert_eq!(h.farm.queued.len(), 1);
+        assert_eq!(h.farm.leased[&AgentId("a".into())].len(), 1);
+        h.complete("a", &placed[0].0, placed[0].1, 0, 2);
+        let next = h.assigns("a");
+        assert_eq!(next[0].0, format!("{second}/linux/arm64"));
+        assert!(h.farm.queued.is_empty());
+        h.complete("a", &next[0].0, next[0].1, 0, 3);
+        h.farm.commit().unwrap();
+        assert!(h.farm.leased.is_empty() && h.farm.active.is_empty());
+    }
+
+    #[test]
     fn gives_up_after_the_attempt_limit() {
         let mut h = Harness::new();
         h.join("a", &[("linux/ppc64le", false)], 0);
@@ -2042,6 +2314,7 @@ mod tests {
                 100_000 + LEASE,
             )
             .unwrap();
+            farm.commit().unwrap();
             assert!(
                 rx.try_recv().is_err(),
                 "re-claimed lease: no cancel, no new assign"

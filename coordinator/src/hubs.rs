@@ -69,6 +69,11 @@ impl Hubs {
         });
     }
 
+    /// Whether the job's hub is open (updates for it are recorded).
+    pub fn is_open(&self, job: &JobId) -> bool {
+        self.hubs.contains_key(job)
+    }
+
     /// Records and broadcasts an update for a job whose hub is open.
     pub fn publish(&mut self, job: &JobId, update: JobUpdate) {
         let Some(hub) = self.hubs.get_mut(job) else {
@@ -111,6 +116,12 @@ impl Hubs {
     pub fn subscribe_existing(&mut self, job: &JobId) -> Option<Subscription> {
         self.prune();
         self.hubs.contains_key(job).then(|| self.subscribe(job))
+    }
+
+    /// Forgets a job's hub, as a restart does.
+    #[cfg(test)]
+    pub fn forget(&mut self, job: &JobId) {
+        self.hubs.remove(job);
     }
 
     /// Drops the hubs of jobs finished longer ago than watchers are served from memory

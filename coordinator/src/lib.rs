@@ -61,6 +61,7 @@ pub fn open(config: &Config) -> anyhow::Result<SharedRef> {
         pki,
         clock: now_unix_ms,
         revocations: tokio::sync::watch::channel(0).0,
+        committing: tokio::sync::Mutex::new(()),
     }))
 }
 
@@ -95,6 +96,8 @@ pub async fn run(
                             },
                             Err(e) => tracing::error!("failed to lock the farm: {}", e.message()),
                         }
+                        // Errors are logged where they happen (`internal`).
+                        let _ = shared.commit().await;
                     }
                 }
             }
@@ -148,8 +151,8 @@ pub async fn run(
         .await
         .context("failed to serve")?;
     ticker.abort();
-    if let Ok(farm) = shared.farm() {
-        farm.store().flush()?;
+    if let Ok(mut farm) = shared.farm() {
+        farm.commit()?;
     }
     Ok(())
 }

@@ -1,6 +1,8 @@
 //! Pure sharding: work items with expected durations become balanced shards. Longest item
 //! first onto the least-loaded shard (LPT), ties broken by index, so the output is
 //! deterministic. No IO, no proto.
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 
 /// One item to place, with its expected duration.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -23,14 +25,15 @@ pub struct Shard {
 /// How many shards: a fixed count, or as many as keep each near a target duration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ShardCount {
-    /// Exactly this many (fewer if there are fewer items).
+    /// Exactly this many (fewer if there are fewer items): up to one shard per item.
     Fixed(u32),
-    /// ceil(total / target), at least 1.
+    /// ceil(total / target), at least 1, at most [`MAX_DERIVED_SHARDS`].
     Target { target_ms: u64 },
 }
 
-/// Cap on shards per platform, whatever was asked.
-pub const MAX_SHARDS: usize = 256;
+/// Cap on the shards a target duration may derive; an explicit count is capped only by the
+/// number of items (one shard, one action, per item).
+pub const MAX_DERIVED_SHARDS: usize = 256;
 
 /// The estimate for an item never seen: the median of the known durations, or `fallback_ms`.
 pub fn estimate_ms(known: &[u64], fallback_ms: u64) -> u64 {
@@ -50,10 +53,11 @@ pub fn shard(items: &[Item], count: ShardCount) -> Vec<Shard> {
     let total: u64 = items.iter().map(|i| i.expected_ms).sum();
     let n = match count {
         ShardCount::Fixed(n) => n.max(1) as usize,
-        ShardCount::Target { target_ms } => total.div_ceil(target_ms.max(1)).max(1) as usize,
+        ShardCount::Target { target_ms } => {
+            (total.div_ceil(target_ms.max(1)).max(1) as usize).min(MAX_DERIVED_SHARDS)
+        }
     }
-    .min(items.len())
-    .min(MAX_SHARDS);
+    .min(items.len());
     let mut order: Vec<usize> = (0..items.len()).collect();
     order.sort_by(|a, b| {
         items[*b]
@@ -68,15 +72,16 @@ pub fn shard(items: &[Item], count: ShardCount) -> Vec<Shard> {
         };
         n
     ];
+    // The least-loaded shard (lowest index on ties) on top: O(items log shards), so a job of
+    // 10,000 steps in 10,000 shards is placed at once.
+    let mut loads: BinaryHeap<Reverse<(u64, usize)>> = (0..n).map(|k| Reverse((0, k))).collect();
     for i in order {
-        let target = shards
-            .iter()
-            .enumerate()
-            .min_by_key(|(k, s)| (s.expected_ms, *k))
-            .map(|(k, _)| k)
-            .unwrap_or(0);
+        let Some(Reverse((load, target))) = loads.pop() else {
+            break;
+        };
         shards[target].items.push(i);
         shards[target].expected_ms += items[i].expected_ms;
+        loads.push(Reverse((load + items[i].expected_ms, target)));
     }
     shards
 }
@@ -168,6 +173,24 @@ mod tests {
             shard(&same, ShardCount::Fixed(50)).len(),
             5,
             "never more shards than items"
+        );
+        let many: Vec<Item> = (0..1_000)
+            .map(|i| Item {
+                name: format!("s{i:04}"),
+                expected_ms: 10,
+            })
+            .collect();
+        let one_each = shard(&many, ShardCount::Fixed(1_000));
+        assert_eq!(
+            one_each.len(),
+            1_000,
+            "an explicit count may reach one per item"
+        );
+        assert!(one_each.iter().all(|s| s.items.len() == 1));
+        assert_eq!(
+            shard(&many, ShardCount::Target { target_ms: 1 }).len(),
+            MAX_DERIVED_SHARDS,
+            "a derived count stays capped"
         );
     }
 

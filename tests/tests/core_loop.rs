@@ -513,3 +513,96 @@ fn a_resumed_watch_continues_after_the_last_event_received() {
     let all = watch(last, epoch + 1, usize::MAX);
     assert_eq!(all.first().map(|e| e.seq), Some(1));
 }
+
+#[test]
+fn every_watcher_after_a_restart_hears_of_every_action() {
+    let mut farm = Farm::start(&["--lease-s", "6", "--heartbeat-s", "1"]);
+    farm.add_agent("a", &["--slots", "2"]);
+    farm.wait_ready_agents(1);
+    let step = |name: &str, cmd: &str| v1::Step {
+        name: name.into(),
+        argv: vec!["sh".into(), "-c".into(), cmd.into()],
+        ..Default::default()
+    };
+    // Two actions: one ends a little after the restart, the other runs on.
+    let spec = v1::JobSpec {
+        step_sets: vec![v1::PlatformSteps {
+            platform: "linux/amd64".into(),
+            steps: vec![step("quick", "sleep 6"), step("slow", "sleep 60")],
+        }],
+        shards: 2,
+        timeout_ms: 120_000,
+        no_cache: true,
+        ..Default::default()
+    };
+    let admin = farm.admin_dir();
+    let job = farm.submit_as(Some(&admin), spec).unwrap();
+    farm.wait_for("both running", Duration::from_secs(20), |f| {
+        f.status().is_ok_and(|s| s.running.len() == 2)
+    });
+    farm.coordinator.signal(Signal::SIGKILL);
+    farm.coordinator.wait_exit(Duration::from_secs(5));
+    farm.start_coordinator();
+    let ids: Vec<String> = farm
+        .job(&job)
+        .unwrap()
+        .actions
+        .iter()
+        .map(|a| a.action_id.clone())
+        .collect();
+    assert_eq!(ids.len(), 2);
+    let ch = farm.channel(Some(&admin)).unwrap();
+    // Events of one watch until `until` says stop or nothing comes for a while.
+    let watch = |until: &dyn Fn(&[v1::JobEvent]) -> bool| {
+        let (ch, job_id) = (ch.clone(), job.clone());
+        farm.block_on(async move {
+            let mut s = v1::jobs_client::JobsClient::new(ch)
+                .watch(v1::WatchRequest {
+                    job_id,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let mut events = Vec::new();
+            while !until(&events) {
+                match tokio::time::timeout(Duration::from_secs(20), s.message()).await {
+                    Ok(Ok(Some(e))) => events.push(e),
+                    _ => break,
+                }
+            }
+            events
+        })
+    };
+    let statuses = |events: &[v1::JobEvent]| -> Vec<v1::ActionStatus> {
+        events
+            .iter()
+            .filter_map(|e| match &e.kind {
+                Some(v1::job_event::Kind::Action(a)) => Some(a.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    // The first watch after the restart opens the job's hub; it follows until quick ends.
+    let quick_ended = |events: &[v1::JobEvent]| {
+        statuses(events)
+            .iter()
+            .any(|a| a.step_names == ["quick"] && a.state == v1::ActionState::Succeeded as i32)
+    };
+    let first = watch(&quick_ended);
+    assert!(quick_ended(&first), "the quick action ended: {first:?}");
+    // A later watch of the same coordinator still hears of the action that did not change.
+    let second = watch(&|events: &[v1::JobEvent]| {
+        let seen = statuses(events);
+        ids.iter().all(|id| seen.iter().any(|a| &a.action_id == id))
+    });
+    let seen = statuses(&second);
+    for id in &ids {
+        assert!(
+            seen.iter().any(|a| &a.action_id == id),
+            "the second watch never heard of {id}: {second:?}"
+        );
+    }
+    let out = farm.cli(&["farm", "cancel", &job]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}

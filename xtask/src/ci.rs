@@ -1,5 +1,6 @@
-//! `cargo xtask ci`: the one definition of what CI checks (fmt, clippy, build, test), run in
-//! order with inherited output, stopping at the first failure, timing every step.
+//! `cargo xtask ci`: the one definition of what CI checks (fmt, clippy, build, test, a short
+//! chaos run), run in order with inherited output, stopping at the first failure, timing every
+//! step.
 use crate::paths;
 use anyhow::Context;
 use std::process::Command;
@@ -34,7 +35,8 @@ impl Step {
 }
 
 /// The steps in order. The binaries are built before the tests because the end-to-end tests
-/// spawn them from target/debug.
+/// spawn them from target/debug; the short chaos run (agents and the coordinator SIGKILLed
+/// under a job of 200 actions) comes last.
 pub fn steps(test_args: &[String]) -> Vec<Step> {
     let mut test = Step::new(&["test", "--workspace"]);
     test.cargo_args.extend(test_args.iter().cloned());
@@ -50,6 +52,7 @@ pub fn steps(test_args: &[String]) -> Vec<Step> {
         ]),
         Step::new(&["build", "--workspace", "--bins"]),
         test,
+        Step::new(&["xtask", "chaos", "--short"]),
     ]
 }
 
@@ -103,7 +106,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn builds_before_testing_and_passes_extra_args_to_test() {
+    fn builds_before_testing_passes_extra_args_to_test_and_ends_with_chaos() {
         let steps = steps(&["--".to_string(), "--nocapture".to_string()]);
         let lines: Vec<String> = steps.iter().map(Step::display).collect();
         assert_eq!(
@@ -113,6 +116,7 @@ mod tests {
                 "cargo clippy --workspace --all-targets -- -D warnings",
                 "cargo build --workspace --bins",
                 "cargo test --workspace -- --nocapture",
+                "cargo xtask chaos --short",
             ]
         );
     }

@@ -1,8 +1,9 @@
 //! archfarm's automation and command line (`cargo xtask ...`): the farm client commands, the CI
-//! steps, the local demo farm and benchmarks. main.rs only parses; the work lives here so that
+//! steps, the local demo farm, the chaos run and benchmarks. main.rs only parses; the work lives here so that
 //! end-to-end tests can call the same functions.
 
 pub mod bench;
+pub mod chaos;
 pub mod ci;
 pub mod demo;
 pub mod farm;

@@ -24,6 +24,8 @@ enum Command {
     Demo(xtask::demo::DemoArgs),
     /// Measure the farm.
     Bench(xtask::bench::BenchArgs),
+    /// Kill agents and the coordinator under a job of many actions; check nothing was lost.
+    Chaos(xtask::chaos::ChaosArgs),
 }
 
 fn main() -> ExitCode {
@@ -33,6 +35,7 @@ fn main() -> ExitCode {
         Command::Ci(args) => xtask::ci::run(&args),
         Command::Demo(args) => xtask::block_on(xtask::demo::run(args)),
         Command::Bench(args) => xtask::block_on(xtask::bench::run(args)),
+        Command::Chaos(args) => xtask::block_on(xtask::chaos::run(args)),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -222,6 +222,8 @@ impl Sim {
     /// Takes every command sent to connected agents; returns the acks as
     /// (agent, action, fence, accepted).
     fn deliver(&mut self) -> Vec<(usize, ActionId, u64, bool)> {
+        // What the farm announces waits for the flush that makes it durable (group commit).
+        self.farm().commit().expect("the farm commits");
         let mut acks = Vec::new();
         let mut assigns = Vec::new();
         for (i, agent) in self.agents.iter_mut().enumerate() {

@@ -102,6 +102,7 @@ impl Admin for AdminService {
         authorize(&self.0, &req, &[Role::Admin])?;
         let id = AgentId(req.into_inner().agent_id);
         self.0.farm()?.drain(&id)?;
+        self.0.commit().await?;
         tracing::info!(agent = %id, "agent draining");
         Ok(Response::new(v1::AdminResponse {
             message: format!("agent {id} is draining: it finishes what runs and takes no new work"),
@@ -119,6 +120,7 @@ impl Admin for AdminService {
             let mut farm = self.0.farm()?;
             farm.revoke(&id, now)?;
         }
+        self.0.commit().await?;
         for (fp, mut p) in self.0.store.principals().map_err(internal)? {
             if p.role == Role::Agent && p.name == id.0 && !p.revoked {
                 p.revoked = true;

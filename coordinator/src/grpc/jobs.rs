@@ -335,6 +335,7 @@ impl Jobs for JobsService {
             .farm()?
             .submit(job, actions, &pins, now)
             .map_err(internal)?;
+        shared.commit().await?;
         tracing::info!(job = %job_id, by = %who.name, "job submitted");
         Ok(Response::new(v1::SubmitResponse { job_id: job_id.0 }))
     }
@@ -347,21 +348,39 @@ impl Jobs for JobsService {
         let r = req.into_inner();
         let id = JobId(r.job_id);
         let (job, actions) = load_job(&shared, &id)?;
-        let (existing, epoch) = {
+        let (sub, epoch) = {
             let mut farm = shared.farm()?;
-            (farm.hubs().subscribe_existing(&id), farm.started_unix_ms())
-        };
-        let sub = match existing {
-            Some(sub) => Some(sub),
-            // Long finished: the stored states and results (output is in the CAS).
-            None if job.finished => None,
-            None => Some(shared.farm()?.hubs().subscribe(&id)),
+            let epoch = farm.started_unix_ms();
+            let sub = match farm.hubs().subscribe_existing(&id) {
+                Some(sub) => Some(sub),
+                // Long finished: the stored states and results (output is in the CAS).
+                None if job.finished => None,
+                // Active, but this coordinator process has no hub for it (it restarted since
+                // the submit): open one that starts with the stored state of every action,
+                // read under the farm's lock so that no change falls between that state and
+                // the live feed, and every later watcher of this process gets it numbered.
+                None => {
+                    // Only durable state is shown: flush what the committer has not yet.
+                    shared.store.flush().map_err(internal)?;
+                    let (now, stored) = load_job(&shared, &id)?;
+                    let hubs = farm.hubs();
+                    hubs.open(&id);
+                    for a in stored {
+                        hubs.publish(&id, JobUpdate::Action(Box::new(a)));
+                    }
+                    if now.finished {
+                        hubs.publish(&id, JobUpdate::Finished(id.clone()));
+                    }
+                    Some(hubs.subscribe(&id))
+                }
+            };
+            (sub, epoch)
         };
         let (mut first, live) = match sub {
             Some(crate::hubs::Subscription { history, live }) => (history, Some(live)),
             None => (Vec::new(), None),
         };
-        // A new hub (after a restart) or none: start from the stored state, unnumbered.
+        // No hub (finished long ago): the stored state, unnumbered.
         if first.is_empty() {
             first = actions
                 .into_iter()
@@ -445,6 +464,7 @@ impl Jobs for JobsService {
             .0
             .farm()?
             .cancel_job(&JobId(r.job_id.clone()), &reason, now)?;
+        self.0.commit().await?;
         tracing::info!(job = %r.job_id, by = %who.name, cancelled, "job cancelled");
         Ok(Response::new(v1::CancelJobResponse { cancelled }))
     }

@@ -32,6 +32,8 @@ pub struct Shared {
     pub clock: fn() -> u64,
     /// Bumped on every revocation: open streams re-check their caller when it changes.
     pub revocations: tokio::sync::watch::Sender<u64>,
+    /// One group commit at a time (see [`Shared::commit`]).
+    pub committing: tokio::sync::Mutex<()>,
 }
 
 /// Shared state handle.
@@ -51,6 +53,27 @@ impl Shared {
     /// Now, in Unix ms.
     pub fn now(&self) -> u64 {
         (self.clock)()
+    }
+
+    /// Makes every change the farm made so far durable, then releases what it announced
+    /// (commands to agents, events to watchers) in order. Every caller that changed the farm
+    /// awaits this before answering; callers that arrive while a flush runs are covered by
+    /// the next one, so one fsync serves them all. The flush runs outside the farm's lock.
+    pub async fn commit(&self) -> Result<(), Status> {
+        let _turn = self.committing.lock().await;
+        let outbox = self.farm()?.take_outbox();
+        if outbox.is_empty() {
+            return Ok(());
+        }
+        if outbox.needs_flush {
+            let store = self.store.clone();
+            tokio::task::spawn_blocking(move || store.flush())
+                .await
+                .map_err(|e| internal(anyhow::anyhow!("flush the state store: {e}")))?
+                .map_err(internal)?;
+        }
+        self.farm()?.release(outbox);
+        Ok(())
     }
 }
 

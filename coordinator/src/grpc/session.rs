@@ -117,6 +117,7 @@ impl AgentSession for SessionService {
                 .unwrap_or_default();
             (conn, labels, farm.config().heartbeat_ms)
         };
+        shared.commit().await?;
         tracing::info!(%agent, conn, hostname = %hello.hostname, platforms = ?hello.platforms.iter().map(|p| (&p.platform, p.emulated)).collect::<Vec<_>>(), "agent connected");
         let welcome = v1::CoordinatorMessage {
             kind: Some(coordinator_message::Kind::Welcome(v1::Welcome {
@@ -153,6 +154,11 @@ impl AgentSession for SessionService {
                             if let Err(e) = handle(&shared, &agent, conn, m) {
                                 let _ = out_tx.send(Err(e.clone())).await;
                                 break format!("refused a message: {}", e.message());
+                            }
+                            // The answer (an ack, new work) goes out once the change is durable.
+                            if let Err(e) = shared.commit().await {
+                                let _ = out_tx.send(Err(e.clone())).await;
+                                break format!("failed to commit: {}", e.message());
                             }
                         }
                         Ok(None) => break "agent closed the stream".to_string(),

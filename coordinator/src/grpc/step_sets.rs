@@ -1,6 +1,7 @@
 //! Jobs made of step sets: validation, the step cache, sharding by recorded durations, and
 //! composing each shard's input root from its steps' trees.
 use super::{internal, SharedRef};
+use crate::cas::VerifiedBlob;
 use crate::model::*;
 use crate::sharding::{self, Item, ShardCount};
 use archfarm_proto::{tree, v1, Digest, Platform};
@@ -165,6 +166,9 @@ pub fn expand(
             },
         }
     };
+    // Every shard's composed root, stored with one group commit at the end (a job of 10,000
+    // one-step shards would otherwise pay 10,000 fsyncs before its first action is queued).
+    let mut roots: Vec<VerifiedBlob> = Vec::new();
     let empty_dir = tree::encode_directory(&v1::Directory::default());
     let empty_digest = Digest::of(&empty_dir);
     shared
@@ -297,10 +301,10 @@ pub fn expand(
             steps.sort_by_key(|s| order.iter().position(|n| n == &s.name));
             let bytes = tree::encode_directory(&root);
             let root_digest = Digest::of(&bytes);
-            shared
-                .cas
-                .put(&root_digest, &bytes)
-                .map_err(|e| internal(anyhow::anyhow!("failed to store a shard root: {e}")))?;
+            roots.push(
+                VerifiedBlob::check(root_digest, bytes)
+                    .map_err(|e| internal(anyhow::anyhow!("check a shard root: {e}")))?,
+            );
             pins.push(root_digest);
             let id = ActionId(format!("{job_id}/{platform}/shard-{}", k + 1));
             let mut a = record(id.clone(), base_spec(steps, Some(root_digest)));
@@ -325,6 +329,10 @@ pub fn expand(
             exp.actions.push(a);
         }
     }
+    shared
+        .cas
+        .put_batch(&roots)
+        .map_err(|e| internal(anyhow::anyhow!("store the shard roots: {e}")))?;
     Ok(exp)
 }
 

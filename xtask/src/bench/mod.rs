@@ -1,10 +1,12 @@
 //! `cargo xtask bench ...`: measurements of a farm. `latency` times a trivial job end to end
 //! through the same code as `farm run`, so it measures what CI would feel; `cas` measures the
 //! content-addressed store (ingest against b3sum, warm re-upload, FindMissing, big blobs); `k8s`
-//! sets the farm against the QEMU path CI uses today on k8s.io/utils.
+//! sets the farm against the QEMU path CI uses today on k8s.io/utils; `load` puts hundreds of
+//! simulated agents and tens of thousands of actions on a real coordinator.
 
 pub mod cas;
 pub mod k8s;
+pub mod load;
 pub mod private;
 
 use crate::farm::display::format_duration;
@@ -34,6 +36,10 @@ pub enum BenchCommand {
     /// (b) the farm cold and (c) warm on all platforms at once, (d) Go's cached `go test`;
     /// prints the ratios (a)/(b) and (c)/(d). Starts and stops its own farm.
     K8s(k8s::K8sArgs),
+    /// A real coordinator against 500 simulated agents (real joins, real TLS, the real session
+    /// protocol, answering at once) and 50,000 one-step actions: actions per second, dispatch
+    /// latency, the coordinator's memory, nothing lost. `--quick` for 50 agents, 2,000 actions.
+    Load(load::LoadArgs),
 }
 
 /// `cargo xtask bench latency [--runs N]`.
@@ -58,6 +64,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<u8> {
         BenchCommand::Latency(args) => latency(&args).await,
         BenchCommand::Cas(args) => cas::run(&args).await,
         BenchCommand::K8s(args) => k8s::run(&args).await,
+        BenchCommand::Load(args) => load::run(&args).await,
     }
 }
 
