@@ -1,7 +1,8 @@
 //! A donated machine is safe to lend: actions that write outside their work dir, open a TCP
 //! connection, fork thousands of processes, allocate past their memory limit, fill their disk
 //! budget, flood their output or hang fail with a clear limit or infra reason, and the agent
-//! stays healthy and takes the next action. Needs bubblewrap (CI installs it).
+//! stays healthy and takes the next action; a stuck run quarantines its agent. Needs
+//! bubblewrap (CI installs it).
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 use archfarm_proto::v1;
 use archfarm_tests::*;
@@ -215,4 +216,59 @@ fn actions_that_break_out_or_break_limits_fail_clearly_and_the_agent_goes_on() {
     farm.wait_ready_agents(2);
     let (code, report, stderr) = network_run(&farm);
     assert_eq!(code, Some(0), "{report} {stderr}");
+}
+
+/// A run the watchdog stops is the farm's problem, not the test's: with `--quarantine-after 1`
+/// the agent that reported it is quarantined (status says why) and gets no new work.
+#[test]
+fn a_stuck_run_quarantines_its_agent() {
+    let mut farm = Farm::start(&[
+        "--max-attempts",
+        "1",
+        "--quarantine-after",
+        "1",
+        "--quarantine-base-s",
+        "600",
+    ]);
+    let policy = farm.dir.path().join("policy.toml");
+    std::fs::write(&policy, "watchdog_s = 2\nmin_free_disk_bytes = 0\n").unwrap();
+    farm.add_agent("stuck", &["--policy", policy.to_str().unwrap()]);
+    farm.wait_ready_agents(1);
+
+    let (_, action) = run_one(&farm, "sleep 100");
+    assert_eq!(action["state"], "infra_failed", "{action}");
+    assert!(text(&action).contains("watchdog"), "{action}");
+    let status = farm.status().unwrap();
+    let agent = &status.agents[0];
+    assert_eq!(agent.state, v1::AgentState::Quarantined as i32, "{agent:?}");
+    assert!(agent.quarantine_reason.contains("watchdog"), "{agent:?}");
+    let text = String::from_utf8_lossy(&farm.cli(&["farm", "status"]).stdout).into_owned();
+    assert!(text.contains("quarantined"), "{text}");
+
+    // New work waits instead of going to the quarantined agent.
+    let mut waiting = farm.cli_spawn(&[
+        "farm",
+        "run",
+        "--platform",
+        &native(),
+        "--no-cache",
+        "--",
+        "true",
+    ]);
+    farm.wait_for("a queued action", Duration::from_secs(30), |f| {
+        f.status()
+            .is_ok_and(|s| s.queues.iter().any(|q| q.queued == 1 && q.running == 0))
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let status = farm.status().unwrap();
+    assert!(
+        status
+            .queues
+            .iter()
+            .any(|q| q.queued == 1 && q.running == 0),
+        "{:?}",
+        status.queues
+    );
+    waiting.kill().unwrap();
+    waiting.wait().unwrap();
 }
