@@ -103,6 +103,9 @@ pub struct BlobCache {
     root: PathBuf,
     budget_bytes: u64,
     index: Arc<Mutex<CacheIndex>>,
+    /// Work dirs get copies, not hard links: actions run as the cache's owner, who could
+    /// chmod a linked file and write through it into the cache.
+    copy_inputs: bool,
 }
 
 /// Blobs a materialisation uses; they are not evicted until this is dropped.
@@ -179,6 +182,7 @@ impl BlobCache {
             root: root.to_path_buf(),
             budget_bytes,
             index: Arc::new(Mutex::new(index)),
+            copy_inputs: false,
         };
         cache.evict_to_budget();
         Ok(cache)
@@ -187,6 +191,17 @@ impl BlobCache {
     fn index(&self) -> MutexGuard<'_, CacheIndex> {
         // The index is consistent between statements: keep going after a panic elsewhere.
         self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The same cache, handing out copies instead of hard links to work dirs.
+    pub fn copying_inputs(mut self) -> Self {
+        self.copy_inputs = true;
+        self
+    }
+
+    /// Whether work dirs get copies instead of hard links.
+    pub fn copies_inputs(&self) -> bool {
+        self.copy_inputs
     }
 
     /// Bytes of cached files.

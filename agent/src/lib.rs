@@ -106,6 +106,12 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     };
     tracing::info!("sandbox: {}; limits: {}", policy.sandbox, policy.limits);
 
+    // Actions running as the agent's own user could write through a hard link into the blob
+    // cache; as root the sandbox runs them as another user, who cannot.
+    let cache = match &isolation.sandbox {
+        sandbox::Sandbox::Bwrap(b) if b.user.is_none() => cache.copying_inputs(),
+        _ => cache,
+    };
     let settings = executor::ExecutorSettings {
         work_root,
         cache,

@@ -282,7 +282,14 @@ fn build_tree(
         for f in &dir.files {
             let d = Digest::from_proto_required(f.digest.as_ref())
                 .with_context(|| format!("file {:?}: bad digest", f.name))?;
-            link_or_copy(&cache.path(&d, f.executable), &path.join(&f.name))?;
+            let (from, to) = (cache.path(&d, f.executable), path.join(&f.name));
+            if cache.copies_inputs() {
+                fs::copy(&from, &to).with_context(|| {
+                    format!("failed to copy {} to {}", from.display(), to.display())
+                })?;
+            } else {
+                link_or_copy(&from, &to)?;
+            }
         }
         for s in &dir.symlinks {
             let link = path.join(&s.name);
@@ -368,6 +375,32 @@ mod tests {
             .expect("chmod");
         std::os::unix::fs::symlink("../a.txt", p.join("data/link")).expect("symlink");
         src
+    }
+
+    #[tokio::test]
+    async fn a_copying_cache_gives_work_dirs_their_own_files() {
+        use std::os::unix::fs::MetadataExt;
+        let src = sample_source();
+        let (store, root) = store_of(src.path());
+        let data = tempfile::tempdir().expect("tempdir");
+        let cache = BlobCache::open(&data.path().join("cache"), 1 << 30).expect("cache");
+        let linked = data.path().join("linked");
+        materialise(&store, &cache, Some(root), &linked)
+            .await
+            .expect("materialise");
+        assert_eq!(fs::metadata(linked.join("a.txt")).expect("a").nlink(), 2);
+        let copying = cache.copying_inputs();
+        let copied = data.path().join("copied");
+        materialise(&store, &copying, Some(root), &copied)
+            .await
+            .expect("materialise");
+        let meta = fs::metadata(copied.join("bin/run.sh")).expect("run.sh");
+        assert_eq!(meta.nlink(), 1, "a copy, not a link into the cache");
+        assert_eq!(meta.permissions().mode() & 0o777, 0o555);
+        assert_eq!(
+            fs::read_to_string(copied.join("a.txt")).expect("a"),
+            "hello\n"
+        );
     }
 
     #[tokio::test]
