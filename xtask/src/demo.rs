@@ -224,7 +224,8 @@ fn agent_args(dir: &Path, agent: &DemoAgent, join: &v1::CreateTokenResponse) -> 
 
 /// The programs the demo needs.
 fn required_programs() -> Vec<&'static str> {
-    let mut programs = vec!["go"];
+    // bwrap: the agents sandbox every action with it (without it they run unsandboxed).
+    let mut programs = vec!["go", "bwrap"];
     programs.extend(DEMO_AGENTS.iter().filter_map(|a| a.qemu()));
     programs
 }
@@ -241,7 +242,8 @@ pub fn find_program(name: &str) -> Option<PathBuf> {
         })
 }
 
-/// Makes sure go and the qemu-user programs are there: installs them as root, else says how.
+/// Makes sure go, bubblewrap and the qemu-user programs are there: installs them as root,
+/// else says how.
 fn ensure_tools() -> anyhow::Result<bool> {
     let missing = || -> Vec<&'static str> {
         required_programs()
@@ -256,13 +258,13 @@ fn ensure_tools() -> anyhow::Result<bool> {
     if !nix::unistd::geteuid().is_root() {
         eprintln!(
             "the demo needs {} (missing on PATH); install them with:\n  \
-             sudo apt-get update && sudo apt-get install -y golang-go qemu-user-static",
+             sudo apt-get update && sudo apt-get install -y golang-go qemu-user-static bubblewrap",
             absent.join(", ")
         );
         return Ok(false);
     }
     eprintln!(
-        "installing golang-go and qemu-user-static for {}",
+        "installing golang-go, qemu-user-static and bubblewrap for {}",
         absent.join(", ")
     );
     run_checked(
@@ -271,9 +273,15 @@ fn ensure_tools() -> anyhow::Result<bool> {
     )?;
     run_checked(
         Command::new("apt-get")
-            .args(["install", "-y", "golang-go", "qemu-user-static"])
+            .args([
+                "install",
+                "-y",
+                "golang-go",
+                "qemu-user-static",
+                "bubblewrap",
+            ])
             .env("DEBIAN_FRONTEND", "noninteractive"),
-        "install golang-go and qemu-user-static",
+        "install golang-go, qemu-user-static and bubblewrap",
     )?;
     let still = missing();
     if !still.is_empty() {
