@@ -53,11 +53,30 @@ fn decode<T: DeserializeOwned>(what: &str, key: &[u8], b: &[u8]) -> anyhow::Resu
 impl Store {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
-        let db = sled::Config::new()
-            .path(dir)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .with_context(|| format!("failed to open the state store in {}", dir.display()))?;
+        // A store just closed (here, or by a process still exiting) may hold its file lock
+        // for a moment while sled's flusher thread ends: wait up to 5 s for it.
+        let mut waited = 0;
+        let db = loop {
+            match sled::Config::new()
+                .path(dir)
+                .mode(sled::Mode::HighThroughput)
+                .open()
+            {
+                Ok(db) => break db,
+                // sled reports it as ErrorKind::Other with this text.
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock") && waited < 250 =>
+                {
+                    waited += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("failed to open the state store in {}", dir.display())
+                    })
+                }
+            }
+        };
         let meta = db.open_tree("meta")?;
         match meta.get("schema_version")? {
             None => {
@@ -345,6 +364,20 @@ mod tests {
             s.action(&ActionId("c".into())).unwrap().unwrap().state,
             ActionState::Succeeded
         );
+    }
+
+    #[test]
+    fn a_store_still_closing_elsewhere_is_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Store::open(dir.path()).unwrap();
+        let closer = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(first);
+        });
+        // Opened while the first still holds the lock: it waits instead of failing.
+        let second = Store::open(dir.path());
+        closer.join().unwrap();
+        assert!(second.is_ok(), "{:?}", second.err());
     }
 
     #[test]
