@@ -937,14 +937,11 @@ impl Watch<'_> {
     async fn run(&self, done: &CancellationToken) -> u64 {
         let limits = self.isolation.limits;
         let mut peak = 0;
-        let baseline = if limits.disk_bytes > 0 {
-            let dir = self.work_dir.to_path_buf();
-            tokio::task::spawn_blocking(move || disk_usage(&dir))
-                .await
-                .unwrap_or(0)
-        } else {
-            0
-        };
+        // The work dir is walked only when its file system lost more than the limit since
+        // the start (one statvfs a second otherwise); then what counts is what was written
+        // since the start, so the inputs need no walk up front.
+        let started = SystemTime::now();
+        let free_at_start = crate::host::free_disk_bytes(self.work_dir);
         let mut last_disk_check = Instant::now();
         let mut last_progress = Instant::now();
         let mut last_cpu = 0u64;
@@ -955,7 +952,7 @@ impl Watch<'_> {
             let (rss, cpu, count) = tokio::task::spawn_blocking(move || {
                 let pids: Vec<i32> = match members {
                     Some(m) => m,
-                    None => group_members(pgid).into_iter().map(|(p, _)| p).collect(),
+                    None => group_members(pgid),
                 };
                 let (rss, cpu) = pids.iter().fold((0u64, 0u64), |(rss, cpu), pid| {
                     let (r, c) = process_usage(*pid);
@@ -996,15 +993,19 @@ impl Watch<'_> {
             if limits.disk_bytes > 0 && last_disk_check.elapsed() >= DISK_CHECK_EVERY {
                 last_disk_check = Instant::now();
                 let dir = self.work_dir.to_path_buf();
-                let used = tokio::task::spawn_blocking(move || disk_usage(&dir))
-                    .await
-                    .unwrap_or(0);
-                let grown = used.saturating_sub(baseline);
+                let lost = free_at_start.saturating_sub(crate::host::free_disk_bytes(&dir));
+                let grown = if lost > limits.disk_bytes {
+                    tokio::task::spawn_blocking(move || written_since(&dir, started))
+                        .await
+                        .unwrap_or(0)
+                } else {
+                    0
+                };
                 if grown > limits.disk_bytes {
                     self.breach.trip(
                         BreachKind::Limit,
                         format!(
-                            "disk limit of {} exceeded: the work dir grew by {}",
+                            "disk limit of {} exceeded: {} written to the work dir",
                             bytes(limits.disk_bytes),
                             bytes(grown)
                         ),
@@ -1062,8 +1063,9 @@ fn resident_bytes(pid: i32) -> u64 {
         .map_or(0, |kib| kib * 1024)
 }
 
-/// Bytes of disk the files under `dir` take (hard links counted once).
-fn disk_usage(dir: &Path) -> u64 {
+/// Bytes of disk taken by the files under `dir` written at or after `since` (hard links
+/// counted once; inputs, linked or copied before the run, are older).
+fn written_since(dir: &Path, since: SystemTime) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let mut seen = std::collections::HashSet::new();
     let mut total = 0u64;
@@ -1076,7 +1078,9 @@ fn disk_usage(dir: &Path) -> u64 {
             let Ok(meta) = e.metadata() else { continue };
             if meta.is_dir() {
                 stack.push(e.path());
-            } else if meta.nlink() < 2 || seen.insert((meta.dev(), meta.ino())) {
+            } else if meta.modified().is_ok_and(|m| m >= since)
+                && (meta.nlink() < 2 || seen.insert((meta.dev(), meta.ino())))
+            {
                 total += meta.blocks() * 512;
             }
         }
@@ -1331,8 +1335,8 @@ fn signal_group(pgid: i32, signal: Signal) {
     }
 }
 
-/// Live (not zombie) processes whose process group is `pgid`, with their resident bytes.
-pub fn group_members(pgid: i32) -> Vec<(i32, u64)> {
+/// Live (not zombie) processes whose process group is `pgid`.
+pub fn group_members(pgid: i32) -> Vec<i32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -1358,7 +1362,7 @@ pub fn group_members(pgid: i32) -> Vec<(i32, u64)> {
         if pgrp != Some(pgid) || matches!(state, Some("Z") | Some("X")) {
             continue;
         }
-        out.push((pid, resident_bytes(pid)));
+        out.push(pid);
     }
     out
 }
