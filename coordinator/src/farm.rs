@@ -1321,6 +1321,8 @@ mod tests {
         /// cache_untrusted and cache_emulated of the next submits.
         cache_untrusted: bool,
         cache_emulated: bool,
+        /// network of the next submits.
+        network: bool,
         /// Blobs every action of the next submits needs (its input tree).
         inputs: Vec<Digest>,
     }
@@ -1373,6 +1375,7 @@ mod tests {
                 labels: [("trusted".to_string(), "true".to_string())].into(),
                 cache_untrusted: false,
                 cache_emulated: false,
+                network: false,
                 inputs: vec![],
             }
         }
@@ -1431,7 +1434,7 @@ mod tests {
                         no_cache: false,
                         steps: vec![],
                         exclusive: self.exclusive,
-                        network: false,
+                        network: self.network,
                         cache_untrusted: self.cache_untrusted,
                         cache_emulated: self.cache_emulated,
                     };
@@ -2025,6 +2028,38 @@ mod tests {
             let done = h.state(&format!("{first}/linux/arm64"));
             assert_eq!(done.state, ActionState::Succeeded, "{what}");
         }
+    }
+
+    #[test]
+    fn a_result_with_the_network_is_neither_stored_nor_served() {
+        let out = Digest::of(b"stdout bytes");
+        let mut h = Harness::new();
+        h.farm.cas.put(&out, b"stdout bytes").unwrap();
+        h.join("a", &[("linux/arm64", false)], 0);
+        let agent = h.farm.agents.get_mut(&AgentId("a".into())).unwrap();
+        agent.record.facts.allow_network = true;
+        (h.cache_untrusted, h.cache_emulated, h.network) = (true, true, true);
+        let first = h.submit_keyed(&["linux/arm64"], false, "key-1", 0);
+        let (_, fence, _) = h.assigns("a")[0].clone();
+        h.complete_with("a", &format!("{first}/linux/arm64"), fence, &[out], 1);
+        let lookup = |h: &Harness| {
+            h.farm
+                .cache()
+                .lookup(CacheKey::Action("key-1"), false, 2)
+                .unwrap()
+        };
+        assert!(lookup(&h).is_none(), "a network result was stored");
+        // A stored result of the same key does not answer an action with the network.
+        h.network = false;
+        let second = h.submit_keyed(&["linux/arm64"], false, "key-1", 2);
+        let (_, fence, _) = h.assigns("a")[0].clone();
+        h.complete_with("a", &format!("{second}/linux/arm64"), fence, &[out], 3);
+        assert!(lookup(&h).is_some());
+        h.network = true;
+        let third = h.submit_keyed(&["linux/arm64"], false, "key-1", 4);
+        let third = h.state(&format!("{third}/linux/arm64"));
+        assert!(!third.cached, "{third:?}");
+        assert_eq!(third.state, ActionState::Running);
     }
 
     #[test]

@@ -32,8 +32,12 @@ pub struct CacheFigures {
 /// Why the cache policy keeps a result out of the cache, if it does: only results of trusted
 /// agents running natively are stored, unless the job asked for more (`cache_untrusted`,
 /// `cache_emulated`). A result from an agent nobody vouched for would otherwise answer every
-/// later client, and one produced under emulation may differ from a native run.
+/// later client, and one produced under emulation may differ from a native run. A result of
+/// an action that had the network is never stored: what it fetched may differ next time.
 pub fn policy_refusal(spec: &ActionSpec, trusted: bool, emulated: bool) -> Option<&'static str> {
+    if spec.network {
+        return Some("the action had the network, so its result may not repeat");
+    }
     if !trusted && !spec.cache_untrusted {
         return Some("the agent is not trusted (its token lacked trusted=true) and the job did not ask for cache_untrusted");
     }
@@ -97,9 +101,9 @@ impl ResultCache {
     }
 
     /// Completes a queued action from the cache when its result is there (and the job did not
-    /// ask for `no_cache`); returns whether it did.
+    /// ask for `no_cache` or the network); returns whether it did.
     pub fn answer(&self, a: &mut ActionRecord, now: u64) -> anyhow::Result<bool> {
-        if a.spec.no_cache || a.action_digest.is_empty() {
+        if a.spec.no_cache || a.spec.network || a.action_digest.is_empty() {
             return Ok(false);
         }
         let key = CacheKey::Action(&a.action_digest);

@@ -185,8 +185,7 @@ pub fn plan_actions(
                 timeout_ms: spec.timeout_ms,
                 allow_emulation: spec.allow_emulation,
                 output_paths: valid.output_paths.clone(),
-                // A result that depended on the network is no answer for later.
-                no_cache: spec.no_cache || spec.network,
+                no_cache: spec.no_cache,
                 steps: vec![],
                 exclusive: spec.exclusive,
                 network: spec.network,

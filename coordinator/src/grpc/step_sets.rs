@@ -181,7 +181,8 @@ pub fn expand(
         let mut hits = Vec::new();
         let mut misses = Vec::new();
         for st in set.steps {
-            let hit = if spec.no_cache || st.cache_key.is_empty() {
+            // A job with the network is never answered from the cache (see policy_refusal).
+            let hit = if spec.no_cache || spec.network || st.cache_key.is_empty() {
                 None
             } else {
                 shared
@@ -220,7 +221,7 @@ pub fn expand(
             timeout_ms: spec.timeout_ms,
             allow_emulation: spec.allow_emulation,
             output_paths: vec![],
-            no_cache: spec.no_cache || spec.network,
+            no_cache: spec.no_cache,
             steps,
             exclusive: spec.exclusive,
             network: spec.network,
