@@ -3,7 +3,7 @@
 //! SIGKILLed and restarted every few seconds (seeded) and the coordinator once, mid-run; then
 //! every action must have ended exactly once, succeeded, and printed what it should have.
 use crate::bench::private::PrivateCoordinator;
-use crate::demo::{build_binaries, spawn_logged};
+use crate::demo::{build_binaries, spawn_logged, stop_child};
 use crate::farm::blobs::{batch_read, BATCH_MAX_BLOBS};
 use crate::farm::display::{format_duration, is_final};
 use crate::farm::job::get_job;
@@ -13,8 +13,6 @@ use crate::paths;
 use anyhow::{bail, Context};
 use archfarm_proto::v1::{self, job_event, ActionState, ActionStatus, JobStatus};
 use archfarm_proto::{Digest, Platform};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -377,21 +375,7 @@ impl AgentProcess {
 
     /// SIGTERM, then SIGKILL after 5 s.
     fn stop(&mut self) {
-        if !matches!(self.child.try_wait(), Ok(None)) {
-            return;
-        }
-        if let Ok(raw) = i32::try_from(self.child.id()) {
-            let _ = kill(Pid::from_raw(raw), Signal::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if !matches!(self.child.try_wait(), Ok(None)) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop_child(&mut self.child, Duration::from_secs(5));
     }
 }
 

@@ -335,6 +335,25 @@ fn remove_state(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// SIGTERM to `child`, then SIGKILL once `grace` passed with it still running; reaps it.
+pub(crate) fn stop_child(child: &mut Child, grace: Duration) {
+    if !matches!(child.try_wait(), Ok(None)) {
+        return;
+    }
+    if let Ok(raw) = i32::try_from(child.id()) {
+        let _ = kill(Pid::from_raw(raw), Signal::SIGTERM);
+    }
+    let deadline = std::time::Instant::now() + grace;
+    while std::time::Instant::now() < deadline {
+        if !matches!(child.try_wait(), Ok(None)) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// Starts `command` in its own process group (so a terminal's Ctrl-C does not reach it), stdin
 /// empty, stdout and stderr into `log` (the file at `log_path`), logs plain (no colour).
 pub(crate) fn spawn_logged(

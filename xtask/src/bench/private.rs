@@ -3,17 +3,15 @@
 //! target/, and stopped (SIGTERM, then SIGKILL) when the run ends, so that it needs no farm
 //! running and always starts from an empty store. The chaos run also SIGKILLs it and starts it
 //! again on the same port and data directory.
-use crate::demo::{build_binaries, spawn_logged, wait_for_coordinator};
+use crate::demo::{build_binaries, spawn_logged, stop_child, wait_for_coordinator};
 use crate::farm::{FarmClient, FarmOptions};
 use crate::paths;
 use anyhow::Context;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use std::ffi::OsString;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How long it gets between SIGTERM and SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -141,22 +139,7 @@ impl PrivateCoordinator {
     }
 
     fn terminate(&mut self) {
-        if !matches!(self.child.try_wait(), Ok(None)) {
-            return;
-        }
-        let Ok(raw) = i32::try_from(self.child.id()) else {
-            return;
-        };
-        let _ = kill(Pid::from_raw(raw), Signal::SIGTERM);
-        let deadline = Instant::now() + STOP_GRACE;
-        while Instant::now() < deadline {
-            if !matches!(self.child.try_wait(), Ok(None)) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop_child(&mut self.child, STOP_GRACE);
     }
 }
 
