@@ -1422,21 +1422,12 @@ mod tests {
                 .map(|p| {
                     let platform: Platform = p.parse().unwrap();
                     let spec = ActionSpec {
-                        argv: vec!["true".into()],
-                        env: vec![],
-                        working_directory: String::new(),
-                        input_root: None,
-                        platform: platform.clone(),
-                        required_labels: Labels::new(),
-                        timeout_ms: 60_000,
                         allow_emulation,
-                        output_paths: vec![],
-                        no_cache: false,
-                        steps: vec![],
                         exclusive: self.exclusive,
                         network: self.network,
                         cache_untrusted: self.cache_untrusted,
                         cache_emulated: self.cache_emulated,
+                        ..ActionSpec::trivial(platform.clone())
                     };
                     let mut a = ActionRecord::queued(
                         ActionId::new(&job, &platform),

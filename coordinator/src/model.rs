@@ -276,6 +276,30 @@ pub struct ActionSpec {
     pub cache_emulated: bool,
 }
 
+#[cfg(test)]
+impl ActionSpec {
+    /// `true` on `platform`, 60 s limit, nothing else: the base of the tests' actions.
+    pub fn trivial(platform: Platform) -> Self {
+        Self {
+            argv: vec!["true".into()],
+            env: vec![],
+            working_directory: String::new(),
+            input_root: None,
+            platform,
+            required_labels: Labels::new(),
+            timeout_ms: 60_000,
+            allow_emulation: false,
+            output_paths: vec![],
+            no_cache: false,
+            steps: vec![],
+            exclusive: false,
+            network: false,
+            cache_untrusted: false,
+            cache_emulated: false,
+        }
+    }
+}
+
 /// Lifecycle of an action.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

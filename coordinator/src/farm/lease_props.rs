@@ -398,21 +398,8 @@ impl Sim {
             .map(|(_, p)| {
                 let platform: Platform = p.parse().expect("a valid platform");
                 let spec = ActionSpec {
-                    argv: vec!["true".into()],
-                    env: vec![],
-                    working_directory: String::new(),
-                    input_root: None,
-                    platform: platform.clone(),
-                    required_labels: Labels::new(),
-                    timeout_ms: 60_000,
-                    allow_emulation: false,
-                    output_paths: vec![],
                     no_cache: true,
-                    steps: vec![],
-                    exclusive: false,
-                    network: false,
-                    cache_untrusted: false,
-                    cache_emulated: false,
+                    ..ActionSpec::trivial(platform.clone())
                 };
                 ActionRecord::queued(ActionId::new(&job, &platform), &job, seq, spec, now)
             })

@@ -319,21 +319,8 @@ mod tests {
     fn only_unfinished_actions_are_read_back() {
         let dir = tempfile::tempdir().unwrap();
         let spec = ActionSpec {
-            argv: vec!["true".into()],
-            env: vec![],
-            working_directory: String::new(),
-            input_root: None,
-            platform: "linux/amd64".parse().unwrap(),
-            required_labels: Labels::new(),
             timeout_ms: 1_000,
-            allow_emulation: false,
-            output_paths: vec![],
-            no_cache: false,
-            steps: vec![],
-            exclusive: false,
-            network: false,
-            cache_untrusted: false,
-            cache_emulated: false,
+            ..ActionSpec::trivial("linux/amd64".parse().unwrap())
         };
         let job = JobId("j-000001".into());
         {
