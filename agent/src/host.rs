@@ -60,6 +60,8 @@ pub fn native_platform() -> Option<Platform> {
             "powerpc64" => "ppc64le",
             "s390x" => "s390x",
             "riscv64" => "riscv64",
+            // uname says `mips64` for both byte orders; this build knows its own.
+            "mips64" if cfg!(target_endian = "little") => "mips64le",
             "arm" => "armv7l",
             "x86" => "i686",
             other => other,

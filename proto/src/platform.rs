@@ -20,6 +20,7 @@ pub const KNOWN_PLATFORMS: &[&str] = &[
     "linux/ppc64le",
     "linux/s390x",
     "linux/riscv64",
+    "linux/mips64le",
     "linux/386",
 ];
 
@@ -58,6 +59,9 @@ impl Platform {
             "ppc64le" => "linux/ppc64le",
             "s390x" => "linux/s390x",
             "riscv64" => "linux/riscv64",
+            // Not a uname answer (mips64 says `mips64` whatever its byte order): the agent's
+            // fallback names its own little-endian build this way.
+            "mips64le" => "linux/mips64le",
             "i686" | "i386" => "linux/386",
             _ => return None,
         };
@@ -72,6 +76,7 @@ impl Platform {
             "ppc64le" => "qemu-ppc64le-static",
             "s390x" => "qemu-s390x-static",
             "riscv64" => "qemu-riscv64-static",
+            "mips64le" => "qemu-mips64el-static",
             "386" => "qemu-i386-static",
             "amd64" => "qemu-x86_64-static",
             _ => return None,
@@ -87,6 +92,7 @@ impl Platform {
             "ppc64le" => 21,
             "s390x" => 22,
             "riscv64" => 243,
+            "mips64le" => 8,
             "386" => 3,
             _ => 0,
         }

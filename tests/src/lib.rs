@@ -465,6 +465,41 @@ impl Farm {
         self.agents.len() - 1
     }
 
+    /// Starts `program` (e.g. `[qemu-s390x-static, <cross-built agent>]`) as an agent with
+    /// the given token and CA hash, data dir `<farm>/agent-<name>`; `RUST_LOG=info`, no
+    /// `QEMU_LD_PREFIX`.
+    pub fn spawn_agent_program(
+        &mut self,
+        name: &str,
+        program: &[&Path],
+        token: &str,
+        ca_hash: &str,
+    ) -> usize {
+        let name = format!("agent-{name}");
+        let log = self.dir.path().join(format!("{name}.log"));
+        let (first, rest) = program.split_first().expect("a program");
+        let (out, err) = Self::open_log(&log);
+        let child = Command::new(first)
+            .args(rest)
+            .arg("--coordinator")
+            .arg(self.url())
+            .arg("--data-dir")
+            .arg(self.dir.path().join(&name))
+            .args(["--token", token, "--ca-hash", ca_hash])
+            .env("RUST_LOG", "info")
+            .env_remove("QEMU_LD_PREFIX")
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("failed to start {}: {e}", first.display()));
+        self.agents.push(Proc {
+            name,
+            child: Some(child),
+            log,
+        });
+        self.agents.len() - 1
+    }
+
     /// Starts `archfarm-agent` with data dir `<farm>/<name>`, logging to `log`.
     fn start_agent_process(&self, name: &str, log: &Path, extra: &[&str]) -> Child {
         let (out, err) = Self::open_log(log);

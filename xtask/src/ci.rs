@@ -35,8 +35,10 @@ impl Step {
 }
 
 /// The steps in order. The binaries are built before the tests because the end-to-end tests
-/// spawn them from target/debug; the short chaos run (agents and the coordinator SIGKILLed
-/// under a job of 200 actions) comes last.
+/// spawn them from target/debug, and so are the cross-built linux/s390x and linux/arm64 agents
+/// (debug, in target/dist-build) that tests/tests/foreign_agent.rs runs under qemu-user; the
+/// short chaos run (agents and the coordinator SIGKILLed under a job of 200 actions) comes
+/// last.
 pub fn steps(test_args: &[String]) -> Vec<Step> {
     let mut test = Step::new(&["test", "--workspace"]);
     test.cargo_args.extend(test_args.iter().cloned());
@@ -51,6 +53,7 @@ pub fn steps(test_args: &[String]) -> Vec<Step> {
             "warnings",
         ]),
         Step::new(&["build", "--workspace", "--bins"]),
+        Step::new(&["xtask", "dist", "--test-agents"]),
         test,
         Step::new(&["xtask", "chaos", "--short"]),
     ]
@@ -115,6 +118,7 @@ mod tests {
                 "cargo fmt --all -- --check",
                 "cargo clippy --workspace --all-targets -- -D warnings",
                 "cargo build --workspace --bins",
+                "cargo xtask dist --test-agents",
                 "cargo test --workspace -- --nocapture",
                 "cargo xtask chaos --short",
             ]

@@ -3,9 +3,11 @@
 //! end-to-end tests can call the same functions.
 
 pub mod bench;
+pub mod binfmt;
 pub mod chaos;
 pub mod ci;
 pub mod demo;
+pub mod dist;
 pub mod farm;
 pub mod ginkgo;
 pub mod go_vars;

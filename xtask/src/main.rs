@@ -26,6 +26,8 @@ enum Command {
     Bench(xtask::bench::BenchArgs),
     /// Kill agents and the coordinator under a job of many actions; check nothing was lost.
     Chaos(xtask::chaos::ChaosArgs),
+    /// Release archives for every platform (cross-built here); `--verify` runs each agent.
+    Dist(xtask::dist::DistArgs),
 }
 
 fn main() -> ExitCode {
@@ -36,6 +38,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => xtask::block_on(xtask::demo::run(args)),
         Command::Bench(args) => xtask::block_on(xtask::bench::run(args)),
         Command::Chaos(args) => xtask::block_on(xtask::chaos::run(args)),
+        Command::Dist(args) => xtask::block_on(xtask::dist::run(args)),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -18,7 +18,8 @@
 //! measurement could not be made. Every process it starts is stopped on the way out, on
 //! error and on Ctrl-C too.
 use super::private::PrivateCoordinator;
-use crate::demo::{build_binaries, find_program, log_tail, run_checked, spawn_logged};
+use crate::binfmt::{BinfmtGuard, ForeignArch, FOREIGN_ARCHES};
+use crate::demo::{build_binaries, log_tail, run_checked, spawn_logged};
 use crate::farm::display::{format_duration, now_unix_ms};
 use crate::farm::job::get_job;
 use crate::farm::status::farm_status;
@@ -49,8 +50,6 @@ pub const AIM_WARM_RATIO: f64 = 1.0;
 const AGENT_START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a stopped agent gets between SIGTERM and SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
-/// Where binfmt_misc lives.
-const BINFMT_DIR: &str = "/proc/sys/fs/binfmt_misc";
 /// The tools `go build` and `go test` exec from `$GOROOT/pkg/tool/<os>_<arch>/`.
 const GO_TOOLS: [&str; 9] = [
     "compile",
@@ -86,78 +85,6 @@ pub struct K8sArgs {
     pub qemu_timeout: Duration,
 }
 
-/// A foreign architecture (a) knows how to emulate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ForeignArch {
-    /// GOARCH.
-    pub goarch: &'static str,
-    /// qemu's name for it (`qemu-<name>-static`).
-    pub qemu: &'static str,
-    /// binfmt_misc magic: the ELF header up to e_machine, as the kernel reads `\x..` escapes.
-    pub magic: &'static str,
-    /// binfmt_misc mask for the magic.
-    pub mask: &'static str,
-}
-
-/// The 64-bit platforms of the farm, with the magic and mask Debian's qemu-user-static
-/// registers (/usr/lib/binfmt.d/qemu-*.conf).
-pub const FOREIGN_ARCHES: [ForeignArch; 4] = [
-    ForeignArch {
-        goarch: "arm64",
-        qemu: "aarch64",
-        magic: r"\x7f\x45\x4c\x46\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\xb7\x00",
-        mask: r"\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff",
-    },
-    ForeignArch {
-        goarch: "ppc64le",
-        qemu: "ppc64le",
-        magic: r"\x7f\x45\x4c\x46\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\x15\x00",
-        mask: r"\xff\xff\xff\xff\xff\xff\xff\xfc\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\x00",
-    },
-    ForeignArch {
-        goarch: "s390x",
-        qemu: "s390x",
-        magic: r"\x7f\x45\x4c\x46\x02\x02\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\x16",
-        mask: r"\xff\xff\xff\xff\xff\xff\xff\xfc\xff\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff",
-    },
-    ForeignArch {
-        goarch: "riscv64",
-        qemu: "riscv64",
-        magic: r"\x7f\x45\x4c\x46\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\xf3\x00",
-        mask: r"\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff",
-    },
-];
-
-impl ForeignArch {
-    /// `linux/<goarch>`.
-    pub fn platform(&self) -> String {
-        format!("linux/{}", self.goarch)
-    }
-
-    /// The qemu-user program: found on PATH, else where Debian puts it.
-    pub fn qemu_program(&self) -> PathBuf {
-        let name = format!("qemu-{}-static", self.qemu);
-        find_program(&name).unwrap_or_else(|| Path::new("/usr/bin").join(name))
-    }
-
-    /// The binfmt_misc entry name this benchmark registers.
-    pub fn binfmt_name(&self) -> String {
-        format!("archfarm-qemu-{}", self.qemu)
-    }
-
-    /// The line written to binfmt_misc's `register`: match by magic, run `interpreter`, and
-    /// open it now (`F`), so it works whatever the mount namespace of the process it runs.
-    pub fn binfmt_rule(&self, interpreter: &Path) -> String {
-        format!(
-            ":{}:M::{}:{}:{}:F",
-            self.binfmt_name(),
-            self.magic,
-            self.mask,
-            interpreter.display()
-        )
-    }
-}
-
 /// The foreign architectures named by `--platforms`, in order, without duplicates.
 pub fn parse_platforms(given: &[String]) -> anyhow::Result<Vec<ForeignArch>> {
     let mut out: Vec<ForeignArch> = Vec::new();
@@ -165,7 +92,8 @@ pub fn parse_platforms(given: &[String]) -> anyhow::Result<Vec<ForeignArch>> {
         let p: Platform = g.trim().parse()?;
         let arch = FOREIGN_ARCHES
             .iter()
-            .find(|a| p.os() == "linux" && p.variant().is_none() && a.goarch == p.arch())
+            .filter(|a| DEFAULT_PLATFORMS.split(',').any(|d| d == a.platform))
+            .find(|a| a.platform == p.to_string())
             .with_context(|| {
                 format!(
                     "--platforms: {p} is not a foreign platform this benchmark emulates; it takes \
@@ -1461,96 +1389,6 @@ impl Drop for BenchFarm {
     }
 }
 
-/// qemu-user registered with binfmt_misc for the benchmark's architectures; the entries are
-/// removed again, and binfmt_misc unmounted if this mounted it, when the guard drops (also
-/// on error, panic and Ctrl-C, see [`run`]).
-struct BinfmtGuard {
-    mounted: bool,
-    entries: Vec<PathBuf>,
-}
-
-impl BinfmtGuard {
-    fn register(arches: &[ForeignArch]) -> anyhow::Result<Self> {
-        if !nix::unistd::geteuid().is_root() {
-            bail!(
-                "not root (euid {}): mounting binfmt_misc and registering qemu-user need root",
-                nix::unistd::geteuid()
-            );
-        }
-        let dir = Path::new(BINFMT_DIR);
-        let register = dir.join("register");
-        let mut guard = Self {
-            mounted: false,
-            entries: Vec::new(),
-        };
-        if !register.exists() {
-            run_checked(
-                Command::new("mount")
-                    .args(["-t", "binfmt_misc", "binfmt_misc"])
-                    .arg(dir),
-                &format!("mount binfmt_misc on {BINFMT_DIR}"),
-            )?;
-            guard.mounted = true;
-            if !register.exists() {
-                bail!(
-                    "{} is missing after mounting binfmt_misc",
-                    register.display()
-                );
-            }
-        }
-        for arch in arches {
-            let entry = dir.join(arch.binfmt_name());
-            if entry.exists() {
-                // Left by a run that was killed: replace it.
-                std::fs::write(&entry, "-1")
-                    .with_context(|| format!("failed to remove the stale {}", entry.display()))?;
-            }
-            let rule = arch.binfmt_rule(&arch.qemu_program());
-            std::fs::write(&register, &rule)
-                .with_context(|| format!("failed to register {rule:?} with binfmt_misc"))?;
-            guard.entries.push(entry);
-        }
-        eprintln!(
-            "registered {} with binfmt_misc{}",
-            arches
-                .iter()
-                .map(ForeignArch::binfmt_name)
-                .collect::<Vec<_>>()
-                .join(", "),
-            if guard.mounted { " (mounted it)" } else { "" }
-        );
-        Ok(guard)
-    }
-}
-
-impl Drop for BinfmtGuard {
-    fn drop(&mut self) {
-        for entry in self.entries.drain(..).rev() {
-            if let Err(e) = std::fs::write(&entry, "-1") {
-                eprintln!("failed to unregister {}: {e}", entry.display());
-            }
-        }
-        if self.mounted {
-            // Someone else's entries keep it mounted.
-            let others = std::fs::read_dir(BINFMT_DIR)
-                .map(|rd| {
-                    rd.flatten()
-                        .any(|e| !matches!(e.file_name().to_str(), Some("register" | "status")))
-                })
-                .unwrap_or(false);
-            if others {
-                eprintln!("left binfmt_misc mounted: other entries appeared in {BINFMT_DIR}");
-            } else if let Err(e) = run_checked(
-                Command::new("umount").arg(BINFMT_DIR),
-                "unmount binfmt_misc",
-            ) {
-                eprintln!("{e:#}");
-            }
-        }
-        eprintln!("binfmt_misc restored");
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1568,25 +1406,6 @@ mod tests {
         assert!(parse_platforms(&["linux/arm/v7".into()]).is_err());
         assert!(parse_platforms(&["linux/arm64".into(), "linux/arm64".into()]).is_err());
         assert!(parse_platforms(&[]).is_err());
-    }
-
-    #[test]
-    fn binfmt_rules_match_debians_magic() {
-        let rule = FOREIGN_ARCHES[0].binfmt_rule(Path::new("/usr/bin/qemu-aarch64-static"));
-        assert_eq!(
-            rule,
-            r":archfarm-qemu-aarch64:M::\x7f\x45\x4c\x46\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\xb7\x00:\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff:/usr/bin/qemu-aarch64-static:F"
-        );
-        for a in FOREIGN_ARCHES {
-            // 20 bytes of magic and mask each: the ELF header up to e_machine.
-            assert_eq!(a.magic.len(), 80, "{}", a.goarch);
-            assert_eq!(a.mask.len(), 80, "{}", a.goarch);
-        }
-        // The ELF machine numbers: aarch64 183, ppc64 21, s390 22, riscv 243 (s390x is
-        // big-endian, so its bytes come the other way round).
-        assert!(FOREIGN_ARCHES[1].magic.ends_with(r"\x15\x00"));
-        assert!(FOREIGN_ARCHES[2].magic.ends_with(r"\x00\x16"));
-        assert!(FOREIGN_ARCHES[3].magic.ends_with(r"\xf3\x00"));
     }
 
     #[test]
