@@ -1,5 +1,5 @@
 //! End-to-end harness: starts a real coordinator and real agents as processes on loopback with
-//! real TLS, drives them through the `xtask farm` command line and gRPC, and prints every
+//! real TLS, drives them through the `archfarm` command line and gRPC, and prints every
 //! process's log when a test fails.
 use anyhow::{bail, Context};
 use archfarm_proto::tls::{connect, Credentials, ServerTrust};
@@ -19,7 +19,7 @@ pub fn bin_dir() -> PathBuf {
         .and_then(Path::parent)
         .expect("target dir")
         .to_path_buf();
-    for b in ["archfarm-coordinator", "archfarm-agent", "xtask"] {
+    for b in ["archfarm-coordinator", "archfarm-agent", "archfarm"] {
         assert!(
             dir.join(b).exists(),
             "{} is missing: run `cargo build --workspace --bins` first (cargo xtask ci does)",
@@ -377,7 +377,7 @@ impl Farm {
 
     /// Creates a join token through the command line; returns (token, ca hash).
     pub fn token(&self, extra: &[&str]) -> (String, String) {
-        let mut args = vec!["farm", "token", "create", "--json"];
+        let mut args = vec!["token", "create", "--json"];
         args.extend_from_slice(extra);
         let out = self.cli(&args);
         assert!(
@@ -432,7 +432,6 @@ impl Farm {
     pub fn client_credentials(&self, name: &str) -> PathBuf {
         let out = self.dir.path().join(format!("client-{name}"));
         let o = self.cli(&[
-            "farm",
             "credentials",
             "create",
             "--role",
@@ -547,7 +546,7 @@ impl Farm {
         panic!("timed out after {timeout:?} waiting for {what}");
     }
 
-    /// Runs `xtask` with the farm's coordinator and admin credentials.
+    /// Runs `archfarm` with the farm's coordinator and admin credentials.
     pub fn cli(&self, args: &[&str]) -> Output {
         self.cli_with(args, &self.admin_dir())
     }
@@ -562,7 +561,7 @@ impl Farm {
             N.fetch_add(1, Ordering::Relaxed)
         ));
         let report_s = report.to_string_lossy().into_owned();
-        let mut all = vec!["farm", "run", "--json-report", report_s.as_str()];
+        let mut all = vec!["run", "--json-report", report_s.as_str()];
         all.extend_from_slice(args);
         let out = self.cli(&all);
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -573,16 +572,16 @@ impl Farm {
         (out.status.code(), value, stderr)
     }
 
-    /// Runs `xtask` with the given credentials.
+    /// Runs `archfarm` with the given credentials.
     pub fn cli_with(&self, args: &[&str], creds: &Path) -> Output {
         self.run_logged(self.cli_command(args, creds), args)
     }
 
-    /// Runs a prepared `xtask` command and keeps its output for the failure report.
+    /// Runs a prepared `archfarm` command and keeps its output for the failure report.
     pub fn run_logged(&self, mut cmd: Command, args: &[&str]) -> Output {
-        let out = cmd.output().expect("run xtask");
+        let out = cmd.output().expect("run archfarm");
         self.cli_log.borrow_mut().push(format!(
-            "$ xtask {}\n[exit {:?}]\n--- stdout\n{}--- stderr\n{}",
+            "$ archfarm {}\n[exit {:?}]\n--- stdout\n{}--- stderr\n{}",
             args.join(" "),
             out.status.code(),
             String::from_utf8_lossy(&out.stdout),
@@ -607,7 +606,7 @@ impl Farm {
     }
 
     /// Go's GOPATH mode on `gopath` (a list of paths is fine), cgo off, with this farm's own
-    /// build cache: for `go` itself and for the Go recipes of `xtask farm`.
+    /// build cache: for `go` itself and for the Go recipes of `archfarm`.
     pub fn go_env<'c>(
         &self,
         cmd: &'c mut Command,
@@ -619,7 +618,7 @@ impl Farm {
             .env("CGO_ENABLED", "0")
     }
 
-    /// Runs `xtask ARGS` as the admin in `cwd` with [`Farm::go_env`] and `env`; returns the
+    /// Runs `archfarm ARGS` as the admin in `cwd` with [`Farm::go_env`] and `env`; returns the
     /// output and its stdout followed by its stderr.
     pub fn go_cli(
         &self,
@@ -640,19 +639,19 @@ impl Farm {
         (out, text)
     }
 
-    /// Starts `xtask ARGS` as the admin in the background, its output piped (read it with
+    /// Starts `archfarm ARGS` as the admin in the background, its output piped (read it with
     /// `wait_with_output`).
     pub fn cli_spawn(&self, args: &[&str]) -> Child {
         self.cli_command(args, &self.admin_dir())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("start xtask")
+            .expect("start archfarm")
     }
 
-    /// The `xtask` command, not started.
+    /// The `archfarm` command, not started.
     pub fn cli_command(&self, args: &[&str], creds: &Path) -> Command {
-        let mut c = Command::new(self.bins.join("xtask"));
+        let mut c = Command::new(self.bins.join("archfarm"));
         c.args(args)
             .env("ARCHFARM_COORDINATOR", self.url())
             .env("ARCHFARM_CREDENTIALS", creds);
@@ -755,9 +754,13 @@ pub fn process_running(needle: &str) -> bool {
     rd.flatten().any(|e| {
         std::fs::read(e.path().join("cmdline"))
             .map(|b| {
-                let s = String::from_utf8_lossy(&b).replace('\0', " ");
                 // The CLI that submitted the command carries it in its own argv.
-                s.contains(needle) && !s.contains("xtask")
+                let cli = b
+                    .split(|c| *c == 0)
+                    .next()
+                    .is_some_and(|argv0| argv0.ends_with(b"/archfarm"));
+                let s = String::from_utf8_lossy(&b).replace('\0', " ");
+                s.contains(needle) && !cli
             })
             .unwrap_or(false)
     })

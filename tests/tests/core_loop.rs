@@ -117,7 +117,7 @@ fn roles_are_checked_on_every_call() {
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     // The CLI says so readably.
-    let out = farm.cli_with(&["farm", "status"], &agent_creds);
+    let out = farm.cli_with(&["status"], &agent_creds);
     assert!(!out.status.success());
     assert!(
         stderr(&out).contains("permission denied"),
@@ -132,7 +132,6 @@ fn run_streams_both_streams_and_returns_the_exit_code() {
     farm.add_agent("a", &[]);
     farm.wait_ready_agents(1);
     let out = farm.cli(&[
-        "farm",
         "run",
         "--platform",
         "linux/amd64",
@@ -158,7 +157,7 @@ fn run_streams_both_streams_and_returns_the_exit_code() {
         "{}",
         stderr(&out)
     );
-    let ok = farm.cli(&["farm", "run", "--platform", "linux/amd64", "--", "true"]);
+    let ok = farm.cli(&["run", "--platform", "linux/amd64", "--", "true"]);
     assert_eq!(ok.status.code(), Some(0), "{}", stderr(&ok));
     farm.assert_no_unexpected_errors(&[]);
 }
@@ -175,7 +174,7 @@ fn foreign_binaries_run_on_emulated_agents_only_when_allowed() {
     farm.wait_ready_agents(4);
     let input = farm.dir.path().join("hello/input");
     let input = input.to_str().unwrap();
-    let mut args = vec!["farm", "run", "--allow-emulation", "--input", input];
+    let mut args = vec!["run", "--allow-emulation", "--input", input];
     for arch in &arches {
         args.push("--platform");
         args.push(Box::leak(format!("linux/{arch}").into_boxed_str()));
@@ -258,7 +257,6 @@ fn a_killed_agents_work_moves_and_late_results_are_refused() {
     // SIGKILL whichever agent runs the action.
     let run = |farm: &Farm, marker: &str| {
         farm.cli_spawn(&[
-            "farm",
             "run",
             "--platform",
             "linux/amd64",
@@ -322,7 +320,6 @@ fn a_coordinator_killed_mid_flight_loses_nothing() {
     farm.add_agent("a", &["--slots", "1"]);
     farm.wait_ready_agents(1);
     let done = farm.cli(&[
-        "farm",
         "run",
         "--platform",
         "linux/amd64",
@@ -333,16 +330,7 @@ fn a_coordinator_killed_mid_flight_loses_nothing() {
     assert!(done.status.success(), "{}", stderr(&done));
     let done_id = job_id_from(&stderr(&done));
     let spawn = |farm: &Farm, cmd: &str| {
-        farm.cli_spawn(&[
-            "farm",
-            "run",
-            "--platform",
-            "linux/amd64",
-            "--",
-            "sh",
-            "-c",
-            cmd,
-        ])
+        farm.cli_spawn(&["run", "--platform", "linux/amd64", "--", "sh", "-c", cmd])
     };
     let running = spawn(&farm, "sleep 4; echo ran-through");
     farm.wait_for("one running", Duration::from_secs(20), |f| {
@@ -400,7 +388,6 @@ fn cancel_kills_the_whole_process_tree() {
     farm.wait_ready_agents(1);
     let marker = "987654.321";
     let client = farm.cli_spawn(&[
-        "farm",
         "run",
         "--platform",
         "linux/amd64",
@@ -419,7 +406,7 @@ fn cancel_kills_the_whole_process_tree() {
         .next()
         .unwrap()
         .to_string();
-    let out = farm.cli(&["farm", "cancel", &job]);
+    let out = farm.cli(&["cancel", &job]);
     assert!(out.status.success(), "{}", stderr(&out));
     let c = client.wait_with_output().unwrap();
     assert_eq!(
@@ -603,6 +590,6 @@ fn every_watcher_after_a_restart_hears_of_every_action() {
             "the second watch never heard of {id}: {second:?}"
         );
     }
-    let out = farm.cli(&["farm", "cancel", &job]);
+    let out = farm.cli(&["cancel", &job]);
     assert!(out.status.success(), "{}", stderr(&out));
 }

@@ -81,7 +81,7 @@ fn cross_built_agents_serve_their_own_platform_under_qemu_user() {
         );
         assert_eq!(a.state, v1::AgentState::Ready as i32);
     }
-    let cli_status = farm.cli(&["farm", "status"]);
+    let cli_status = farm.cli(&["status"]);
     let text = String::from_utf8_lossy(&cli_status.stdout);
     assert!(text.contains("harness=qemu-user"), "{text}");
 

@@ -30,7 +30,7 @@ fn fixtures_gopath(farm: &Farm) -> (PathBuf, String) {
 }
 
 fn ginkgo(farm: &Farm, fixtures: &Path, gopath: &str, args: &[&str]) -> (Output, String) {
-    let mut all = vec!["farm", "ginkgo"];
+    let mut all = vec!["ginkgo"];
     all.extend_from_slice(args);
     farm.go_cli(
         &fixtures.join("src/example.com/fixtures"),

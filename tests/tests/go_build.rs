@@ -32,7 +32,7 @@ fn elf_machine(path: &Path) -> u16 {
 
 /// Runs `farm go-build ARGS` in `cwd` in GOPATH mode.
 fn go_build(farm: &Farm, gp: &Path, cwd: &Path, args: &[&str]) -> Output {
-    let mut all = vec!["farm", "go-build"];
+    let mut all = vec!["go-build"];
     all.extend_from_slice(args);
     farm.go_cli(cwd, gp, &all, &[]).0
 }

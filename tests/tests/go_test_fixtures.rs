@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 fn go_test(farm: &Farm, gopath: &Path, args: &[&str], env: &[(&str, &str)]) -> (Output, String) {
-    let mut all = vec!["farm", "go-test"];
+    let mut all = vec!["go-test"];
     all.extend_from_slice(args);
     farm.go_cli(&gopath.join("src/example.com/fixtures"), gopath, &all, env)
 }

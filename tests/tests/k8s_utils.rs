@@ -103,7 +103,6 @@ fn k8s_utils_unit_tests_on_five_platforms_match_direct_runs_and_cache() {
     let (json, junit) = (farm.dir.path().join("json"), farm.dir.path().join("junit"));
     let go_test = |extra: &[&str]| {
         let mut args = vec![
-            "farm",
             "go-test",
             "--allow-emulation",
             // The warm run must answer the emulated cells from the cache too.

@@ -1111,12 +1111,11 @@ fn the_command_line_turns_refusals_into_readable_messages() {
     let stderr = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
     for (args, text) in [
         (
-            vec!["farm", "run", "--platform", "linux/mips", "--", "true"],
+            vec!["run", "--platform", "linux/mips", "--", "true"],
             "unknown platform \"linux/mips\"",
         ),
         (
             vec![
-                "farm",
                 "run",
                 "--platform",
                 "linux/amd64",
@@ -1127,8 +1126,8 @@ fn the_command_line_turns_refusals_into_readable_messages() {
             ],
             "given twice",
         ),
-        (vec!["farm", "tokens", "delete", "zzzzzz"], "not found"),
-        (vec!["farm", "agents", "revoke", "nobody"], "not found"),
+        (vec!["tokens", "delete", "zzzzzz"], "not found"),
+        (vec!["agents", "revoke", "nobody"], "not found"),
     ] {
         let out = farm.cli(&args);
         assert!(!out.status.success(), "{args:?}");

@@ -89,7 +89,7 @@ fn actions_that_break_out_or_break_limits_fail_clearly_and_the_agent_goes_on() {
         "{}",
         agent.limits
     );
-    let status_text = String::from_utf8_lossy(&farm.cli(&["farm", "status"]).stdout).into_owned();
+    let status_text = String::from_utf8_lossy(&farm.cli(&["status"]).stdout).into_owned();
     assert!(status_text.contains("bwrap ("), "{status_text}");
 
     // Writing outside the work dir: the system is read-only, the agent's files are hidden.
@@ -167,7 +167,6 @@ fn actions_that_break_out_or_break_limits_fail_clearly_and_the_agent_goes_on() {
 
     // A CPU-bound action does not make the agent look dead: its heartbeat goes on.
     let busy = farm.cli_spawn(&[
-        "farm",
         "run",
         "--platform",
         &native(),
@@ -242,19 +241,11 @@ fn a_stuck_run_quarantines_its_agent() {
     let agent = &status.agents[0];
     assert_eq!(agent.state, v1::AgentState::Quarantined as i32, "{agent:?}");
     assert!(agent.quarantine_reason.contains("watchdog"), "{agent:?}");
-    let text = String::from_utf8_lossy(&farm.cli(&["farm", "status"]).stdout).into_owned();
+    let text = String::from_utf8_lossy(&farm.cli(&["status"]).stdout).into_owned();
     assert!(text.contains("quarantined"), "{text}");
 
     // New work waits instead of going to the quarantined agent.
-    let mut waiting = farm.cli_spawn(&[
-        "farm",
-        "run",
-        "--platform",
-        &native(),
-        "--no-cache",
-        "--",
-        "true",
-    ]);
+    let mut waiting = farm.cli_spawn(&["run", "--platform", &native(), "--no-cache", "--", "true"]);
     farm.wait_for("a queued action", Duration::from_secs(30), |f| {
         f.status()
             .is_ok_and(|s| s.queues.iter().any(|q| q.queued == 1 && q.running == 0))

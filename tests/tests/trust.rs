@@ -18,7 +18,6 @@ fn stderr(o: &std::process::Output) -> String {
 fn cached_actions(farm: &Farm, name: &str, args: &[&str]) -> u64 {
     let report = farm.dir.path().join(format!("{name}.json"));
     let mut all = vec![
-        "farm",
         "run",
         "--platform",
         "linux/amd64",
@@ -67,7 +66,6 @@ fn only_trusted_agents_results_are_cached_unless_the_job_asks() {
     }
     // The untrusted agent's result was returned as usual: its output reached the client.
     let out = farm.cli(&[
-        "farm",
         "run",
         "--platform",
         "linux/amd64",
@@ -84,7 +82,7 @@ fn only_trusted_agents_results_are_cached_unless_the_job_asks() {
     );
 
     // Status says which agents are trusted.
-    let out = farm.cli(&["farm", "status", "--json"]);
+    let out = farm.cli(&["status", "--json"]);
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     let mut trust: Vec<(bool, String)> = v["agents"]
         .as_array()
@@ -102,7 +100,7 @@ fn only_trusted_agents_results_are_cached_unless_the_job_asks() {
         trust,
         [(false, "untrusted".into()), (true, "trusted".into())]
     );
-    let text = String::from_utf8_lossy(&farm.cli(&["farm", "status"]).stdout).into_owned();
+    let text = String::from_utf8_lossy(&farm.cli(&["status"]).stdout).into_owned();
     assert!(
         text.contains("untrusted") && text.contains(" trusted "),
         "{text}"
@@ -331,7 +329,7 @@ fn roles_results_no_lease_produced_and_revocation_are_refused_with_state_unchang
     assert!(first_event.is_some(), "the watch is open");
 
     let started = Instant::now();
-    let out = farm.cli(&["farm", "agents", "revoke", &agent_id]);
+    let out = farm.cli(&["agents", "revoke", &agent_id]);
     assert!(out.status.success(), "{}", stderr(&out));
     let e = loop {
         match farm.next_message(&mut s, Duration::from_secs(5)) {
@@ -389,7 +387,7 @@ fn roles_results_no_lease_produced_and_revocation_are_refused_with_state_unchang
     assert_eq!(missing.len(), 1, "the revoked write stored nothing");
 
     // Revoking the client's credentials ends its watch and refuses its next call.
-    let out = farm.cli(&["farm", "credentials", "revoke", "ci"]);
+    let out = farm.cli(&["credentials", "revoke", "ci"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let e = farm.block_on(async {
         loop {
@@ -415,7 +413,7 @@ fn roles_results_no_lease_produced_and_revocation_are_refused_with_state_unchang
 }
 
 fn token_ids(farm: &Farm) -> Vec<Value> {
-    let out = farm.cli(&["farm", "tokens", "list", "--json"]);
+    let out = farm.cli(&["tokens", "list", "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));
     serde_json::from_slice::<Value>(&out.stdout)
         .unwrap()
@@ -442,14 +440,14 @@ fn tokens_are_listed_without_secrets_and_a_deleted_token_cannot_join() {
     );
     assert!(t["created_unix_ms"].as_u64().unwrap() > 0);
     assert!(t["expires_unix_ms"].as_u64() > t["created_unix_ms"].as_u64());
-    let text = farm.cli(&["farm", "token", "list"]);
+    let text = farm.cli(&["token", "list"]);
     let text = String::from_utf8_lossy(&text.stdout).into_owned();
     assert!(text.contains(id) && text.contains("trusted=true"), "{text}");
     for out in [text, serde_json::to_string(&listed).unwrap()] {
         assert!(!out.contains(secret), "the secret is never listed: {out}");
     }
 
-    let out = farm.cli(&["farm", "tokens", "delete", id]);
+    let out = farm.cli(&["tokens", "delete", id]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(token_ids(&farm).iter().all(|t| t["id"] != id));
     let i = farm.spawn_agent("deleted", &token, &hash, &[]);
@@ -461,7 +459,7 @@ fn tokens_are_listed_without_secrets_and_a_deleted_token_cannot_join() {
         farm.agents[i].log_text()
     );
     assert!(farm.status().unwrap().agents.is_empty(), "nothing joined");
-    let again = farm.cli(&["farm", "tokens", "delete", id]);
+    let again = farm.cli(&["tokens", "delete", id]);
     assert!(!again.status.success());
     assert!(stderr(&again).contains("not found"), "{}", stderr(&again));
     farm.assert_no_unexpected_errors(&["agent-deleted"]);
@@ -476,21 +474,13 @@ fn issued_client_credentials_submit_but_do_not_administer() {
     let client = farm.client_credentials("ci-runner");
     assert!(Path::new(&client).join("key.pem").exists());
     let out = farm.cli_with(
-        &[
-            "farm",
-            "run",
-            "--platform",
-            "linux/amd64",
-            "--",
-            "echo",
-            "hi",
-        ],
+        &["run", "--platform", "linux/amd64", "--", "echo", "hi"],
         &client,
     );
     assert!(out.status.success(), "{}", stderr(&out));
     let s = farm.status().unwrap();
     assert_eq!(s.recent_jobs[0].submitter, "ci-runner");
-    let out = farm.cli_with(&["farm", "token", "create"], &client);
+    let out = farm.cli_with(&["token", "create"], &client);
     assert!(!out.status.success());
     assert!(
         stderr(&out).contains("permission denied"),
@@ -499,7 +489,6 @@ fn issued_client_credentials_submit_but_do_not_administer() {
     );
     let out = farm.cli_with(
         &[
-            "farm",
             "credentials",
             "create",
             "--name",

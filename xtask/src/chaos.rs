@@ -4,13 +4,13 @@
 //! every action must have ended exactly once, succeeded, and printed what it should have.
 use crate::bench::private::PrivateCoordinator;
 use crate::demo::{build_binaries, spawn_logged, stop_child};
-use crate::farm::blobs::{batch_read, BATCH_MAX_BLOBS};
-use crate::farm::display::{format_duration, is_final};
-use crate::farm::job::get_job;
-use crate::farm::status::farm_status;
-use crate::farm::{rpc, token, FarmClient, WatchPoint};
 use crate::paths;
 use anyhow::{bail, Context};
+use archfarm_client::farm::blobs::{batch_read, BATCH_MAX_BLOBS};
+use archfarm_client::farm::display::{format_duration, is_final};
+use archfarm_client::farm::job::get_job;
+use archfarm_client::farm::status::farm_status;
+use archfarm_client::farm::{rpc, token, FarmClient, WatchPoint};
 use archfarm_proto::v1::{self, job_event, ActionState, ActionStatus, JobStatus};
 use archfarm_proto::{Digest, Platform};
 use rand::rngs::SmallRng;

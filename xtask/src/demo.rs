@@ -1,12 +1,14 @@
 //! `cargo xtask demo`: a whole farm on one amd64 machine — a coordinator and five agents (one
 //! native, four emulating arm64, ppc64le, s390x and riscv64 through qemu-user) running in the
 //! background under target/demo-farm — and a Go hello-world run on all five platforms.
-use crate::farm::display::now_unix_ms;
-use crate::farm::run::{run_job, RunArgs, RunOutput};
-use crate::farm::status::{farm_status, render_status};
-use crate::farm::{token, FarmClient, FarmOptions, DEFAULT_COORDINATOR};
+use crate::demo_login::{point_archfarm_at, Login};
 use crate::paths;
 use anyhow::{bail, Context};
+use archfarm_client::config::ProcessEnv;
+use archfarm_client::farm::display::now_unix_ms;
+use archfarm_client::farm::run::{run_job, RunArgs, RunOutput};
+use archfarm_client::farm::status::{farm_status, render_status};
+use archfarm_client::farm::{token, FarmClient, FarmOptions};
 use archfarm_proto::v1::{self, FarmStatusResponse};
 use archfarm_proto::Platform;
 use nix::sys::signal::{kill, Signal};
@@ -19,8 +21,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Where the demo coordinator listens (matches [`DEFAULT_COORDINATOR`]).
+/// Where the demo coordinator listens.
 pub const DEMO_LISTEN: &str = "127.0.0.1:7443";
+/// The demo coordinator's URL.
+pub const DEMO_COORDINATOR: &str = "https://127.0.0.1:7443";
 /// How long the coordinator and then the agents get to come up.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a stopped process gets between SIGTERM and SIGKILL.
@@ -116,8 +120,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
     if args.fresh {
         remove_state(&dir)?;
     }
-    eprintln!("building archfarm-coordinator and archfarm-agent");
-    build_binaries(&["archfarm-coordinator", "archfarm-agent"])?;
+    eprintln!("building archfarm-coordinator, archfarm-agent and archfarm");
+    build_binaries(&["archfarm-coordinator", "archfarm-agent", "archfarm-client"])?;
     std::fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
 
     let mut coordinator = spawn_detached(
@@ -132,10 +136,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
         ],
     )?;
     eprintln!(
-        "started the coordinator (pid {}) on {DEFAULT_COORDINATOR}",
+        "started the coordinator (pid {}) on {DEMO_COORDINATOR}",
         coordinator.id()
     );
-    let options = FarmOptions::demo();
+    let options = FarmOptions {
+        coordinator: DEMO_COORDINATOR.to_string(),
+        credentials: paths::demo_credentials_dir(),
+    };
     let mut client =
         wait_for_coordinator(&dir.join("coordinator.log"), &mut coordinator, &options).await?;
 
@@ -171,7 +178,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
     job.input = Some(input);
     job.description = Some("cargo xtask demo".to_string());
     eprintln!(
-        "running `farm run {} --allow-emulation --cache-emulated --input target/demo-farm/input -- ./{{os}}/{{arch}}/hello`",
+        "running `archfarm run {} --allow-emulation --cache-emulated --input target/demo-farm/input -- ./{{os}}/{{arch}}/hello`",
         DEMO_AGENTS
             .iter()
             .map(|a| format!("--platform {}", a.platform))
@@ -182,13 +189,34 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
 
     let status = farm_status(&mut client, 10).await?;
     println!("\n{}", render_status(&status, now_unix_ms()));
+    let login = point_archfarm_at(&ProcessEnv, &options.credentials, DEMO_COORDINATOR)?;
+    let archfarm = paths::debug_binary("archfarm");
     println!(
-        "the demo farm keeps running; its state and logs are in {}\n\
-         \x20 cargo xtask farm status                 # agents, queues, recent jobs\n\
-         \x20 cargo xtask farm run --platform linux/s390x --allow-emulation \\\n\
-         \x20     --input target/demo-farm/input -- ./{{os}}/{{arch}}/hello\n\
-         \x20 cargo xtask demo --stop                 # stop it",
+        "the demo farm keeps running; its state and logs are in {}",
         dir.display()
+    );
+    match login {
+        Login::Written {
+            credentials,
+            coordinator,
+        } => println!(
+            "archfarm now uses it by default: {} links to its admin credentials and {} holds \
+             its URL",
+            credentials.display(),
+            coordinator.display()
+        ),
+        Login::Exports(exports) => println!(
+            "your archfarm config already holds other credentials (kept); to use the demo \
+             farm:\n{exports}"
+        ),
+    }
+    println!(
+        "the command line is {} (`cargo install --path client` puts `archfarm` on your PATH):\n\
+         \x20 archfarm status                 # agents, queues, recent jobs\n\
+         \x20 archfarm run --platform linux/s390x --allow-emulation \\\n\
+         \x20     --input target/demo-farm/input -- ./{{os}}/{{arch}}/hello\n\
+         \x20 cargo xtask demo --stop         # stop it",
+        archfarm.display()
     );
     if outcome.exit_code != 0 {
         eprintln!(
@@ -203,7 +231,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
 fn agent_args(dir: &Path, agent: &DemoAgent, join: &v1::CreateTokenResponse) -> Vec<OsString> {
     let mut args: Vec<OsString> = vec![
         "--coordinator".into(),
-        DEFAULT_COORDINATOR.into(),
+        DEMO_COORDINATOR.into(),
         "--data-dir".into(),
         dir.join(format!("agent-{}", agent.name)).into(),
         "--token".into(),

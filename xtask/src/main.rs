@@ -1,5 +1,5 @@
 //! `cargo xtask`: parses the command line and hands each command to the library; an error
-//! becomes one `error: ...` line and exit code 2.
+//! becomes one `error: ...` line and exit code 2. `cargo xtask farm ARGS` is `archfarm ARGS`.
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
@@ -7,7 +7,8 @@ use std::process::ExitCode;
 #[command(
     name = "cargo xtask",
     bin_name = "cargo xtask",
-    about = "archfarm's command line: use a farm, run CI, start a demo farm, benchmark"
+    about = "archfarm's automation: CI, a demo farm, benchmarks, chaos, release archives; \
+             `farm ARGS` runs `archfarm ARGS`"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -16,8 +17,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Use a farm: status, run, token, agents, cancel, job.
-    Farm(Box<xtask::farm::FarmCli>),
+    /// The `archfarm` command line (status, run, go-test, ...): `cargo xtask farm --help`.
+    #[command(disable_help_flag = true)]
+    Farm {
+        /// Everything after `farm`, handed to `archfarm` as it is.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
     /// What CI runs: fmt --check, clippy, build, test.
     Ci(xtask::ci::CiArgs),
     /// Start a local farm (coordinator and five agents, four of them emulated) and run a job.
@@ -33,7 +39,10 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Farm(farm) => xtask::block_on(xtask::farm::run_command(*farm)),
+        Command::Farm { args } => {
+            let argv = std::iter::once(std::ffi::OsString::from("cargo xtask farm")).chain(args);
+            return archfarm_client::cli::main_with_args(argv);
+        }
         Command::Ci(args) => xtask::ci::run(&args),
         Command::Demo(args) => xtask::block_on(xtask::demo::run(args)),
         Command::Bench(args) => xtask::block_on(xtask::bench::run(args)),
@@ -60,67 +69,31 @@ mod tests {
     }
 
     #[test]
-    fn farm_run_takes_the_command_after_its_options() {
+    fn farm_passes_everything_through() {
         let cli = Cli::try_parse_from([
             "cargo xtask",
             "farm",
-            "run",
-            "--platform",
-            "linux/arm64",
-            "--platform",
-            "linux/s390x",
-            "--env",
-            "GOFLAGS=-count=1",
-            "--timeout",
-            "90s",
             "--coordinator",
             "https://farm:7443",
+            "run",
+            "--help",
             "--",
             "go",
-            "test",
-            "-v",
         ])
         .unwrap();
-        let Command::Farm(farm) = cli.command else {
+        let Command::Farm { args } = cli.command else {
             panic!("not farm");
         };
-        assert_eq!(farm.options.coordinator, "https://farm:7443");
-        let xtask::farm::FarmCommand::Run(run) = farm.command else {
-            panic!("not run");
-        };
-        assert_eq!(run.platforms, ["linux/arm64", "linux/s390x"]);
-        assert_eq!(run.command, ["go", "test", "-v"]);
-        assert_eq!(run.timeout, std::time::Duration::from_secs(90));
-        assert_eq!(run.env[0].value, "-count=1");
-    }
-
-    #[test]
-    fn token_labels_split_at_commas() {
-        let cli = Cli::try_parse_from([
-            "cargo xtask",
-            "farm",
-            "token",
-            "create",
-            "--labels",
-            "lab=osu,node-e2e",
-            "--single-use",
-        ])
-        .unwrap();
-        let Command::Farm(farm) = cli.command else {
-            panic!("not farm");
-        };
-        let xtask::farm::FarmCommand::Token {
-            command: xtask::farm::token::TokenCommand::Create(create),
-        } = farm.command
-        else {
-            panic!("not token create");
-        };
-        let keys: Vec<&str> = create.labels.iter().map(|l| l.key.as_str()).collect();
-        assert_eq!(keys, ["lab", "node-e2e"]);
-        assert!(create.single_use);
-        assert!(
-            Cli::try_parse_from(["cargo xtask", "farm", "token", "create", "--labels", "Bad"])
-                .is_err()
+        assert_eq!(
+            args,
+            [
+                "--coordinator",
+                "https://farm:7443",
+                "run",
+                "--help",
+                "--",
+                "go"
+            ]
         );
     }
 }

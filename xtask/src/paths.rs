@@ -58,8 +58,8 @@ pub fn demo_farm_dir() -> PathBuf {
     workspace_root().join("target").join("demo-farm")
 }
 
-/// The demo coordinator's admin credentials: the default for every farm command.
-pub fn default_credentials_dir() -> PathBuf {
+/// The demo coordinator's admin credentials.
+pub fn demo_credentials_dir() -> PathBuf {
     demo_farm_dir().join("coordinator").join("admin")
 }
 
@@ -90,6 +90,6 @@ mod tests {
             "{}",
             root.display()
         );
-        assert!(default_credentials_dir().ends_with("target/demo-farm/coordinator/admin"));
+        assert!(demo_credentials_dir().ends_with("target/demo-farm/coordinator/admin"));
     }
 }

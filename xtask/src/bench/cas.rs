@@ -8,13 +8,14 @@
 //! failed.
 use super::private::PrivateCoordinator;
 use super::spread;
-use crate::farm::blobs::{find_missing, read_to_file, write_file, STREAM_CHUNK_BYTES};
-use crate::farm::display::{format_bytes, format_duration, mib};
-use crate::farm::status::farm_status;
-use crate::farm::upload::{hash_dir, upload_dir_with, Progress, UploadReport};
-use crate::farm::{FarmClient, FarmOptions};
 use crate::paths;
 use anyhow::{bail, Context};
+use archfarm_client::config::{ConnectArgs, ProcessEnv};
+use archfarm_client::farm::blobs::{find_missing, read_to_file, write_file, STREAM_CHUNK_BYTES};
+use archfarm_client::farm::display::{format_bytes, format_duration, mib};
+use archfarm_client::farm::status::farm_status;
+use archfarm_client::farm::upload::{hash_dir, upload_dir_with, Progress, UploadReport};
+use archfarm_client::farm::FarmClient;
 use archfarm_proto::tree::{list_files, BuildOptions};
 use archfarm_proto::Digest;
 use comfy_table::{presets, ContentArrangement, Table};
@@ -29,7 +30,7 @@ use std::time::{Duration, Instant};
 #[derive(clap::Args, Debug)]
 pub struct CasArgs {
     #[command(flatten)]
-    pub farm: FarmOptions,
+    pub farm: ConnectArgs,
     /// Always start a private coordinator (from target/debug, empty store), even when the
     /// farm given answers; a farm that already holds the tree cannot measure a cold ingest.
     #[arg(long)]
@@ -128,23 +129,27 @@ fn format_duration_precise(d: Duration) -> String {
 /// coordinator.
 async fn connect(args: &CasArgs) -> anyhow::Result<(FarmClient, Option<PrivateCoordinator>)> {
     if !args.private {
+        let options = args.farm.resolve(&ProcessEnv);
+        let coordinator = options
+            .as_ref()
+            .map_or("the configured coordinator", |o| o.coordinator.as_str());
         let attempt = async {
-            let mut client = FarmClient::connect(&args.farm).await?;
+            let mut client =
+                FarmClient::connect(options.as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?)
+                    .await?;
             farm_status(&mut client, 1).await?;
             anyhow::Ok(client)
         };
         match tokio::time::timeout(Duration::from_secs(5), attempt).await {
             Ok(Ok(client)) => {
-                eprintln!("measuring the farm at {}", args.farm.coordinator);
+                eprintln!("measuring the farm at {coordinator}");
                 return Ok((client, None));
             }
             Ok(Err(e)) => eprintln!(
-                "no farm answers at {} ({e:#}); starting a private coordinator",
-                args.farm.coordinator
+                "no farm answers at {coordinator} ({e:#}); starting a private coordinator"
             ),
             Err(_) => eprintln!(
-                "no farm answers at {} within 5s; starting a private coordinator",
-                args.farm.coordinator
+                "no farm answers at {coordinator} within 5s; starting a private coordinator"
             ),
         }
     }

@@ -20,12 +20,12 @@
 use super::private::PrivateCoordinator;
 use crate::binfmt::{BinfmtGuard, ForeignArch, FOREIGN_ARCHES};
 use crate::demo::{build_binaries, log_tail, run_checked, spawn_logged};
-use crate::farm::display::{format_duration, now_unix_ms};
-use crate::farm::job::get_job;
-use crate::farm::status::farm_status;
-use crate::farm::{token, FarmClient};
 use crate::paths;
 use anyhow::{bail, Context};
+use archfarm_client::farm::display::{format_duration, now_unix_ms};
+use archfarm_client::farm::job::get_job;
+use archfarm_client::farm::status::farm_status;
+use archfarm_client::farm::{token, FarmClient};
 use archfarm_proto::v1;
 use archfarm_proto::Platform;
 use comfy_table::{presets, ContentArrangement, Table};

@@ -7,12 +7,12 @@
 //! coordinator's memory, and checks that every action was assigned once and succeeded once.
 use super::private::PrivateCoordinator;
 use crate::demo::{build_binaries, run_checked};
-use crate::farm::display::format_duration;
-use crate::farm::job::get_job;
-use crate::farm::status::farm_status;
-use crate::farm::{rpc, token, FarmClient, RpcError};
 use crate::paths;
 use anyhow::{bail, Context};
+use archfarm_client::farm::display::format_duration;
+use archfarm_client::farm::job::get_job;
+use archfarm_client::farm::status::farm_status;
+use archfarm_client::farm::{rpc, token, FarmClient, RpcError};
 use archfarm_proto::tls::{self, ClientIdentity, ServerTrust};
 use archfarm_proto::v1::{self, agent_message, coordinator_message, ActionState};
 use archfarm_proto::MAX_MESSAGE_BYTES;
@@ -122,7 +122,7 @@ async fn join(url: &str, token: &str, ca_hash: &str, name: &str) -> anyhow::Resu
 
 /// The success an agent reports for an action: exit 0, one passing result per step.
 fn success(agent_id: &str, assign: &v1::Assign) -> v1::AgentMessage {
-    let now = crate::farm::display::now_unix_ms();
+    let now = archfarm_client::farm::display::now_unix_ms();
     let steps = assign
         .action
         .as_ref()

@@ -9,10 +9,11 @@ pub mod k8s;
 pub mod load;
 pub mod private;
 
-use crate::farm::display::format_duration;
-use crate::farm::run::{run_job, RunArgs, RunOutput};
-use crate::farm::{FarmClient, FarmOptions};
 use anyhow::{bail, Context};
+use archfarm_client::config::{ConnectArgs, ProcessEnv};
+use archfarm_client::farm::display::format_duration;
+use archfarm_client::farm::run::{run_job, RunArgs, RunOutput};
+use archfarm_client::farm::FarmClient;
 use comfy_table::{presets, Table};
 use std::time::Duration;
 
@@ -46,7 +47,7 @@ pub enum BenchCommand {
 #[derive(clap::Args, Debug)]
 pub struct LatencyArgs {
     #[command(flatten)]
-    pub farm: FarmOptions,
+    pub farm: ConnectArgs,
     /// How many jobs to run, one after another.
     #[arg(long, default_value_t = 20)]
     pub runs: u32,
@@ -98,7 +99,7 @@ pub async fn latency(args: &LatencyArgs) -> anyhow::Result<u8> {
     if args.runs == 0 {
         bail!("--runs must be at least 1");
     }
-    let mut client = FarmClient::connect(&args.farm).await?;
+    let mut client = FarmClient::connect(&args.farm.resolve(&ProcessEnv)?).await?;
     let mut job = RunArgs::new([args.platform.clone()], ["echo", "hi"]);
     job.allow_emulation = args.allow_emulation;
     job.description = Some("cargo xtask bench latency".to_string());

@@ -4,9 +4,9 @@
 //! running and always starts from an empty store. The chaos run also SIGKILLs it and starts it
 //! again on the same port and data directory.
 use crate::demo::{build_binaries, spawn_logged, stop_child, wait_for_coordinator};
-use crate::farm::{FarmClient, FarmOptions};
 use crate::paths;
 use anyhow::Context;
+use archfarm_client::farm::{FarmClient, FarmOptions};
 use std::ffi::OsString;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};

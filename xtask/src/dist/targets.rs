@@ -23,10 +23,16 @@ pub const DIST_BINARIES: &[DistBinary] = &[
         package: "archfarm-coordinator",
         name: "archfarm-coordinator",
     },
+    DistBinary {
+        package: "archfarm-client",
+        name: "archfarm",
+    },
 ];
 
 /// The agent: what `dist --verify` and the end-to-end tests run on every platform.
 pub const AGENT: DistBinary = DIST_BINARIES[0];
+/// The client: `dist --verify` drives the farm with the amd64 one.
+pub const CLIENT: DistBinary = DIST_BINARIES[2];
 
 /// The ELF identity every binary of a platform must carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -247,6 +253,7 @@ mod tests {
         }
         assert_eq!(DIST_TARGETS.len(), 7);
         assert_eq!(AGENT.name, "archfarm-agent");
+        assert_eq!(CLIENT.name, "archfarm");
     }
 
     #[test]

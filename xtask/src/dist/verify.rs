@@ -7,14 +7,14 @@
 //! CAS, the amd64 client downloads the outputs and compares them byte for byte, and the same
 //! job again must be a cache hit everywhere. binfmt_misc runs the foreign Go binaries the
 //! agents exec; it is registered as root and always removed again.
-use super::targets::{DistTarget, AGENT};
+use super::targets::{DistTarget, AGENT, CLIENT};
 use super::{mib, yes_no, PlatformReport};
 use crate::bench::private::PrivateCoordinator;
 use crate::binfmt::{BinfmtGuard, ForeignArch};
 use crate::demo::{build_binaries, log_tail, spawn_logged, stop_child};
-use crate::farm::FarmOptions;
 use crate::paths;
 use anyhow::{bail, Context};
+use archfarm_client::farm::FarmOptions;
 use comfy_table::{presets, ContentArrangement, Table};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -132,30 +132,18 @@ impl VerifyRow {
     }
 }
 
-/// The client command line: until the client has a crate of its own, this very `xtask` as
-/// `xtask farm ...`.
+/// The client command line (`archfarm`).
 #[derive(Debug, Clone)]
 pub struct ClientCli {
     /// The program.
     pub program: PathBuf,
-    /// Arguments before the farm command (`farm`).
-    pub prefix: Vec<String>,
 }
 
 impl ClientCli {
-    /// `xtask farm` of the running executable.
-    pub fn this_xtask() -> anyhow::Result<Self> {
-        Ok(Self {
-            program: std::env::current_exe().context("failed to find the running xtask")?,
-            prefix: vec!["farm".to_string()],
-        })
-    }
-
     /// The client as `opts`' admin with `args`, not started.
     pub fn command(&self, opts: &FarmOptions, args: &[&str]) -> tokio::process::Command {
         let mut c = tokio::process::Command::new(&self.program);
-        c.args(&self.prefix)
-            .args(args)
+        c.args(args)
             .env("ARCHFARM_COORDINATOR", &opts.coordinator)
             .env("ARCHFARM_CREDENTIALS", &opts.credentials)
             .env("NO_COLOR", "1")
@@ -173,7 +161,7 @@ impl ClientCli {
         if !out.status.success() {
             bail!(
                 "`{} {}` ended with {}: {}",
-                self.prefix.join(" "),
+                self.program.display(),
                 args.join(" "),
                 out.status,
                 String::from_utf8_lossy(&out.stderr).trim()
@@ -223,12 +211,12 @@ pub async fn run(reports: &[PlatformReport], idle: Duration) -> anyhow::Result<V
         .tempdir_in(paths::target_dir())
         .context("failed to create the verification directory")?;
     let mut agents = Vec::new();
-    let mut coordinator = None;
+    let mut host = None;
     for r in reports {
         let Some(archive) = &r.archive else { continue };
         let top = super::archive::unpack(archive, &work.path().join("unpacked"))?;
         if r.target.is_host() {
-            coordinator = Some(top.join("archfarm-coordinator"));
+            host = Some(top.clone());
         }
         agents.push(AgentUnderTest {
             target: r.target,
@@ -238,14 +226,18 @@ pub async fn run(reports: &[PlatformReport], idle: Duration) -> anyhow::Result<V
     if agents.is_empty() {
         bail!("--verify: no platform was built");
     }
-    let coordinator = match coordinator {
-        Some(c) => c,
+    // The shipped amd64 coordinator and client; the workspace's when amd64 was not built.
+    let (coordinator, client) = match host {
+        Some(top) => (top.join("archfarm-coordinator"), top.join(CLIENT.name)),
         None => {
-            build_binaries(&["archfarm-coordinator"])?;
-            paths::debug_binary("archfarm-coordinator")
+            build_binaries(&["archfarm-coordinator", CLIENT.package])?;
+            (
+                paths::debug_binary("archfarm-coordinator"),
+                paths::debug_binary(CLIENT.name),
+            )
         }
     };
-    let client = ClientCli::this_xtask()?;
+    let client = ClientCli { program: client };
     tokio::select! {
         rows = verify_agents(&agents, &coordinator, &client, idle, work.path()) => rows,
         _ = tokio::signal::ctrl_c() => bail!("interrupted: stopped every process the check started"),

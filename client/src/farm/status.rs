@@ -1,4 +1,4 @@
-//! `cargo xtask farm status`: what the farm has and does — agents per platform (always saying
+//! `archfarm status`: what the farm has and does — agents per platform (always saying
 //! native or emulated), queues, running actions, recent jobs' verdicts and the content-addressed
 //! store with its action cache — as tables for people or as a stable JSON document for scripts.
 use super::display::{
@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
-/// `cargo xtask farm status [--json]`.
+/// `archfarm status [--json]`.
 #[derive(clap::Args, Debug)]
 pub struct StatusArgs {
     /// Print a JSON document instead of tables.
@@ -108,7 +108,7 @@ pub fn render_status(s: &FarmStatusResponse, now_unix_ms: u64) -> String {
     if by_platform.is_empty() {
         let _ = writeln!(
             out,
-            "\nno agents; make a join token with `cargo xtask farm token create`"
+            "\nno agents; make a join token with `archfarm token create`"
         );
     }
     for (platform, mut agents) in by_platform {

@@ -1,4 +1,4 @@
-//! `cargo xtask farm token create|list|delete`: makes a join token for agents and prints what
+//! `archfarm token create|list|delete`: makes a join token for agents and prints what
 //! an operator pastes on the donated box (token, CA hash, the agent's command line); lists the
 //! tokens (never their secrets) and deletes one so it can no longer join.
 use super::args::{parse_label, LabelArg};
@@ -8,7 +8,7 @@ use archfarm_proto::v1;
 use serde_json::json;
 use std::time::{Duration, UNIX_EPOCH};
 
-/// `cargo xtask farm token ...`.
+/// `archfarm token ...`.
 #[derive(clap::Subcommand, Debug)]
 pub enum TokenCommand {
     /// Create a join token.
@@ -26,7 +26,7 @@ pub enum TokenCommand {
     },
 }
 
-/// `cargo xtask farm token create`.
+/// `archfarm token create`.
 #[derive(clap::Args, Debug)]
 pub struct CreateTokenArgs {
     /// How long the token works.
@@ -134,7 +134,7 @@ pub fn token_json(t: &v1::TokenInfo) -> serde_json::Value {
 /// The tokens as a table; expired and used-up ones say so.
 pub fn render_tokens(tokens: &[v1::TokenInfo], now_unix_ms: u64) -> String {
     if tokens.is_empty() {
-        return "no join tokens; make one with `cargo xtask farm token create`\n".into();
+        return "no join tokens; make one with `archfarm token create`\n".into();
     }
     let mut t = super::status::table(vec![
         "id",

@@ -1,5 +1,5 @@
 //! One job as people and tests see it: the per-platform action table (also `farm run`'s
-//! summary), the job's JSON form, and `cargo xtask farm job JOB`.
+//! summary), the job's JSON form, and `archfarm job JOB`.
 use super::display::{
     action_state_name, format_ago, format_ms, mode, now_unix_ms, outcome_name, words,
 };
@@ -9,7 +9,7 @@ use archfarm_proto::v1::{self, ActionStatus, JobStatus};
 use comfy_table::{presets, ContentArrangement, Table};
 use serde_json::{json, Value};
 
-/// `cargo xtask farm job JOB [--json]`.
+/// `archfarm job JOB [--json]`.
 #[derive(clap::Args, Debug)]
 pub struct JobArgs {
     /// The job's id.

@@ -1,4 +1,4 @@
-//! `cargo xtask farm go-test`: Go tests cross-compiled here, run natively on the farm's agents
+//! `archfarm go-test`: Go tests cross-compiled here, run natively on the farm's agents
 //! of each platform, never rebuilt or rerun when nothing they depend on changed.
 //!
 //! The flow: `go list` the packages per platform; derive each (package, platform)'s cache key
@@ -50,7 +50,7 @@ pub const RACE_ARCHES: &[&str] = &["amd64", "arm64", "ppc64le"];
 /// Step outputs converted by `go tool test2json` at once.
 const PARALLEL_CONVERSIONS: usize = 8;
 
-/// `cargo xtask farm go-test [options] PACKAGES...`.
+/// `archfarm go-test [options] PACKAGES...`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct GoTestArgs {
     /// Platform to test on, e.g. linux/arm64; repeat for more (default linux/amd64).
@@ -642,7 +642,7 @@ fn print_problems(results: &Results) {
     }
 }
 
-/// `cargo xtask farm go-test`: returns the exit code (1 when anything failed, hung or could
+/// `archfarm go-test`: returns the exit code (1 when anything failed, hung or could
 /// not run).
 pub async fn command(client: &mut FarmClient, args: &GoTestArgs) -> anyhow::Result<u8> {
     let platforms = args.platforms()?;

@@ -1,4 +1,4 @@
-//! `cargo xtask farm credentials create --role client --name NAME --out DIR`: a key pair made
+//! `archfarm credentials create --role client --name NAME --out DIR`: a key pair made
 //! here (the private key never leaves this machine), its CSR signed by the farm CA through
 //! Admin.IssueCredentials, written as a credentials directory for `--credentials`;
 //! `credentials revoke NAME` makes them useless at once.
@@ -8,7 +8,7 @@ use archfarm_proto::tls::{ClientIdentity, Credentials};
 use archfarm_proto::v1;
 use std::path::PathBuf;
 
-/// `cargo xtask farm credentials ...`.
+/// `archfarm credentials ...`.
 #[derive(clap::Subcommand, Debug)]
 pub enum CredentialsCommand {
     /// Issue credentials and write cert.pem, key.pem and ca.pem into DIR.
@@ -20,7 +20,7 @@ pub enum CredentialsCommand {
     },
 }
 
-/// `cargo xtask farm credentials create`.
+/// `archfarm credentials create`.
 #[derive(clap::Args, Debug)]
 pub struct CreateCredentialsArgs {
     /// Role of the certificate; only `client` (submit jobs, read status, use the CAS).

@@ -6,6 +6,8 @@
 // The fake's helpers are not #[test] functions; a panic there is a bug in the test.
 #![allow(clippy::unwrap_used)]
 
+use archfarm_client::farm::run::{run_job, RunArgs, RunOutput};
+use archfarm_client::farm::FarmClient;
 use archfarm_proto::tree::build_local_tree;
 use archfarm_proto::v1::cas_server::{Cas, CasServer};
 use archfarm_proto::v1::jobs_server::{Jobs, JobsServer};
@@ -15,8 +17,6 @@ use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use tonic::{Request, Response, Status};
-use xtask::farm::run::{run_job, RunArgs, RunOutput};
-use xtask::farm::FarmClient;
 
 type Script = Vec<Result<JobEvent, Status>>;
 
@@ -437,7 +437,7 @@ impl Drop for TempDir {
 
 #[tokio::test]
 async fn big_files_are_streamed_and_a_second_upload_sends_nothing() {
-    use xtask::farm::upload::{upload_dir_with, Progress};
+    use archfarm_client::farm::upload::{upload_dir_with, Progress};
     let input = TempDir::new("upload-twice");
     let digests = TempDir::new("upload-twice-digest-cache");
     let big: Vec<u8> = (0..(5u32 << 20) + 3).map(|i| (i % 251) as u8).collect();
@@ -491,8 +491,8 @@ async fn big_files_are_streamed_and_a_second_upload_sends_nothing() {
 
 #[tokio::test]
 async fn outputs_are_downloaded_under_os_and_arch_and_reported_as_json() {
+    use archfarm_client::farm::blobs::MAX_BATCH_BLOB_BYTES;
     use archfarm_proto::tree::build_local_tree;
-    use xtask::farm::blobs::MAX_BATCH_BLOB_BYTES;
     // What the agents produced: a file on arm/v7 (cached) and a directory on amd64.
     let produced = TempDir::new("outputs-produced");
     let out = produced.0.join("out");

@@ -1,4 +1,4 @@
-//! `cargo xtask farm ginkgo`: a ginkgo suite (Kubernetes' node-e2e shape) cross-compiled here,
+//! `archfarm ginkgo`: a ginkgo suite (Kubernetes' node-e2e shape) cross-compiled here,
 //! its specs listed by a local dry run, sharded by location, and run only on agents labelled
 //! `node-e2e`, each shard with the agent to itself.
 //!
@@ -45,7 +45,7 @@ const DRY_RUN_TIMEOUT: Duration = Duration::from_secs(120);
 /// Exit code of a ginkgo v1 suite that passed with programmatically focused specs (FIt).
 const GINKGO_FOCUS_EXIT_CODE: i32 = 197;
 
-/// `cargo xtask farm ginkgo --platform P [options] [PKG]`.
+/// `archfarm ginkgo --platform P [options] [PKG]`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct GinkgoArgs {
     /// Platform to run the suite on, e.g. linux/arm64.
@@ -314,7 +314,7 @@ pub fn listed_specs(dry: &output::SuiteOutput, text: &str) -> anyhow::Result<(St
     Ok((description, specs))
 }
 
-/// `cargo xtask farm ginkgo`: returns the exit code (1 when any spec failed or did not run).
+/// `archfarm ginkgo`: returns the exit code (1 when any spec failed or did not run).
 pub async fn command(client: &mut FarmClient, args: &GinkgoArgs) -> anyhow::Result<u8> {
     let platform: Platform = args.platform.parse()?;
     let platform_name = platform.to_string();

@@ -1,6 +1,5 @@
-//! `cargo xtask farm ...`: the farm's command line for people and CI. Holds what every farm
-//! command shares: the connection options, the connected client, and the one place where a
-//! gRPC status becomes words.
+//! Talking to a farm: what every command shares: the connected client, and the one place
+//! where a gRPC status becomes words; one module per command below it.
 
 pub mod agents;
 pub mod args;
@@ -15,7 +14,6 @@ pub mod status;
 pub mod token;
 pub mod upload;
 
-use crate::paths;
 use anyhow::Context;
 use archfarm_proto::tls::{self, Credentials, ServerTrust};
 use archfarm_proto::v1::admin_client::AdminClient;
@@ -23,95 +21,9 @@ use archfarm_proto::v1::cas_client::CasClient;
 use archfarm_proto::v1::jobs_client::JobsClient;
 use archfarm_proto::MAX_MESSAGE_BYTES;
 use std::fmt;
-use std::path::PathBuf;
 use tonic::transport::Channel;
 
-/// The coordinator a farm command talks to unless told otherwise: the demo farm's.
-pub const DEFAULT_COORDINATOR: &str = "https://127.0.0.1:7443";
-
-/// Which coordinator to talk to and as whom.
-#[derive(clap::Args, Debug, Clone)]
-pub struct FarmOptions {
-    /// Coordinator URL.
-    #[arg(long, global = true, value_name = "URL", env = "ARCHFARM_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
-    pub coordinator: String,
-    /// Directory holding cert.pem, key.pem and ca.pem of a client or admin identity; the
-    /// default is the demo farm's admin.
-    #[arg(long, global = true, value_name = "DIR", env = "ARCHFARM_CREDENTIALS", default_value_os_t = paths::default_credentials_dir())]
-    pub credentials: PathBuf,
-}
-
-impl FarmOptions {
-    /// The demo farm started by `cargo xtask demo`.
-    pub fn demo() -> Self {
-        Self {
-            coordinator: DEFAULT_COORDINATOR.to_string(),
-            credentials: paths::default_credentials_dir(),
-        }
-    }
-}
-
-/// `cargo xtask farm [options] <command>`.
-#[derive(clap::Args, Debug)]
-pub struct FarmCli {
-    #[command(flatten)]
-    pub options: FarmOptions,
-    #[command(subcommand)]
-    pub command: FarmCommand,
-}
-
-/// The farm commands.
-#[derive(clap::Subcommand, Debug)]
-pub enum FarmCommand {
-    /// Agents per platform, queues, running actions and recent jobs.
-    Status(status::StatusArgs),
-    /// Run a command on one or more platforms and stream its output.
-    Run(run::RunArgs),
-    /// Join tokens for agents: create, list, delete.
-    #[command(alias = "tokens")]
-    Token {
-        #[command(subcommand)]
-        command: token::TokenCommand,
-    },
-    /// Client credentials (a certificate with the client role) for CI systems and people.
-    Credentials {
-        #[command(subcommand)]
-        command: credentials::CredentialsCommand,
-    },
-    /// Drain or revoke agents.
-    Agents {
-        #[command(subcommand)]
-        command: agents::AgentsCommand,
-    },
-    /// Cancel a job's unfinished actions.
-    Cancel(cancel::CancelArgs),
-    /// Show one job's actions.
-    Job(job::JobArgs),
-    /// Go tests: cross-compiled here, run natively per platform, cached, sharded.
-    GoTest(crate::gotest::GoTestArgs),
-    /// Go commands for many platforms: pure Go cross-compiled, cgo built natively, cached.
-    GoBuild(crate::gobuild::GoBuildArgs),
-    /// A ginkgo suite (node-e2e): specs listed by a dry run, sharded by location, run only on
-    /// agents labelled node-e2e, each shard with the agent to itself.
-    Ginkgo(crate::ginkgo::GinkgoArgs),
-}
-
-/// Runs one farm command; returns the process exit code.
-pub async fn run_command(cli: FarmCli) -> anyhow::Result<u8> {
-    let mut client = FarmClient::connect(&cli.options).await?;
-    match cli.command {
-        FarmCommand::Status(args) => status::command(&mut client, &args).await,
-        FarmCommand::Run(args) => run::command(&mut client, &args).await,
-        FarmCommand::Token { command } => token::command(&mut client, &command).await,
-        FarmCommand::Agents { command } => agents::command(&mut client, &command).await,
-        FarmCommand::Credentials { command } => credentials::command(&mut client, &command).await,
-        FarmCommand::Cancel(args) => cancel::command(&mut client, &args).await,
-        FarmCommand::Job(args) => job::command(&mut client, &args).await,
-        FarmCommand::GoTest(args) => crate::gotest::command(&mut client, &args).await,
-        FarmCommand::GoBuild(args) => crate::gobuild::command(&mut client, &args).await,
-        FarmCommand::Ginkgo(args) => crate::ginkgo::command(&mut client, &args).await,
-    }
-}
+pub use crate::config::FarmOptions;
 
 /// A TLS connection to a coordinator with a client for each service a client may call.
 #[derive(Clone)]
@@ -159,7 +71,7 @@ impl FarmClient {
         let creds = Credentials::load(dir).with_context(|| {
             format!(
                 "failed to load the farm credentials in {} (pass --credentials DIR or set \
-                 ARCHFARM_CREDENTIALS; `cargo xtask demo` creates the default)",
+                 ARCHFARM_CREDENTIALS; `archfarm credentials create` makes a client's)",
                 dir.display()
             )
         })?;

@@ -1,4 +1,4 @@
-//! `cargo xtask farm go-build`: Go commands built by the farm for many platforms, like
+//! `archfarm go-build`: Go commands built by the farm for many platforms, like
 //! Kubernetes' `make WHAT=cmd/x KUBE_BUILD_PLATFORMS=...`, with binaries arriving in
 //! `<output-dir>/<os>/<arch>/<name>`.
 //!
@@ -41,7 +41,7 @@ pub const DEFAULT_BUILD_PLATFORM: &str = "linux/amd64";
 /// Binaries downloaded at once.
 const PARALLEL_DOWNLOADS: usize = 4;
 
-/// `cargo xtask farm go-build --platform P... [options] TARGETS...`.
+/// `archfarm go-build --platform P... [options] TARGETS...`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct GoBuildArgs {
     /// Platform to build for, e.g. linux/arm64; repeat for more (one job each).
@@ -541,7 +541,7 @@ fn user_env(cgo: bool) -> Vec<(String, String)> {
         .collect()
 }
 
-/// `cargo xtask farm go-build`: returns 0 when every target was built (or cached) for every
+/// `archfarm go-build`: returns 0 when every target was built (or cached) for every
 /// platform, else 1.
 pub async fn command(client: &mut FarmClient, args: &GoBuildArgs) -> anyhow::Result<u8> {
     let started = Instant::now();

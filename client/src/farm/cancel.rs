@@ -1,15 +1,15 @@
-//! `cargo xtask farm cancel JOB`: stops a job's unfinished actions.
+//! `archfarm cancel JOB`: stops a job's unfinished actions.
 use super::{rpc, FarmClient};
 use anyhow::Context;
 use archfarm_proto::v1;
 
-/// `cargo xtask farm cancel JOB [--reason TEXT]`.
+/// `archfarm cancel JOB [--reason TEXT]`.
 #[derive(clap::Args, Debug)]
 pub struct CancelArgs {
     /// The job's id.
     pub job_id: String,
     /// Why; recorded on each cancelled action.
-    #[arg(long, default_value = "cancelled with `cargo xtask farm cancel`")]
+    #[arg(long, default_value = "cancelled with `archfarm cancel`")]
     pub reason: String,
 }
 

@@ -1,9 +1,9 @@
-//! `cargo xtask farm agents drain|revoke ID`: an admin's two levers on an agent.
+//! `archfarm agents drain|revoke ID`: an admin's two levers on an agent.
 use super::{rpc, FarmClient};
 use anyhow::Context;
 use archfarm_proto::v1;
 
-/// `cargo xtask farm agents ...`.
+/// `archfarm agents ...`.
 #[derive(clap::Subcommand, Debug)]
 pub enum AgentsCommand {
     /// Give the agent no new work; what runs finishes.

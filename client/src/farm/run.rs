@@ -1,4 +1,4 @@
-//! `cargo xtask farm run`: uploads the input tree, submits a job and follows it to the end:
+//! `archfarm run`: uploads the input tree, submits a job and follows it to the end:
 //! each action's output line by line behind its platform, state changes on stderr, a summary
 //! table and an exit code. It survives a coordinator restart (re-watching) and turns Ctrl-C
 //! into a cancel. With `--output`/`--download` it brings the declared outputs home, and with
@@ -32,7 +32,7 @@ pub const REWATCH_FOR: Duration = Duration::from_secs(120);
 /// A partial line longer than this is printed as a line of its own.
 const MAX_PARTIAL_LINE_BYTES: usize = 64 * 1024;
 
-/// `cargo xtask farm run --platform P... [options] -- CMD ARGS...`.
+/// `archfarm run --platform P... [options] -- CMD ARGS...`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {
     /// Platform to run on, e.g. linux/arm64; repeat for more (one action each).
@@ -249,7 +249,7 @@ pub fn write_json_report(path: &std::path::Path, value: &serde_json::Value) -> a
         .with_context(|| format!("failed to write the JSON report {}", path.display()))
 }
 
-/// `cargo xtask farm run`: runs the job and returns its exit code.
+/// `archfarm run`: runs the job and returns its exit code.
 pub async fn command(client: &mut FarmClient, args: &RunArgs) -> anyhow::Result<u8> {
     Ok(run_job(client, args, RunOutput::Print).await?.exit_code)
 }
