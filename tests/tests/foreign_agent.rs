@@ -46,7 +46,7 @@ fn cross_built_agents_serve_their_own_platform_under_qemu_user() {
         .iter()
         .map(|p| ForeignArch::for_platform(p).unwrap())
         .collect();
-    let _binfmt = BinfmtGuard::register(&arches).expect("register binfmt_misc");
+    let binfmt = BinfmtGuard::register(&arches).expect("register binfmt_misc");
 
     let label = format!("{HARNESS_LABEL}=qemu-user");
     for ((platform, agent), arch) in agents.iter().zip(&arches) {
@@ -130,7 +130,7 @@ fn cross_built_agents_serve_their_own_platform_under_qemu_user() {
         "the second run is a cache hit: {second:#}"
     );
     farm.assert_no_unexpected_errors(&[]);
-    assert_binfmt_entries_gone_after(_binfmt, &arches);
+    assert_binfmt_entries_gone_after(binfmt, &arches);
 }
 
 /// Drops the guard and checks that binfmt_misc holds none of its entries any more.

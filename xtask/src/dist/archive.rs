@@ -130,6 +130,18 @@ fn tar_gz(stage: &Path, stem: &str, archive: &Path, mtime: u64) -> anyhow::Resul
     Ok(())
 }
 
+/// The archives in `out`, sorted by name: what SHA256SUMS covers.
+pub fn archives_in(out: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(out)
+        .with_context(|| format!("failed to list {}", out.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().ends_with(".tar.gz"))
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
 /// Writes `out/SHA256SUMS` (sha256sum's format) over `archives`, which must lie in `out`.
 pub fn write_sha256sums(out: &Path, archives: &[PathBuf]) -> anyhow::Result<PathBuf> {
     let names: Vec<String> = archives

@@ -172,7 +172,9 @@ pub fn build_and_pack(
     let logs = build_dir.join("logs");
     std::fs::create_dir_all(&logs)
         .with_context(|| format!("failed to create {}", logs.display()))?;
-    clear_old_archives(&out)?;
+    if targets.len() == DIST_TARGETS.len() {
+        clear_old_archives(&out)?;
+    }
     let mtime = archive::source_date_epoch(&workspace)?;
     let stage = build_dir.join("stage");
     let mut reports = Vec::new();
@@ -205,8 +207,7 @@ pub fn build_and_pack(
         }
         reports.push(report);
     }
-    let archives: Vec<PathBuf> = reports.iter().filter_map(|r| r.archive.clone()).collect();
-    archive::write_sha256sums(&out, &archives)?;
+    archive::write_sha256sums(&out, &archive::archives_in(&out)?)?;
     Ok(reports)
 }
 
@@ -325,7 +326,8 @@ pub fn run_version(target: &DistTarget, binary: &Path) -> Result<String, String>
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-/// Removes the archives and SHA256SUMS of an earlier run, so none outlives its platform.
+/// Removes the archives and SHA256SUMS of an earlier run, so none outlives its platform (a
+/// run for some `--platforms` replaces only theirs).
 fn clear_old_archives(out: &Path) -> anyhow::Result<()> {
     let Ok(entries) = std::fs::read_dir(out) else {
         return Ok(());

@@ -71,7 +71,8 @@ const fn elf(class64: bool, big_endian: bool, machine: u16) -> ElfIdentity {
     }
 }
 
-/// The platforms of a release, amd64 first.
+/// The platforms of a release, in build order: amd64 first (its coordinator and client drive
+/// `--verify`), then the platforms CI's end-to-end test runs, the tier 3 one last.
 pub const DIST_TARGETS: &[DistTarget] = &[
     DistTarget {
         platform: "linux/amd64",
@@ -90,11 +91,11 @@ pub const DIST_TARGETS: &[DistTarget] = &[
         tier3: false,
     },
     DistTarget {
-        platform: "linux/arm/v7",
-        triple: "armv7-unknown-linux-gnueabihf",
-        gnu: "arm-linux-gnueabihf",
-        debian_arch: "armhf",
-        elf: elf(false, false, 40),
+        platform: "linux/s390x",
+        triple: "s390x-unknown-linux-gnu",
+        gnu: "s390x-linux-gnu",
+        debian_arch: "s390x",
+        elf: elf(true, true, 22),
         tier3: false,
     },
     DistTarget {
@@ -106,19 +107,19 @@ pub const DIST_TARGETS: &[DistTarget] = &[
         tier3: false,
     },
     DistTarget {
-        platform: "linux/s390x",
-        triple: "s390x-unknown-linux-gnu",
-        gnu: "s390x-linux-gnu",
-        debian_arch: "s390x",
-        elf: elf(true, true, 22),
-        tier3: false,
-    },
-    DistTarget {
         platform: "linux/riscv64",
         triple: "riscv64gc-unknown-linux-gnu",
         gnu: "riscv64-linux-gnu",
         debian_arch: "riscv64",
         elf: elf(true, false, 243),
+        tier3: false,
+    },
+    DistTarget {
+        platform: "linux/arm/v7",
+        triple: "armv7-unknown-linux-gnueabihf",
+        gnu: "arm-linux-gnueabihf",
+        debian_arch: "armhf",
+        elf: elf(false, false, 40),
         tier3: false,
     },
     DistTarget {
