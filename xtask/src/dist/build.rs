@@ -18,19 +18,22 @@ pub const SYSTEM_RUSTDOC: &str = "/usr/bin/rustdoc";
 /// The std sources `-Zbuild-std` compiles (rust-web-src).
 pub const RUST_SRC: &str = "/usr/lib/rustlib/src/rust/library";
 /// Environment a caller's cargo or rustup may have set that would steer the cross build
-/// elsewhere (another toolchain, another target dir, flags for every target).
-const SCRUBBED_ENV: &[&str] = &[
-    "RUSTUP_TOOLCHAIN",
-    "RUSTC_WRAPPER",
-    "RUSTC_WORKSPACE_WRAPPER",
-    "RUSTFLAGS",
-    "CARGO_ENCODED_RUSTFLAGS",
-    "CARGO_BUILD_TARGET",
-    "CARGO_BUILD_RUSTFLAGS",
-    "CARGO_TARGET_DIR",
-    "CARGO_BUILD_TARGET_DIR",
-    "CARGO",
-];
+/// elsewhere (another toolchain, another target dir, flags for every target) or make its
+/// fingerprints differ between `cargo xtask dist` and a direct run, so that one rebuilds
+/// what the other built (`cargo run` sets `CARGO_*` and `LD_LIBRARY_PATH`).
+fn scrubbed(name: &str) -> bool {
+    const KEPT_CARGO: &[&str] = &["CARGO_HOME", "CARGO_NET_", "CARGO_HTTP_", "CARGO_REGISTR"];
+    if name.starts_with("CARGO") {
+        return !KEPT_CARGO.iter().any(|k| name.starts_with(k));
+    }
+    name.starts_with("RUSTUP_")
+        || name.starts_with("RUSTC")
+        || name.starts_with("RUSTDOC")
+        || matches!(
+            name,
+            "RUSTFLAGS" | "RUST_RECURSION_COUNT" | "LD_LIBRARY_PATH" | "MAKEFLAGS" | "MFLAGS"
+        )
+}
 
 /// Fails, saying what to install, unless Debian's Rust with the std sources is there.
 pub fn check_rust() -> anyhow::Result<()> {
@@ -98,8 +101,10 @@ pub fn cargo_command(
     for b in binaries {
         cmd.args(["-p", b.package, "--bin", b.name]);
     }
-    for name in SCRUBBED_ENV {
-        cmd.env_remove(name);
+    for (name, _) in std::env::vars_os() {
+        if name.to_str().is_some_and(scrubbed) {
+            cmd.env_remove(name);
+        }
     }
     cmd.current_dir(workspace)
         .env("RUSTC", SYSTEM_RUSTC)
@@ -249,9 +254,25 @@ mod tests {
             Some("s390x-linux-gnu-gcc")
         );
         assert_eq!(get("RUSTC").as_deref(), Some(SYSTEM_RUSTC));
-        assert!(env
-            .iter()
-            .any(|(k, v)| k == "RUSTUP_TOOLCHAIN" && v.is_none()));
+    }
+
+    #[test]
+    fn the_caller_s_cargo_and_rustup_settings_do_not_leak_in() {
+        for name in [
+            "RUSTUP_TOOLCHAIN",
+            "CARGO",
+            "CARGO_MANIFEST_DIR",
+            "CARGO_TARGET_DIR",
+            "CARGO_ENCODED_RUSTFLAGS",
+            "RUSTC_WRAPPER",
+            "RUSTFLAGS",
+            "LD_LIBRARY_PATH",
+        ] {
+            assert!(scrubbed(name), "{name}");
+        }
+        for name in ["CARGO_HOME", "CARGO_NET_OFFLINE", "PATH", "HOME", "TMPDIR"] {
+            assert!(!scrubbed(name), "{name}");
+        }
     }
 
     #[test]
