@@ -10,7 +10,7 @@ use crate::cas::Cas;
 use crate::hubs::{Hubs, JobUpdate};
 use crate::model::*;
 use crate::result_cache::{Reported, ResultCache};
-use crate::scheduler::{self, AgentView, Requirement};
+use crate::scheduler::{self, AgentView, FitKey, Requirement};
 use crate::store::Store;
 use archfarm_proto::{tree, Digest, Platform};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -1150,7 +1150,8 @@ impl Farm {
             }
         };
         let mut free_slots: u32 = views.iter().map(free).sum();
-        let mut unplaceable: HashSet<(Platform, Labels, bool, bool)> = HashSet::new();
+        // Requirements no free agent met in this pass, by everything that decides the fit.
+        let mut unplaceable: HashSet<FitKey> = HashSet::new();
         let mut after: Option<(u64, ActionId)> = None;
         while free_slots > 0 {
             let next = match &after {
@@ -1168,15 +1169,6 @@ impl Farm {
             let Some(a) = self.active.get(&id) else {
                 continue;
             };
-            let wanted = (
-                a.spec.platform.clone(),
-                a.spec.required_labels.clone(),
-                a.spec.allow_emulation,
-                a.spec.exclusive,
-            );
-            if unplaceable.contains(&wanted) {
-                continue;
-            }
             let req = Requirement {
                 platform: &a.spec.platform,
                 labels: &a.spec.required_labels,
@@ -1185,9 +1177,17 @@ impl Farm {
                 network: a.spec.network,
                 infra_failed_on: &a.infra_failed_on,
             };
-            // Placing only ever fills agents, so what found no agent now finds none later.
+            // Placing only ever fills agents, so a requirement that found no agent finds none
+            // later in this pass, nor does one that only narrows it (the network, an idle
+            // agent, agents to avoid). Only equal keys are lumped together: an action no agent
+            // can take never holds up other actions of its platform that one can.
+            let fit = req.fit_key();
+            if unplaceable.contains(&fit) || fit.relaxed().is_some_and(|r| unplaceable.contains(&r))
+            {
+                continue;
+            }
             let Some((agent, emulated)) = scheduler::choose_agent(&views, &req) else {
-                unplaceable.insert(wanted);
+                unplaceable.insert(fit);
                 continue;
             };
             let fence = self.store.next_counter("fence")?;

@@ -585,6 +585,57 @@ fn passing_steps_are_cached_and_every_step_duration_is_recorded() {
 }
 
 #[test]
+fn a_network_job_no_agent_allows_does_not_hold_up_plain_work_of_its_platform() {
+    let mut h = Harness::new();
+    // The agent's policy does not allow the network (the harness's offers leave it off).
+    h.join("a", &[("linux/amd64", false)], 0);
+    h.network = true;
+    let net = h.submit(&["linux/amd64"], false, 0);
+    h.network = false;
+    assert!(h.assigns("a").is_empty(), "no agent allows the network");
+    let plain = h.submit(&["linux/amd64"], false, 1);
+    assert_eq!(
+        h.assigns("a"),
+        vec![(format!("{plain}/linux/amd64"), 1, false)],
+        "the idle agent takes the plain job at the submit's dispatch"
+    );
+    assert_eq!(
+        h.state(&format!("{net}/linux/amd64")).state,
+        ActionState::Queued
+    );
+}
+
+#[test]
+fn a_retry_waiting_for_another_agent_does_not_hold_up_plain_work_of_its_platform() {
+    let mut h = Harness::new();
+    h.join("a", &[("linux/arm64", false)], 0);
+    h.join("b", &[("linux/arm64", false)], 0);
+    let retried = h.submit(&["linux/arm64"], false, 0);
+    let retried = format!("{retried}/linux/arm64");
+    assert_eq!(h.assigns("a"), vec![(retried.clone(), 1, false)]);
+    let busy = h.submit(&["linux/arm64"], false, 0);
+    let busy = format!("{busy}/linux/arm64");
+    assert_eq!(h.assigns("b"), vec![(busy.clone(), 2, false)]);
+    h.infra("a", &retried, 1, 1);
+    assert!(
+        h.assigns("a").is_empty(),
+        "the retry avoids a and waits for the busy b"
+    );
+    let plain = h.submit(&["linux/arm64"], false, 2);
+    assert_eq!(
+        h.assigns("a"),
+        vec![(format!("{plain}/linux/arm64"), 3, false)],
+        "the idle a takes the plain job at the submit's dispatch"
+    );
+    h.complete("b", &busy, 2, 0, 3);
+    assert_eq!(
+        h.assigns("b"),
+        vec![(retried, 4, false)],
+        "the retry goes to b once it is free"
+    );
+}
+
+#[test]
 fn an_exclusive_action_has_the_agent_to_itself() {
     let mut h = Harness::new();
     h.join("a", &[("linux/amd64", false)], 0);
