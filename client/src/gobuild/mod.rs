@@ -8,9 +8,9 @@
 //! action's input is exactly the source files the build reads ([`inputs`]), its argv and
 //! environment hold no local path ([`plan`]) and `go build -trimpath` is reproducible, so the
 //! farm's action cache makes an unchanged rebuild a hit on any client. Every binary's ELF
-//! machine is checked against its platform ([`elf`]) before it is reported ([`report`]).
+//! class, byte order and machine are checked against its platform (`archfarm_proto::elf`)
+//! before it is reported ([`report`]).
 
-pub mod elf;
 pub mod inputs;
 pub mod plan;
 pub mod report;
@@ -373,7 +373,7 @@ async fn wait_all(client: &FarmClient, jobs: &[PlatformJob]) -> anyhow::Result<V
 }
 
 /// Brings a result's binary to `dest` (unless an identical file is there already) and checks
-/// its ELF machine against the platform.
+/// its ELF class, byte order and machine against the platform.
 async fn fetch_binary(
     mut client: FarmClient,
     digest: Digest,
@@ -406,22 +406,16 @@ async fn fetch_binary(
         crate::farm::blobs::set_mode(&dest, executable)?;
     }
     if platform.os() == "linux" {
-        let want = platform.elf_machine();
-        let got = elf::file_machine(&dest)
-            .with_context(|| format!("failed to read {}", dest.display()))?;
-        if got != Some(want) {
+        if let Err(wrong) = archfarm_proto::elf::check_file(&dest, &platform) {
             let _ = std::fs::remove_file(&dest);
-            bail!(
-                "the binary is not for {platform}: ELF machine {}, expected {want}",
-                got.map_or("none (not ELF)".to_string(), |m| m.to_string())
-            );
+            bail!("the binary is not for {platform}: {wrong}");
         }
     }
     Ok(())
 }
 
 /// Downloads every binary into `<output-dir>/<os>/<arch>/<name>`; a failed download or a
-/// wrong ELF machine turns the result into a failure.
+/// wrong ELF header turns the result into a failure.
 async fn download_all(
     client: &FarmClient,
     output_dir: &Path,
