@@ -224,10 +224,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
              farm:\n{exports}"
         ),
     }
+    let example = demo
+        .iter()
+        .find(|a| a.emulated)
+        .or(demo.first())
+        .map_or_else(|| "linux/amd64".to_string(), |a| a.platform.to_string());
     println!(
         "the command line is {} (`cargo install --path client` puts `archfarm` on your PATH):\n\
          \x20 archfarm status                 # agents, queues, recent jobs\n\
-         \x20 archfarm run --platform linux/s390x --allow-emulation \\\n\
+         \x20 archfarm run --platform {example} --allow-emulation \\\n\
          \x20     --input target/demo-farm/input -- ./{{os}}/{{arch}}/hello\n\
          \x20 cargo xtask demo --stop         # stop it",
         archfarm.display()
