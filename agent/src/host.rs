@@ -52,22 +52,30 @@ pub fn machine() -> String {
 
 /// The host's platform in farm spelling, when it has one.
 pub fn native_platform() -> Option<Platform> {
-    Platform::from_uname_machine(&machine()).or_else(|| {
-        // uname failed or said something odd: fall back to what this binary was built for.
-        let arch = match std::env::consts::ARCH {
-            "x86_64" => "x86_64",
-            "aarch64" => "aarch64",
-            "powerpc64" => "ppc64le",
-            "s390x" => "s390x",
-            "riscv64" => "riscv64",
-            // uname says `mips64` for both byte orders; this build knows its own.
-            "mips64" if cfg!(target_endian = "little") => "mips64le",
-            "arm" => "armv7l",
-            "x86" => "i686",
-            other => other,
-        };
-        Platform::from_uname_machine(arch)
-    })
+    // uname failed or said something odd: fall back to what this binary was built for.
+    Platform::from_uname_machine(&machine())
+        .or_else(|| build_platform(std::env::consts::ARCH, cfg!(target_endian = "big")))
+}
+
+/// The platform of a binary built for Rust's `target_arch` `arch` with this byte order.
+fn build_platform(arch: &str, big_endian: bool) -> Option<Platform> {
+    let machine = match arch {
+        "x86_64" => "x86_64",
+        "aarch64" => "aarch64",
+        // powerpc64 is both ppc64le and big-endian ppc64 (no farm platform).
+        "powerpc64" if !big_endian => "ppc64le",
+        "s390x" => "s390x",
+        "riscv64" => "riscv64",
+        // mips64 is both mips64el and big-endian mips64: the byte order decides, as it does
+        // for uname's `mips64`.
+        "mips64" => "mips64",
+        // Rust's `arm` is every 32-bit arm build (v6 and v7); stable Rust cannot tell them
+        // apart, and v7 is what the farm's 32-bit arm machines run.
+        "arm" => "armv7l",
+        "x86" => "i686",
+        _ => return None,
+    };
+    Platform::from_uname_machine_with_byte_order(machine, big_endian)
 }
 
 /// Logical CPUs usable by this process (at least 1).
@@ -115,5 +123,26 @@ mod tests {
         assert!(!h.hostname.is_empty());
         assert!(free_disk_bytes(Path::new("/")) > 0);
         assert!(load_1m() >= 0.0);
+    }
+
+    #[test]
+    fn falls_back_to_the_platform_the_binary_was_built_for() {
+        let built =
+            |arch: &str, big_endian: bool| build_platform(arch, big_endian).map(|p| p.to_string());
+        for (arch, platform) in [
+            ("x86_64", "linux/amd64"),
+            ("aarch64", "linux/arm64"),
+            ("powerpc64", "linux/ppc64le"),
+            ("riscv64", "linux/riscv64"),
+            ("mips64", "linux/mips64le"),
+            ("arm", "linux/arm/v7"),
+            ("x86", "linux/386"),
+        ] {
+            assert_eq!(built(arch, false).as_deref(), Some(platform), "{arch}");
+        }
+        assert_eq!(built("s390x", true).as_deref(), Some("linux/s390x"));
+        assert_eq!(built("mips64", true), None, "big-endian mips64");
+        assert_eq!(built("powerpc64", true), None, "big-endian ppc64");
+        assert_eq!(built("loongarch64", false), None);
     }
 }

@@ -48,13 +48,13 @@ pub fn default_credentials_dir(env: &dyn Env) -> Option<PathBuf> {
 }
 
 /// Where the coordinator URL may be written for a credentials directory, in the order they are
-/// read: a `coordinator` file beside the directory, then one inside it.
+/// read: a `coordinator` file inside the directory (`archfarm credentials create` writes one),
+/// then one beside it (the config directory's layout).
 pub fn coordinator_files(credentials: &Path) -> Vec<PathBuf> {
-    let mut files = Vec::new();
+    let mut files = vec![credentials.join(COORDINATOR_FILE)];
     if let Some(parent) = credentials.parent().filter(|p| !p.as_os_str().is_empty()) {
         files.push(parent.join(COORDINATOR_FILE));
     }
-    files.push(credentials.join(COORDINATOR_FILE));
     files
 }
 
@@ -62,8 +62,8 @@ pub fn coordinator_files(credentials: &Path) -> Vec<PathBuf> {
 /// optional: [`ConnectArgs::resolve`] fills them in).
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct ConnectArgs {
-    /// Coordinator URL [default: $ARCHFARM_COORDINATOR, else the `coordinator` file beside the
-    /// credentials directory].
+    /// Coordinator URL [default: $ARCHFARM_COORDINATOR, else the file `coordinator` inside or
+    /// beside the credentials directory].
     #[arg(long, global = true, value_name = "URL")]
     pub coordinator: Option<String>,
     /// Directory holding cert.pem, key.pem and ca.pem of a client or admin identity
@@ -103,6 +103,10 @@ impl ConnectArgs {
 fn read_coordinator_file(credentials: &Path) -> anyhow::Result<String> {
     let files = coordinator_files(credentials);
     for file in &files {
+        if file.is_dir() {
+            // e.g. a coordinator's data directory that happens to sit beside the credentials
+            continue;
+        }
         match std::fs::read_to_string(file) {
             Ok(text) => {
                 let url = text.trim();
@@ -126,9 +130,10 @@ fn read_coordinator_file(credentials: &Path) -> anyhow::Result<String> {
 
 /// Writes a credentials directory's coordinator URL beside it (`<parent>/coordinator`).
 pub fn write_coordinator_file(credentials: &Path, url: &str) -> anyhow::Result<PathBuf> {
-    let file = coordinator_files(credentials)
-        .into_iter()
-        .next()
+    let file = credentials
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(|p| p.join(COORDINATOR_FILE))
         .context("the credentials directory has no parent to write the coordinator URL into")?;
     std::fs::write(&file, format!("{url}\n"))
         .with_context(|| format!("failed to write {}", file.display()))?;
@@ -207,7 +212,7 @@ mod tests {
     }
 
     #[test]
-    fn the_coordinator_file_is_read_beside_then_inside_the_credentials() {
+    fn the_coordinator_file_is_read_inside_then_beside_the_credentials() {
         let dir = tempfile::tempdir().unwrap();
         let creds = dir.path().join("archfarm").join("credentials");
         std::fs::create_dir_all(&creds).unwrap();
@@ -219,16 +224,24 @@ mod tests {
         assert!(text.contains("no coordinator"), "{text}");
         assert!(text.contains(&creds.join("coordinator").display().to_string()));
 
-        std::fs::write(creds.join("coordinator"), "https://inside:3\n").unwrap();
-        assert_eq!(
-            ConnectArgs::default().resolve(&e).unwrap().coordinator,
-            "https://inside:3"
-        );
         let written = write_coordinator_file(&creds, "https://beside:4").unwrap();
         assert_eq!(written, dir.path().join("archfarm").join("coordinator"));
         let o = ConnectArgs::default().resolve(&e).unwrap();
         assert_eq!(o.coordinator, "https://beside:4");
         assert_eq!(o.credentials, creds);
+        std::fs::write(creds.join("coordinator"), "https://inside:3\n").unwrap();
+        assert_eq!(
+            ConnectArgs::default().resolve(&e).unwrap().coordinator,
+            "https://inside:3"
+        );
+
+        // A directory named `coordinator` (a coordinator's data dir) is not the file.
+        std::fs::remove_file(creds.join("coordinator")).unwrap();
+        std::fs::remove_file(&written).unwrap();
+        std::fs::create_dir(&written).unwrap();
+        let err = ConnectArgs::default().resolve(&e).unwrap_err();
+        assert!(format!("{err:#}").contains("no coordinator"), "{err:#}");
+        std::fs::remove_dir(&written).unwrap();
 
         std::fs::write(&written, "  \n").unwrap();
         let err = ConnectArgs::default().resolve(&e).unwrap_err();

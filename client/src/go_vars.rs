@@ -8,6 +8,8 @@ pub const PURE_BUILD_VARS: &[&str] = &[
     "GOARM64",
     "GOPPC64",
     "GORISCV64",
+    "GOMIPS64",
+    "GOMIPS",
     "GO386",
 ];
 

@@ -3,6 +3,7 @@
 
 pub mod digest;
 pub mod digest_cache;
+pub mod elf;
 pub mod platform;
 pub mod tls;
 pub mod tree;

@@ -726,6 +726,7 @@ pub fn build_hello(out: &Path, arches: &[&str]) -> anyhow::Result<()> {
             .env("CGO_ENABLED", "0")
             .env("GOOS", "linux")
             .env("GOARCH", arch)
+            .env("GOARM", if *arch == "arm" { "7" } else { "" })
             .env("GO111MODULE", "off")
             .env("GOCACHE", out.join("gocache"))
             .env("GOPATH", out.join("gopath"))
@@ -738,10 +739,13 @@ pub fn build_hello(out: &Path, arches: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The qemu-user program (Debian's path) for a Go arch of linux.
+/// The qemu-user program (Debian's path) for a Go arch of linux (`arm` is linux/arm/v7).
 pub fn qemu_for(arch: &str) -> String {
-    let platform: archfarm_proto::Platform =
-        format!("linux/{arch}").parse().expect("a known platform");
+    let name = match arch {
+        "arm" => "linux/arm/v7".to_string(),
+        other => format!("linux/{other}"),
+    };
+    let platform: archfarm_proto::Platform = name.parse().expect("a known platform");
     let program = platform.qemu_user_program().expect("a qemu-user program");
     format!("/usr/bin/{program}")
 }

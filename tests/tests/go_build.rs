@@ -1,5 +1,6 @@
-//! `farm go-build` end to end: the hello fixture cross-compiled for five platforms on one
-//! native amd64 agent, each binary's ELF machine matching its platform; an unchanged rebuild is
+//! `archfarm go-build` end to end: the hello fixture cross-compiled for seven platforms
+//! (arm/v7 and mips64le among them) on one native amd64 agent, each binary's ELF class, byte
+//! order and machine matching its platform; an unchanged rebuild is
 //! entirely cached and byte-identical; a target that does not compile fails alone with the
 //! compiler's words and a non-zero exit.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
@@ -9,28 +10,18 @@ use serde_json::Value;
 use std::path::Path;
 use std::process::{Command, Output};
 
-const PLATFORMS: [&str; 5] = [
+const PLATFORMS: [&str; 7] = [
     "linux/amd64",
     "linux/arm64",
     "linux/ppc64le",
     "linux/s390x",
     "linux/riscv64",
+    "linux/arm/v7",
+    "linux/mips64le",
 ];
 const HELLO: &str = "example.com/fixtures/hello";
 
-/// The e_machine field of an ELF file, in the byte order its EI_DATA byte names.
-fn elf_machine(path: &Path) -> u16 {
-    let bytes = std::fs::read(path).unwrap();
-    assert_eq!(&bytes[..4], b"\x7fELF", "{} is not ELF", path.display());
-    let field = [bytes[18], bytes[19]];
-    match bytes[5] {
-        1 => u16::from_le_bytes(field),
-        2 => u16::from_be_bytes(field),
-        other => panic!("{}: EI_DATA {other}", path.display()),
-    }
-}
-
-/// Runs `farm go-build ARGS` in `cwd` in GOPATH mode.
+/// Runs `archfarm go-build ARGS` in `cwd` in GOPATH mode.
 fn go_build(farm: &Farm, gp: &Path, cwd: &Path, args: &[&str]) -> Output {
     let mut all = vec!["go-build"];
     all.extend_from_slice(args);
@@ -57,7 +48,7 @@ fn states(report: &Value) -> Vec<String> {
 }
 
 #[test]
-fn hello_for_five_platforms_matches_each_elf_machine_and_rebuilds_from_the_cache() {
+fn hello_for_seven_platforms_matches_each_elf_header_and_rebuilds_from_the_cache() {
     let mut farm = Farm::start(&[]);
     farm.add_agent("amd64", &[]);
     farm.wait_ready_agents(1);
@@ -76,18 +67,16 @@ fn hello_for_five_platforms_matches_each_elf_machine_and_rebuilds_from_the_cache
     assert!(first.status.success(), "first build failed:\n{stdout}");
     let r1 = report(&first_json);
     assert_eq!(r1["mode"], "gopath");
-    assert_eq!(r1["built"], 5, "{r1:#}");
+    assert_eq!(r1["built"], 7, "{r1:#}");
     assert!(stdout.contains("native linux/amd64"), "{stdout}");
     let mut binaries = Vec::new();
     for p in PLATFORMS {
         let platform: Platform = p.parse().unwrap();
         let bin = cwd.join("_output").join(p).join("hello");
-        assert_eq!(
-            elf_machine(&bin),
-            platform.elf_machine(),
-            "{p}: ELF machine of {}",
-            bin.display()
-        );
+        // Class, byte order and machine: EM_MIPS alone would also pass a big-endian binary.
+        if let Err(wrong) = archfarm_proto::elf::check_file(&bin, &platform) {
+            panic!("{p}: {wrong}");
+        }
         binaries.push((bin.clone(), std::fs::read(&bin).unwrap()));
     }
     // Every result ran on the amd64 agent, natively, as a cross-compile.
@@ -95,15 +84,21 @@ fn hello_for_five_platforms_matches_each_elf_machine_and_rebuilds_from_the_cache
         assert_eq!(r["built_on"], "linux/amd64", "{r:#}");
         assert_eq!(r["emulated"], false, "{r:#}");
     }
-    // One of them runs (under qemu-user) and says what it was built for.
-    let run = Command::new(qemu_for("s390x"))
-        .arg(cwd.join("_output/linux/s390x/hello"))
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&run.stdout),
-        "hello from linux/s390x\n"
-    );
+    // They run (under qemu-user) and say what they were built for.
+    for (arch, dir) in [
+        ("s390x", "s390x"),
+        ("arm", "arm/v7"),
+        ("mips64le", "mips64le"),
+    ] {
+        let run = Command::new(qemu_for(arch))
+            .arg(cwd.join(format!("_output/linux/{dir}/hello")))
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&run.stdout),
+            format!("hello from linux/{arch}\n")
+        );
+    }
 
     // Unchanged: everything comes from the action cache, byte for byte the same.
     let second_json = farm.dir.path().join("second.json");
@@ -116,7 +111,7 @@ fn hello_for_five_platforms_matches_each_elf_machine_and_rebuilds_from_the_cache
     let r2 = report(&second_json);
     assert_eq!(
         (r2["cached"].as_u64(), r2["built"].as_u64()),
-        (Some(5), Some(0)),
+        (Some(7), Some(0)),
         "{r2:#}"
     );
     assert!(states(&r2).iter().all(|s| s.ends_with(" cached")));

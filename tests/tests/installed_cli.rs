@@ -181,5 +181,15 @@ fn the_binary_alone_runs_status_run_and_go_test_from_anywhere() {
     let out = installed.run(&farm, &["status"], &[]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("linux/amd64"), "{}", text(&out));
+
+    // Client credentials carry their coordinator: ARCHFARM_CREDENTIALS alone is enough.
+    let ci = farm.client_credentials("ci");
+    let out = installed.run(
+        &farm,
+        &["run", "--platform", "linux/amd64", "--", "echo", "from-ci"],
+        &[("ARCHFARM_CREDENTIALS", ci.to_str().unwrap())],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("from-ci"), "{}", text(&out));
     farm.assert_no_unexpected_errors(&[]);
 }

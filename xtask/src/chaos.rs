@@ -10,7 +10,8 @@ use archfarm_client::farm::blobs::{batch_read, BATCH_MAX_BLOBS};
 use archfarm_client::farm::display::{format_duration, is_final};
 use archfarm_client::farm::job::get_job;
 use archfarm_client::farm::status::farm_status;
-use archfarm_client::farm::{rpc, token, FarmClient, WatchPoint};
+use archfarm_client::farm::watch::{JobEvents, Watched};
+use archfarm_client::farm::{rpc, token, FarmClient};
 use archfarm_proto::v1::{self, job_event, ActionState, ActionStatus, JobStatus};
 use archfarm_proto::{Digest, Platform};
 use rand::rngs::SmallRng;
@@ -579,17 +580,11 @@ async fn chaos(
     let mut rng = SmallRng::seed_from_u64(seed);
     let mut figures = Figures::default();
     let mut events = EventLog::default();
-    let mut point = WatchPoint::default();
-    let mut stream = Some(
-        client
-            .watch_job(&job_id, point)
-            .await
-            .with_context(|| format!("failed to watch job {job_id}"))?,
-    );
+    let mut watch = JobEvents::open(client, &job_id)
+        .await?
+        .resume_for(START_TIMEOUT);
     let mut next_kill = Instant::now() + Duration::from_millis(rng.gen_range(KILL_EVERY_MS));
     let mut last_ended = (0usize, Instant::now());
-    let mut broken_since: Option<Instant> = None;
-    let mut last_error = String::new();
     loop {
         let ended = events.ended();
         if ended != last_ended.0 {
@@ -608,7 +603,7 @@ async fn chaos(
             *client = farm.coordinator.kill_and_restart().await?;
             figures.coordinator_kills += 1;
             eprintln!("the coordinator is back (pid {})", farm.coordinator.pid());
-            stream = None;
+            watch.replace_client(client.clone());
         }
         if Instant::now() >= next_kill {
             let k = rng.gen_range(0..farm.agents.len());
@@ -622,49 +617,17 @@ async fn chaos(
             figures.agent_kills += 1;
             next_kill = Instant::now() + Duration::from_millis(rng.gen_range(KILL_EVERY_MS));
         }
-        let Some(s) = stream.as_mut() else {
-            let since = *broken_since.get_or_insert_with(Instant::now);
-            if since.elapsed() > START_TIMEOUT {
-                bail!(
-                    "failed to watch job {job_id} again within {}s: {last_error}",
-                    START_TIMEOUT.as_secs()
-                );
-            }
-            let attempt = async {
-                client.reconnect().await?;
-                anyhow::Ok(client.watch_job(&job_id, point).await?)
-            };
-            match tokio::time::timeout(Duration::from_secs(5), attempt).await {
-                Ok(Ok(s)) => {
-                    eprintln!("watching job {job_id} again");
-                    stream = Some(s);
-                    broken_since = None;
-                }
-                Ok(Err(e)) => last_error = format!("{e:#}"),
-                Err(_) => last_error = "no answer within 5 s".to_string(),
-            }
-            if stream.is_none() {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-            }
-            continue;
-        };
         let wake = tokio::time::Instant::from_std(next_kill);
         tokio::select! {
-            m = s.message() => match m {
-                Ok(Some(event)) => {
-                    if event.seq != 0 {
-                        point = WatchPoint { epoch: event.epoch, seq: event.seq };
-                    }
-                    match event.kind {
-                        Some(job_event::Kind::Action(a)) => events.push(event.epoch, event.seq, a),
-                        Some(job_event::Kind::Finished(_)) => break,
-                        Some(job_event::Kind::Log(_)) | None => {}
-                    }
-                }
-                Ok(None) | Err(_) => {
-                    eprintln!("lost the watch of job {job_id}; watching again");
-                    stream = None;
-                }
+            watched = watch.next() => match watched? {
+                Watched::Event(event) => match event.kind {
+                    Some(job_event::Kind::Action(a)) => events.push(event.epoch, event.seq, a),
+                    Some(job_event::Kind::Finished(_)) => break,
+                    Some(job_event::Kind::Log(_)) | None => {}
+                },
+                Watched::FinishedMeanwhile(_) => break,
+                Watched::Lost(why) => eprintln!("lost the watch of job {job_id} ({why}); watching again"),
+                Watched::Resumed => eprintln!("watching job {job_id} again"),
             },
             () = tokio::time::sleep_until(wake) => {}
         }

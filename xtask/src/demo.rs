@@ -39,15 +39,28 @@ pub struct DemoArgs {
     /// Delete the demo farm's state (CA, agent identities, jobs, caches) before starting.
     #[arg(long, conflicts_with = "stop")]
     pub fresh: bool,
+    /// The platforms to serve, one agent each (this machine's own natively, the others
+    /// through qemu-user), e.g. `linux/amd64,linux/mips64le,linux/arm/v7`.
+    #[arg(long, value_name = "PLATFORM,...", value_delimiter = ',', default_values_t = DEFAULT_PLATFORMS.map(String::from))]
+    pub platforms: Vec<String>,
 }
 
+/// The platforms the demo serves unless `--platforms` says otherwise.
+pub const DEFAULT_PLATFORMS: [&str; 5] = [
+    "linux/amd64",
+    "linux/arm64",
+    "linux/ppc64le",
+    "linux/s390x",
+    "linux/riscv64",
+];
+
 /// One agent of the demo farm.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct DemoAgent {
     /// Short name: its files are `agent-<name>.{log,pid}` and `agent-<name>/`.
-    pub name: &'static str,
+    pub name: String,
     /// The platform it serves.
-    pub platform: &'static str,
+    pub platform: Platform,
     /// Served through qemu-user rather than natively.
     pub emulated: bool,
 }
@@ -55,41 +68,37 @@ pub struct DemoAgent {
 impl DemoAgent {
     /// The qemu-user program an emulated agent runs its platform's programs with.
     pub fn qemu(&self) -> Option<&'static str> {
-        let platform: archfarm_proto::Platform = self.platform.parse().ok()?;
         self.emulated
-            .then(|| platform.qemu_user_program())
+            .then(|| self.platform.qemu_user_program())
             .flatten()
     }
 }
 
-/// The five demo agents: amd64 native, the rest emulated.
-pub const DEMO_AGENTS: [DemoAgent; 5] = [
-    DemoAgent {
-        name: "amd64",
-        platform: "linux/amd64",
-        emulated: false,
-    },
-    DemoAgent {
-        name: "arm64",
-        platform: "linux/arm64",
-        emulated: true,
-    },
-    DemoAgent {
-        name: "ppc64le",
-        platform: "linux/ppc64le",
-        emulated: true,
-    },
-    DemoAgent {
-        name: "s390x",
-        platform: "linux/s390x",
-        emulated: true,
-    },
-    DemoAgent {
-        name: "riscv64",
-        platform: "linux/riscv64",
-        emulated: true,
-    },
-];
+/// One agent per platform: native for this machine's own platform, emulated through qemu-user
+/// for the others. Errors for a platform that qemu-user cannot emulate here.
+pub fn demo_agents(platforms: &[Platform]) -> anyhow::Result<Vec<DemoAgent>> {
+    let host = Platform::from_uname_machine(std::env::consts::ARCH);
+    let mut agents: Vec<DemoAgent> = Vec::new();
+    for platform in platforms {
+        if agents.iter().any(|a| &a.platform == platform) {
+            continue;
+        }
+        let emulated = host.as_ref() != Some(platform);
+        if emulated && platform.qemu_user_program().is_none() {
+            bail!("{platform} cannot be emulated here: no qemu-user program serves it");
+        }
+        let name = match platform.variant() {
+            Some(v) => format!("{}-{v}", platform.arch()),
+            None => platform.arch().to_string(),
+        };
+        agents.push(DemoAgent {
+            name,
+            platform: platform.clone(),
+            emulated,
+        });
+    }
+    Ok(agents)
+}
 
 const HELLO_GO: &str = r#"// Written by `cargo xtask demo`: says where it runs.
 package main
@@ -113,7 +122,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
         }
         return Ok(0);
     }
-    if !ensure_tools()? {
+    let platforms = args
+        .platforms
+        .iter()
+        .map(|p| p.parse::<Platform>())
+        .collect::<Result<Vec<_>, _>>()?;
+    let demo = demo_agents(&platforms)?;
+    if !ensure_tools(&demo)? {
         return Ok(1);
     }
     stop_farm(&dir)?;
@@ -156,20 +171,20 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
     )
     .await?;
     let mut agents = Vec::new();
-    for agent in DEMO_AGENTS {
+    for agent in &demo {
         let child = spawn_detached(
             &dir,
             &format!("agent-{}", agent.name),
             &paths::debug_binary("archfarm-agent"),
-            &agent_args(&dir, &agent, &join),
+            &agent_args(&dir, agent, &join),
         )?;
-        agents.push((agent, child));
+        agents.push((agent.clone(), child));
     }
     wait_for_agents(&dir, &mut client, &mut agents).await?;
 
-    let input = build_hello(&dir)?;
+    let input = build_hello(&dir, &demo)?;
     let mut job = RunArgs::new(
-        DEMO_AGENTS.iter().map(|a| a.platform),
+        demo.iter().map(|a| a.platform.to_string()),
         ["./{os}/{arch}/hello"],
     );
     job.allow_emulation = true;
@@ -179,8 +194,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
     job.description = Some("cargo xtask demo".to_string());
     eprintln!(
         "running `archfarm run {} --allow-emulation --cache-emulated --input target/demo-farm/input -- ./{{os}}/{{arch}}/hello`",
-        DEMO_AGENTS
-            .iter()
+        demo.iter()
             .map(|a| format!("--platform {}", a.platform))
             .collect::<Vec<_>>()
             .join(" ")
@@ -210,10 +224,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
              farm:\n{exports}"
         ),
     }
+    let example = demo
+        .iter()
+        .find(|a| a.emulated)
+        .or(demo.first())
+        .map_or_else(|| "linux/amd64".to_string(), |a| a.platform.to_string());
     println!(
         "the command line is {} (`cargo install --path client` puts `archfarm` on your PATH):\n\
          \x20 archfarm status                 # agents, queues, recent jobs\n\
-         \x20 archfarm run --platform linux/s390x --allow-emulation \\\n\
+         \x20 archfarm run --platform {example} --allow-emulation \\\n\
          \x20     --input target/demo-farm/input -- ./{{os}}/{{arch}}/hello\n\
          \x20 cargo xtask demo --stop         # stop it",
         archfarm.display()
@@ -251,10 +270,10 @@ fn agent_args(dir: &Path, agent: &DemoAgent, join: &v1::CreateTokenResponse) -> 
 }
 
 /// The programs the demo needs.
-fn required_programs() -> Vec<&'static str> {
+fn required_programs(demo: &[DemoAgent]) -> Vec<&'static str> {
     // bwrap: the agents sandbox every action with it (without it they run unsandboxed).
     let mut programs = vec!["go", "bwrap"];
-    programs.extend(DEMO_AGENTS.iter().filter_map(|a| a.qemu()));
+    programs.extend(demo.iter().filter_map(DemoAgent::qemu));
     programs
 }
 
@@ -272,9 +291,9 @@ pub fn find_program(name: &str) -> Option<PathBuf> {
 
 /// Makes sure go, bubblewrap and the qemu-user programs are there: installs them as root,
 /// else says how.
-fn ensure_tools() -> anyhow::Result<bool> {
+fn ensure_tools(demo: &[DemoAgent]) -> anyhow::Result<bool> {
     let missing = || -> Vec<&'static str> {
-        required_programs()
+        required_programs(demo)
             .into_iter()
             .filter(|p| find_program(p).is_none())
             .collect()
@@ -568,26 +587,26 @@ pub(crate) async fn wait_for_coordinator(
 
 /// The demo agents that FarmStatus does not show up: for each, an agent that is ready (or
 /// busy) and offers its platform the right way (native or emulated) must be there, and there
-/// must be five such agents in all.
-pub fn missing_agents(status: &FarmStatusResponse) -> Vec<&'static str> {
+/// must be as many such agents in all.
+pub fn missing_agents(status: &FarmStatusResponse, demo: &[DemoAgent]) -> Vec<String> {
     let up: Vec<&v1::AgentStatus> = status
         .agents
         .iter()
         .filter(|a| matches!(a.state(), v1::AgentState::Ready | v1::AgentState::Busy))
         .collect();
-    let mut missing: Vec<&'static str> = DEMO_AGENTS
+    let mut missing: Vec<String> = demo
         .iter()
         .filter(|d| {
             !up.iter().any(|a| {
                 a.platforms
                     .iter()
-                    .any(|p| p.platform == d.platform && p.emulated == d.emulated)
+                    .any(|p| p.platform == d.platform.to_string() && p.emulated == d.emulated)
             })
         })
-        .map(|d| d.name)
+        .map(|d| d.name.clone())
         .collect();
-    if missing.is_empty() && up.len() < DEMO_AGENTS.len() {
-        missing.push("(fewer than five agents are ready)");
+    if missing.is_empty() && up.len() < demo.len() {
+        missing.push(format!("(fewer than {} agents are ready)", demo.len()));
     }
     missing
 }
@@ -610,10 +629,10 @@ async fn wait_for_agents(
             }
         }
         let missing = match farm_status(client, 1).await {
-            Ok(status) => missing_agents(&status)
-                .iter()
-                .map(|s| s.to_string())
-                .collect::<Vec<_>>(),
+            Ok(status) => {
+                let demo: Vec<DemoAgent> = agents.iter().map(|(a, _)| a.clone()).collect();
+                missing_agents(&status, &demo)
+            }
             Err(e) => vec![format!("{e:#}")],
         };
         if missing.is_empty() {
@@ -634,14 +653,14 @@ async fn wait_for_agents(
 
 /// Writes hello/main.go and cross-compiles it to `input/linux/<arch>/hello` for each demo
 /// platform; returns the input directory.
-fn build_hello(dir: &Path) -> anyhow::Result<PathBuf> {
+fn build_hello(dir: &Path, demo: &[DemoAgent]) -> anyhow::Result<PathBuf> {
     let src = dir.join("hello");
     std::fs::create_dir_all(&src).with_context(|| format!("failed to create {}", src.display()))?;
     std::fs::write(src.join("main.go"), HELLO_GO)
         .with_context(|| format!("failed to write {}", src.join("main.go").display()))?;
     let input = dir.join("input");
-    for agent in DEMO_AGENTS {
-        let platform: Platform = agent.platform.parse()?;
+    for agent in demo {
+        let platform = &agent.platform;
         let out = input
             .join(platform.os())
             .join(platform.arch())
@@ -657,6 +676,7 @@ fn build_hello(dir: &Path) -> anyhow::Result<PathBuf> {
                 .env("CGO_ENABLED", "0")
                 .env("GOOS", platform.os())
                 .env("GOARCH", platform.arch())
+                .env("GOARM", platform.goarm().unwrap_or_default())
                 .env("GO111MODULE", "off")
                 .env("GOCACHE", dir.join("gocache"))
                 .env("GOPATH", dir.join("gopath"))
@@ -685,18 +705,60 @@ mod tests {
 
     #[test]
     fn the_farm_is_up_when_each_demo_agent_is_ready_the_right_way() {
+        let demo = five();
         let mut status = FarmStatusResponse {
-            agents: DEMO_AGENTS
+            agents: demo
                 .iter()
-                .map(|d| agent(d.name, d.platform, d.emulated, v1::AgentState::Ready))
+                .map(|d| {
+                    agent(
+                        &d.name,
+                        &d.platform.to_string(),
+                        d.emulated,
+                        v1::AgentState::Ready,
+                    )
+                })
                 .collect(),
             ..Default::default()
         };
-        assert!(missing_agents(&status).is_empty());
+        assert!(missing_agents(&status, &demo).is_empty());
         status.agents[3].state = v1::AgentState::Lost as i32;
-        assert_eq!(missing_agents(&status), ["s390x"]);
+        assert_eq!(missing_agents(&status, &demo), ["s390x"]);
         status.agents[3] = agent("x", "linux/s390x", false, v1::AgentState::Ready);
-        assert_eq!(missing_agents(&status), ["s390x"], "native is not emulated");
+        assert_eq!(
+            missing_agents(&status, &demo),
+            ["s390x"],
+            "native is not emulated"
+        );
+    }
+
+    fn five() -> Vec<DemoAgent> {
+        let platforms: Vec<Platform> = DEFAULT_PLATFORMS
+            .iter()
+            .map(|p| p.parse().unwrap())
+            .collect();
+        demo_agents(&platforms).unwrap()
+    }
+
+    #[test]
+    fn platforms_pick_the_agents_mips64le_and_arm_v7_included() {
+        let demo = five();
+        assert_eq!(demo.len(), 5);
+        assert!(!demo[0].emulated, "this machine's own platform is native");
+        assert!(demo[1..].iter().all(|a| a.emulated));
+        let more: Vec<Platform> = [
+            "linux/amd64",
+            "linux/mips64le",
+            "linux/arm/v7",
+            "linux/mips64le",
+        ]
+        .iter()
+        .map(|p| p.parse().unwrap())
+        .collect();
+        let demo = demo_agents(&more).unwrap();
+        let names: Vec<&str> = demo.iter().map(|a| a.name.as_str()).collect();
+        assert_eq!(names, ["amd64", "mips64le", "arm-v7"]);
+        assert_eq!(demo[1].qemu(), Some("qemu-mips64el-static"));
+        assert_eq!(demo[2].qemu(), Some("qemu-arm-static"));
     }
 
     #[test]
@@ -706,7 +768,8 @@ mod tests {
             ca_hash: "sha256:h".into(),
             expires_unix_ms: 0,
         };
-        let args = agent_args(Path::new("/farm"), &DEMO_AGENTS[1], &join);
+        let demo = five();
+        let args = agent_args(Path::new("/farm"), &demo[1], &join);
         let args: Vec<String> = args
             .iter()
             .map(|a| a.to_string_lossy().into_owned())
@@ -716,7 +779,7 @@ mod tests {
             .iter()
             .any(|a| a.starts_with("linux/arm64=") && a.ends_with("/qemu-aarch64-static")));
         assert!(args.contains(&"/farm/agent-arm64".to_string()));
-        let native = agent_args(Path::new("/farm"), &DEMO_AGENTS[0], &join);
+        let native = agent_args(Path::new("/farm"), &demo[0], &join);
         assert!(!native.iter().any(|a| a == "--no-native"));
     }
 }

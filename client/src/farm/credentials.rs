@@ -32,8 +32,8 @@ pub struct CreateCredentialsArgs {
     /// Lifetime in days.
     #[arg(long, default_value_t = 365)]
     pub days: u32,
-    /// Directory to write cert.pem, key.pem (owner-only) and ca.pem into; must not hold
-    /// credentials already.
+    /// Directory to write cert.pem, key.pem (owner-only), ca.pem and `coordinator` (this
+    /// farm's URL) into; must not hold credentials already.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
 }
@@ -91,12 +91,18 @@ pub async fn command(client: &mut FarmClient, command: &CredentialsCommand) -> a
         ca_pem: issued.ca_certificate_pem,
     }
     .store(&args.out)?;
+    // The URL goes with them, so that ARCHFARM_CREDENTIALS alone selects the farm.
+    let url_file = args.out.join(crate::config::COORDINATOR_FILE);
+    std::fs::write(&url_file, format!("{}\n", client.coordinator_url()))
+        .with_context(|| format!("failed to write {}", url_file.display()))?;
     println!(
-        "{} credentials for {} in {} (use them with --credentials {})",
+        "{} credentials for {} in {} (use them with --credentials {} or \
+         ARCHFARM_CREDENTIALS; {} names this coordinator)",
         args.role,
         args.name,
         args.out.display(),
-        args.out.display()
+        args.out.display(),
+        url_file.display()
     );
     Ok(0)
 }

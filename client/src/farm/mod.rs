@@ -13,6 +13,7 @@ pub mod run;
 pub mod status;
 pub mod token;
 pub mod upload;
+pub mod watch;
 
 use anyhow::Context;
 use archfarm_proto::tls::{self, Credentials, ServerTrust};
@@ -47,6 +48,19 @@ pub struct WatchPoint {
     pub epoch: u64,
     /// JobEvent.seq of the last numbered event.
     pub seq: u64,
+}
+
+impl WatchPoint {
+    /// Moves past `event` when it is numbered (events made up from stored state after a
+    /// coordinator restart are not, and leave the point where it was).
+    pub fn follow(&mut self, event: &archfarm_proto::v1::JobEvent) {
+        if event.seq != 0 {
+            *self = Self {
+                epoch: event.epoch,
+                seq: event.seq,
+            };
+        }
+    }
 }
 
 impl FarmClient {

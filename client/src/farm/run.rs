@@ -11,24 +11,20 @@ use super::display::{action_state_name, format_ms, is_final, mode, outcome_name,
 use super::download::{download_outputs, output_paths, DownloadedOutput};
 use super::job::{actions_table, ordered_actions, ran_and_cached};
 use super::upload::{upload_dir, Progress, UploadReport};
-use super::{rpc, FarmClient, RpcError, WatchPoint};
+use super::watch::{CtrlC, JobEvents, Watched, REWATCH_FOR};
+use super::{rpc, FarmClient, WatchPoint};
 use anyhow::{bail, Context};
 use archfarm_proto::v1::{
     self, job_event, ActionLog, ActionState, ActionStatus, ExecutionOutcome, JobStatus, LogStream,
 };
 use archfarm_proto::Digest;
 use std::collections::HashMap;
-use std::future::Future;
 use std::io::Write;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::time::{Duration, Instant};
-use tonic::Streaming;
 
 /// Per-action time limit unless `--timeout` says otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
-/// How long to keep trying to watch a job again after the stream broke.
-pub const REWATCH_FOR: Duration = Duration::from_secs(120);
 /// A partial line longer than this is printed as a line of its own.
 const MAX_PARTIAL_LINE_BYTES: usize = 64 * 1024;
 
@@ -294,44 +290,17 @@ pub async fn run_job(
     if print {
         eprintln!("job {job_id} submitted");
     }
-    let mut stream = Some(
-        client
-            .watch_job(&job_id, WatchPoint::default())
-            .await
-            .with_context(|| format!("failed to watch job {job_id}"))?,
-    );
+    let mut events = JobEvents::open(client, &job_id).await?;
     let mut watch = JobWatch::default();
     let mut first_line = None;
-    let mut interrupts = 0u32;
-    let mut interrupt = next_interrupt();
-    let mut broken_since: Option<Instant> = None;
+    let mut ctrl_c = CtrlC::default();
     let mut warned_gap = false;
 
-    enum Step {
-        Event(Result<Option<v1::JobEvent>, tonic::Status>),
-        Resumed(anyhow::Result<Resumed>),
-        Interrupt,
-    }
-
     let finished: JobStatus = loop {
-        let step = match stream.as_mut() {
-            Some(s) => tokio::select! {
-                m = s.message() => Step::Event(m),
-                () = &mut interrupt => Step::Interrupt,
-            },
-            None => {
-                let deadline = broken_since.unwrap_or_else(Instant::now) + REWATCH_FOR;
-                tokio::select! {
-                    r = rewatch(client, &job_id, watch.point(), deadline) => Step::Resumed(r),
-                    () = &mut interrupt => Step::Interrupt,
-                }
-            }
-        };
-        match step {
-            Step::Interrupt => {
-                interrupt = next_interrupt();
-                interrupts += 1;
-                if interrupts >= 2 {
+        let watched = tokio::select! {
+            w = events.next() => w?,
+            n = ctrl_c.pressed() => {
+                if n >= 2 {
                     emit(watch.flush(), output);
                     eprintln!("interrupted again; stopped watching job {job_id}");
                     let outcome = RunOutcome {
@@ -351,18 +320,12 @@ pub async fn run_job(
                     return Ok(outcome);
                 }
                 eprintln!("cancelling job {job_id} (Ctrl-C again to stop watching)");
-                let reason = "cancelled by Ctrl-C in `farm run`";
-                let cancel = super::cancel::cancel_job(client, &job_id, reason);
-                match tokio::time::timeout(Duration::from_secs(10), cancel).await {
-                    Ok(Ok(n)) => eprintln!(
-                        "cancelled {n} unfinished action{}",
-                        if n == 1 { "" } else { "s" }
-                    ),
-                    Ok(Err(e)) => eprintln!("{e:#}"),
-                    Err(_) => eprintln!("failed to cancel job {job_id}: no answer in 10s"),
-                }
+                cancel_on_interrupt(client, &job_id, "cancelled by Ctrl-C in `archfarm run`").await;
+                continue;
             }
-            Step::Event(Ok(Some(event))) => {
+        };
+        match watched {
+            Watched::Event(event) => {
                 let (emits, finished) = watch.on_event(event);
                 if first_line.is_none() && emits.iter().any(Emit::is_output) {
                     first_line = Some(started.elapsed());
@@ -372,39 +335,28 @@ pub async fn run_job(
                     break job;
                 }
             }
-            Step::Event(broken) => {
-                let why = match broken {
-                    Err(status) => RpcError(status).to_string(),
-                    _ => "the coordinator ended the stream".to_string(),
-                };
-                stream = None;
-                broken_since = Some(Instant::now());
-                if print {
-                    if warned_gap {
-                        eprintln!("lost the watch of job {job_id} again ({why}); reconnecting");
-                    } else {
-                        warned_gap = true;
-                        eprintln!(
-                            "lost the watch of job {job_id} ({why}); reconnecting for up to {}; \
-                             output written meanwhile may be missing",
-                            format_ms(REWATCH_FOR.as_millis() as u64)
-                        );
-                    }
+            Watched::Lost(why) if print => {
+                if warned_gap {
+                    eprintln!("lost the watch of job {job_id} again ({why}); reconnecting");
+                } else {
+                    warned_gap = true;
+                    eprintln!(
+                        "lost the watch of job {job_id} ({why}); reconnecting for up to {}; \
+                         output written meanwhile may be missing",
+                        format_ms(REWATCH_FOR.as_millis() as u64)
+                    );
                 }
             }
-            Step::Resumed(resumed) => match resumed? {
-                Resumed::Stream(s) => {
-                    if print {
-                        eprintln!("watching job {job_id} again");
-                    }
-                    stream = Some(s);
-                    broken_since = None;
+            Watched::Lost(_) => {}
+            Watched::Resumed => {
+                if print {
+                    eprintln!("watching job {job_id} again");
                 }
-                Resumed::Finished(job) => {
-                    emit(watch.on_finished(&job), output);
-                    break job;
-                }
-            },
+            }
+            Watched::FinishedMeanwhile(job) => {
+                emit(watch.on_finished(&job), output);
+                break job;
+            }
         }
     };
     if print_recorded_outputs(client, &mut watch, &finished, output).await && first_line.is_none() {
@@ -474,77 +426,16 @@ pub async fn run_job(
     Ok(outcome)
 }
 
-/// Resolves on the next Ctrl-C (never, if the signal cannot be watched).
-fn next_interrupt() -> Pin<Box<dyn Future<Output = ()> + Send>> {
-    Box::pin(async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    })
-}
-
-/// What re-watching found.
-enum Resumed {
-    /// A new event stream, resumed after the last event received.
-    Stream(Streaming<v1::JobEvent>),
-    /// The job finished while we were away.
-    Finished(JobStatus),
-}
-
-/// Whether retrying cannot help.
-fn is_permanent(code: tonic::Code) -> bool {
-    use tonic::Code;
-    matches!(
-        code,
-        Code::NotFound
-            | Code::InvalidArgument
-            | Code::PermissionDenied
-            | Code::Unauthenticated
-            | Code::Unimplemented
-    )
-}
-
-/// Reconnects and watches the job again, with backoff, until `deadline`.
-async fn rewatch(
-    client: &mut FarmClient,
-    job_id: &str,
-    from: WatchPoint,
-    deadline: Instant,
-) -> anyhow::Result<Resumed> {
-    let mut delay = Duration::from_millis(250);
-    loop {
-        let error = match client.reconnect().await {
-            Err(e) => format!("{e:#}"),
-            Ok(()) => match super::job::get_job(client, job_id).await {
-                Ok(job) if job.finished => return Ok(Resumed::Finished(job)),
-                Ok(_) => match client.watch_job(job_id, from).await {
-                    Ok(s) => {
-                        return Ok(Resumed::Stream(s));
-                    }
-                    Err(e) if is_permanent(e.code()) => {
-                        return Err(anyhow::Error::new(e)
-                            .context(format!("failed to watch job {job_id} again")))
-                    }
-                    Err(e) => e.to_string(),
-                },
-                Err(e) => {
-                    if let Some(rpc) = e.downcast_ref::<RpcError>() {
-                        if is_permanent(rpc.code()) {
-                            return Err(e);
-                        }
-                    }
-                    format!("{e:#}")
-                }
-            },
-        };
-        if Instant::now() + delay >= deadline {
-            bail!(
-                "failed to watch job {job_id} again within {}: {error}",
-                format_ms(REWATCH_FOR.as_millis() as u64)
-            );
-        }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(5));
+/// Cancels `job_id` after a Ctrl-C, saying how it went (at most 10 s).
+pub async fn cancel_on_interrupt(client: &mut FarmClient, job_id: &str, reason: &str) {
+    let cancel = super::cancel::cancel_job(client, job_id, reason);
+    match tokio::time::timeout(Duration::from_secs(10), cancel).await {
+        Ok(Ok(n)) => eprintln!(
+            "cancelled {n} unfinished action{} of job {job_id}",
+            if n == 1 { "" } else { "s" }
+        ),
+        Ok(Err(e)) => eprintln!("{e:#}"),
+        Err(_) => eprintln!("failed to cancel job {job_id}: no answer in 10s"),
     }
 }
 
@@ -597,12 +488,7 @@ pub struct JobWatch {
 impl JobWatch {
     /// An event arrived; returns what to print and, for `finished`, the job's final status.
     pub fn on_event(&mut self, event: v1::JobEvent) -> (Vec<Emit>, Option<JobStatus>) {
-        if event.seq != 0 {
-            self.point = WatchPoint {
-                epoch: event.epoch,
-                seq: event.seq,
-            };
-        }
+        self.point.follow(&event);
         match event.kind {
             Some(job_event::Kind::Action(status)) => (self.on_status(status), None),
             Some(job_event::Kind::Log(log)) => (self.on_log(&log), None),

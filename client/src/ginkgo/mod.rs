@@ -117,6 +117,7 @@ fn host_platform() -> anyhow::Result<Platform> {
     }
     let machine = match std::env::consts::ARCH {
         "powerpc64" if cfg!(target_endian = "little") => "ppc64le",
+        "powerpc64" => "ppc64 (big-endian)",
         other => other,
     };
     Platform::from_uname_machine(machine)

@@ -8,9 +8,9 @@
 //! action's input is exactly the source files the build reads ([`inputs`]), its argv and
 //! environment hold no local path ([`plan`]) and `go build -trimpath` is reproducible, so the
 //! farm's action cache makes an unchanged rebuild a hit on any client. Every binary's ELF
-//! machine is checked against its platform ([`elf`]) before it is reported ([`report`]).
+//! class, byte order and machine are checked against its platform (`archfarm_proto::elf`)
+//! before it is reported ([`report`]).
 
-pub mod elf;
 pub mod inputs;
 pub mod plan;
 pub mod report;
@@ -19,9 +19,10 @@ use crate::farm::args::{ensure_unique, CachePolicyArgs};
 use crate::farm::blobs::{read_blob, read_to_file};
 use crate::farm::display::{format_duration, format_ms, mode};
 use crate::farm::download::platform_dir;
-use crate::farm::run::{write_json_report, REWATCH_FOR};
+use crate::farm::run::{cancel_on_interrupt, write_json_report};
 use crate::farm::upload::{upload_tree, Progress, UploadReport};
-use crate::farm::{rpc, FarmClient, WatchPoint};
+use crate::farm::watch::{CtrlC, JobEvents, Watched};
+use crate::farm::{rpc, FarmClient};
 use crate::go_vars::{CGO_VARS, PURE_BUILD_VARS};
 use crate::gotest::golist::{go_command, go_list, platform_env, GoPackage};
 use anyhow::{bail, Context};
@@ -284,44 +285,18 @@ async fn submit_jobs(
     Ok(jobs)
 }
 
-/// Follows one job until it is finished: its watch stream, and after a break polling and
-/// watching again for up to [`REWATCH_FOR`].
-async fn wait_job(mut client: FarmClient, job_id: String) -> anyhow::Result<JobStatus> {
-    let mut broken_since: Option<Instant> = None;
+/// Follows one job until it is finished (resuming a broken watch like every command).
+async fn wait_job(client: FarmClient, job_id: String) -> anyhow::Result<JobStatus> {
+    let mut events = JobEvents::open(&client, &job_id).await?;
     loop {
-        match client.watch_job(&job_id, WatchPoint::default()).await {
-            Ok(mut stream) => {
-                while let Ok(Some(event)) = stream.message().await {
-                    broken_since = None;
-                    if let Some(job_event::Kind::Finished(job)) = event.kind {
-                        return Ok(job);
-                    }
-                }
-            }
-            Err(e)
-                if matches!(
-                    e.code(),
-                    tonic::Code::NotFound | tonic::Code::PermissionDenied
-                ) =>
-            {
-                return Err(anyhow::Error::new(e).context(format!("failed to watch job {job_id}")))
-            }
-            Err(_) => {}
-        }
-        let since = *broken_since.get_or_insert_with(Instant::now);
-        if since.elapsed() > REWATCH_FOR {
-            bail!(
-                "lost job {job_id}: no answer from the coordinator for {}",
-                format_ms(REWATCH_FOR.as_millis() as u64)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        if client.reconnect().await.is_ok() {
-            if let Ok(job) = crate::farm::job::get_job(&mut client, &job_id).await {
-                if job.finished {
+        match events.next().await? {
+            Watched::Event(event) => {
+                if let Some(job_event::Kind::Finished(job)) = event.kind {
                     return Ok(job);
                 }
             }
+            Watched::FinishedMeanwhile(job) => return Ok(job),
+            Watched::Lost(_) | Watched::Resumed => {}
         }
     }
 }
@@ -370,7 +345,7 @@ async fn wait_all(client: &FarmClient, jobs: &[PlatformJob]) -> anyhow::Result<V
         })
         .collect();
     let mut done: Vec<Option<JobStatus>> = vec![None; jobs.len()];
-    let mut interrupts = 0;
+    let mut ctrl_c = CtrlC::default();
     while !pending.is_empty() {
         tokio::select! {
             next = pending.next() => {
@@ -379,17 +354,14 @@ async fn wait_all(client: &FarmClient, jobs: &[PlatformJob]) -> anyhow::Result<V
                 eprintln!("{}", finished_line(&jobs[i].platform, &job));
                 done[i] = Some(job);
             }
-            _ = tokio::signal::ctrl_c() => {
-                interrupts += 1;
-                if interrupts >= 2 {
+            n = ctrl_c.pressed() => {
+                if n >= 2 {
                     bail!("interrupted again; stopped waiting for the go-build jobs");
                 }
                 eprintln!("cancelling the go-build jobs (Ctrl-C again to stop waiting)");
                 let mut c = client.clone();
                 for j in jobs {
-                    if let Err(e) = crate::farm::cancel::cancel_job(&mut c, &j.job_id, "cancelled by Ctrl-C in `farm go-build`").await {
-                        eprintln!("{e:#}");
-                    }
+                    cancel_on_interrupt(&mut c, &j.job_id, "cancelled by Ctrl-C in `archfarm go-build`").await;
                 }
             }
         }
@@ -401,7 +373,7 @@ async fn wait_all(client: &FarmClient, jobs: &[PlatformJob]) -> anyhow::Result<V
 }
 
 /// Brings a result's binary to `dest` (unless an identical file is there already) and checks
-/// its ELF machine against the platform.
+/// its ELF class, byte order and machine against the platform.
 async fn fetch_binary(
     mut client: FarmClient,
     digest: Digest,
@@ -434,22 +406,16 @@ async fn fetch_binary(
         crate::farm::blobs::set_mode(&dest, executable)?;
     }
     if platform.os() == "linux" {
-        let want = platform.elf_machine();
-        let got = elf::file_machine(&dest)
-            .with_context(|| format!("failed to read {}", dest.display()))?;
-        if got != Some(want) {
+        if let Err(wrong) = archfarm_proto::elf::check_file(&dest, &platform) {
             let _ = std::fs::remove_file(&dest);
-            bail!(
-                "the binary is not for {platform}: ELF machine {}, expected {want}",
-                got.map_or("none (not ELF)".to_string(), |m| m.to_string())
-            );
+            bail!("the binary is not for {platform}: {wrong}");
         }
     }
     Ok(())
 }
 
 /// Downloads every binary into `<output-dir>/<os>/<arch>/<name>`; a failed download or a
-/// wrong ELF machine turns the result into a failure.
+/// wrong ELF header turns the result into a failure.
 async fn download_all(
     client: &FarmClient,
     output_dir: &Path,

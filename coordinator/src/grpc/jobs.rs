@@ -722,5 +722,10 @@ mod tests {
             expand_arg("./{os}/{arch}{variant}/hello", &p),
             "./linux/armv7/hello"
         );
+        let p: Platform = "linux/mips64le".parse().unwrap();
+        assert_eq!(
+            expand_arg("GOARCH={arch} ./{os}/{arch}{variant}/hello", &p),
+            "GOARCH=mips64le ./linux/mips64le/hello"
+        );
     }
 }

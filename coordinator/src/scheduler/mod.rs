@@ -62,6 +62,69 @@ impl Requirement<'_> {
     fn infra_failures_on(&self, agent: &AgentId) -> u32 {
         self.infra_failed_on.iter().filter(|a| *a == agent).count() as u32
     }
+
+    /// Everything in the requirement that decides which agents fit it, owned.
+    pub fn fit_key(&self) -> FitKey {
+        // No `..`: a field added to Requirement must be added to the key or left out here
+        // on purpose, or placement would wrongly lump requirements together.
+        let Requirement {
+            platform,
+            labels,
+            allow_emulation,
+            exclusive,
+            network,
+            infra_failed_on,
+        } = self;
+        let mut avoid = infra_failed_on.to_vec();
+        avoid.sort();
+        avoid.dedup();
+        FitKey {
+            platform: (*platform).clone(),
+            labels: (*labels).clone(),
+            allow_emulation: *allow_emulation,
+            exclusive: *exclusive,
+            network: *network,
+            infra_failed_on: avoid,
+        }
+    }
+}
+
+/// What decides which agents fit a [`Requirement`]: two requirements with equal keys fit
+/// the same agents, so [`choose_agent`] finds an agent for both or for neither. Placement
+/// remembers the keys no free agent met, so a long queue is not asked about again and again
+/// (`Farm::dispatch`); a key that left a requirement out would let one unplaceable action
+/// (one that needs the network, or must avoid the agent it failed on) block every other
+/// action of its platform.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct FitKey {
+    platform: Platform,
+    labels: Labels,
+    allow_emulation: bool,
+    exclusive: bool,
+    network: bool,
+    /// The agents it failed on for infra reasons, sorted, each once: which agents are skipped
+    /// depends on which they are; how often it failed on each only ranks.
+    infra_failed_on: Vec<AgentId>,
+}
+
+impl FitKey {
+    /// The same requirement without what only narrows the agents that fit (the network, an
+    /// idle agent, agents to avoid); `None` when it asks for none of these. Every agent
+    /// [`choose_agent`] could pick for `self` it could pick for the relaxed requirement, so
+    /// when that found no agent, neither does `self`.
+    pub fn relaxed(&self) -> Option<FitKey> {
+        if !self.network && !self.exclusive && self.infra_failed_on.is_empty() {
+            return None;
+        }
+        Some(FitKey {
+            platform: self.platform.clone(),
+            labels: self.labels.clone(),
+            allow_emulation: self.allow_emulation,
+            exclusive: false,
+            network: false,
+            infra_failed_on: Vec::new(),
+        })
+    }
 }
 
 /// Placement preference; smaller is better.
@@ -354,6 +417,77 @@ mod tests {
             Some((AgentId("a".into()), false)),
             "a quarantined agent is no alternative"
         );
+    }
+
+    #[test]
+    fn the_fit_key_holds_every_requirement_that_narrows_the_agents() {
+        let amd = p("linux/amd64");
+        let none = Labels::new();
+        let (a, b) = (AgentId("a".into()), AgentId("b".into()));
+        let plain = req(&amd, &none, false);
+        let twice = [a.clone(), b.clone(), a.clone()];
+        let once = [b.clone(), a.clone()];
+        let mut failed_twice = plain.clone();
+        failed_twice.infra_failed_on = &twice;
+        let mut failed_once = plain.clone();
+        failed_once.infra_failed_on = &once;
+        assert_eq!(
+            failed_twice.fit_key(),
+            failed_once.fit_key(),
+            "how often it failed on an agent only ranks"
+        );
+        let mut net = plain.clone();
+        net.network = true;
+        let mut exclusive = plain.clone();
+        exclusive.exclusive = true;
+        let keys = [&plain, &failed_once, &net, &exclusive].map(Requirement::fit_key);
+        for (i, k) in keys.iter().enumerate() {
+            assert!(keys[i + 1..].iter().all(|other| other != k), "{k:?}");
+        }
+        assert_eq!(plain.fit_key().relaxed(), None);
+        for r in [&failed_once, &net, &exclusive] {
+            assert_eq!(r.fit_key().relaxed(), Some(plain.fit_key()), "{r:?}");
+        }
+    }
+
+    #[test]
+    fn when_the_relaxed_requirement_finds_no_agent_neither_does_the_narrower_one() {
+        // Every state of two agents (load, network, quarantine, emulation) against every
+        // narrowing of one requirement.
+        let amd = p("linux/amd64");
+        let none = Labels::new();
+        let (a, b) = (AgentId("a".into()), AgentId("b".into()));
+        let both = [a.clone(), b.clone()];
+        let avoid: [&[AgentId]; 4] = [&[], &both[..1], &both[1..], &both];
+        let states: Vec<AgentView> = (0..24)
+            .map(|n| {
+                let mut v = agent("x", &[("linux/amd64", n % 2 == 1)], (n / 2) % 3);
+                v.network = (n / 6) % 2 == 1;
+                v.quarantined = n / 12 == 1;
+                v
+            })
+            .collect();
+        let mut narrower_found_none = 0;
+        for sa in &states {
+            for sb in &states {
+                let (mut va, mut vb) = (sa.clone(), sb.clone());
+                (va.id, vb.id) = (a.clone(), b.clone());
+                for n in 0..32 {
+                    let mut r = req(&amd, &none, n % 2 == 1);
+                    r.network = (n / 2) % 2 == 1;
+                    r.exclusive = (n / 4) % 2 == 1;
+                    r.infra_failed_on = avoid[n / 8];
+                    let relaxed = req(&amd, &none, r.allow_emulation);
+                    let key = r.fit_key();
+                    assert_eq!(key.relaxed().unwrap_or(key), relaxed.fit_key());
+                    if choose_agent([&va, &vb], &relaxed).is_none() {
+                        assert_eq!(choose_agent([&va, &vb], &r), None, "{va:?} {vb:?} {r:?}");
+                        narrower_found_none += 1;
+                    }
+                }
+            }
+        }
+        assert!(narrower_found_none > 1000, "{narrower_found_none}");
     }
 
     #[test]

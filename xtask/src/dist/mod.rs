@@ -266,9 +266,9 @@ fn build_one(
                 }
             );
         }
+        archfarm_proto::elf::check_file(&path, &target.farm_platform())
+            .map_err(|e| anyhow::anyhow!("refusing to ship it: {e}"))?;
         let facts = elf::read(&path)?;
-        elf::check_identity(&facts, &target.elf)
-            .with_context(|| format!("{} is not a {} binary", path.display(), target.platform))?;
         let size = std::fs::metadata(&path)
             .with_context(|| format!("failed to stat {}", path.display()))?
             .len();

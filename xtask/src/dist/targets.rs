@@ -34,17 +34,6 @@ pub const AGENT: DistBinary = DIST_BINARIES[0];
 /// The client: `dist --verify` drives the farm with the amd64 one.
 pub const CLIENT: DistBinary = DIST_BINARIES[2];
 
-/// The ELF identity every binary of a platform must carry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ElfIdentity {
-    /// ELFCLASS64 (else ELFCLASS32).
-    pub class64: bool,
-    /// ELFDATA2MSB (else ELFDATA2LSB).
-    pub big_endian: bool,
-    /// e_machine.
-    pub machine: u16,
-}
-
 /// A platform `dist` builds for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DistTarget {
@@ -56,19 +45,9 @@ pub struct DistTarget {
     pub gnu: &'static str,
     /// Debian's architecture name (`libc6-dev-<arch>-cross`).
     pub debian_arch: &'static str,
-    /// The ELF header its binaries must have.
-    pub elf: ElfIdentity,
     /// Whether Rust ships a std for it (tier 1 or 2); tier 3 targets exist only through
     /// `-Zbuild-std` (which every foreign target uses here anyway: rustup cannot add targets).
     pub tier3: bool,
-}
-
-const fn elf(class64: bool, big_endian: bool, machine: u16) -> ElfIdentity {
-    ElfIdentity {
-        class64,
-        big_endian,
-        machine,
-    }
 }
 
 /// The platforms of a release, in build order: amd64 first (its coordinator and client drive
@@ -79,7 +58,6 @@ pub const DIST_TARGETS: &[DistTarget] = &[
         triple: "x86_64-unknown-linux-gnu",
         gnu: "x86_64-linux-gnu",
         debian_arch: "amd64",
-        elf: elf(true, false, 62),
         tier3: false,
     },
     DistTarget {
@@ -87,7 +65,6 @@ pub const DIST_TARGETS: &[DistTarget] = &[
         triple: "aarch64-unknown-linux-gnu",
         gnu: "aarch64-linux-gnu",
         debian_arch: "arm64",
-        elf: elf(true, false, 183),
         tier3: false,
     },
     DistTarget {
@@ -95,7 +72,6 @@ pub const DIST_TARGETS: &[DistTarget] = &[
         triple: "s390x-unknown-linux-gnu",
         gnu: "s390x-linux-gnu",
         debian_arch: "s390x",
-        elf: elf(true, true, 22),
         tier3: false,
     },
     DistTarget {
@@ -103,7 +79,6 @@ pub const DIST_TARGETS: &[DistTarget] = &[
         triple: "powerpc64le-unknown-linux-gnu",
         gnu: "powerpc64le-linux-gnu",
         debian_arch: "ppc64el",
-        elf: elf(true, false, 21),
         tier3: false,
     },
     DistTarget {
@@ -111,7 +86,6 @@ pub const DIST_TARGETS: &[DistTarget] = &[
         triple: "riscv64gc-unknown-linux-gnu",
         gnu: "riscv64-linux-gnu",
         debian_arch: "riscv64",
-        elf: elf(true, false, 243),
         tier3: false,
     },
     DistTarget {
@@ -119,7 +93,6 @@ pub const DIST_TARGETS: &[DistTarget] = &[
         triple: "armv7-unknown-linux-gnueabihf",
         gnu: "arm-linux-gnueabihf",
         debian_arch: "armhf",
-        elf: elf(false, false, 40),
         tier3: false,
     },
     DistTarget {
@@ -127,7 +100,6 @@ pub const DIST_TARGETS: &[DistTarget] = &[
         triple: "mips64el-unknown-linux-gnuabi64",
         gnu: "mips64el-linux-gnuabi64",
         debian_arch: "mips64el",
-        elf: elf(true, false, 8),
         tier3: true,
     },
 ];
@@ -180,6 +152,14 @@ impl DistTarget {
         } else {
             format!("gcc-{} libc6-dev-{}-cross", self.gnu, self.debian_arch)
         }
+    }
+
+    /// The farm platform.
+    pub fn farm_platform(&self) -> archfarm_proto::Platform {
+        // DIST_TARGETS names known platforms only (a unit test parses each).
+        self.platform
+            .parse()
+            .unwrap_or_else(|e| panic!("DIST_TARGETS: {e}"))
     }
 
     /// The cross toolchain's C compiler, also the linker.
@@ -243,7 +223,8 @@ mod tests {
     fn every_target_agrees_with_the_farm_s_platform_names() {
         for t in DIST_TARGETS {
             let p: Platform = t.platform.parse().unwrap();
-            assert_eq!(p.elf_machine(), t.elf.machine, "{}", t.platform);
+            assert_eq!(t.farm_platform(), p);
+            assert!(archfarm_proto::elf::ElfTarget::of_platform(&p).is_some());
             if !t.is_host() {
                 assert!(
                     crate::binfmt::ForeignArch::for_platform(t.platform).is_some(),
