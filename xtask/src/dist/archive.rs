@@ -7,8 +7,8 @@ use anyhow::{bail, Context};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-/// The example policy shipped as `agent-policy.example.toml`.
-pub const EXAMPLE_POLICY: &str = include_str!("files/agent-policy.example.toml");
+/// The example policy shipped as `agent.toml`.
+pub const EXAMPLE_POLICY: &str = include_str!("files/agent.toml");
 /// The agent's systemd unit, shipped as `archfarm-agent.service`.
 pub const AGENT_UNIT: &str = include_str!("files/archfarm-agent.service");
 /// INSTALL, with `@VERSION@`, `@PLATFORM@` and `@BINARIES@` filled in.
@@ -73,7 +73,7 @@ pub fn pack(
     }
     let names: Vec<&str> = binaries.iter().map(|(n, _)| *n).collect();
     for (name, text) in [
-        ("agent-policy.example.toml", EXAMPLE_POLICY.to_string()),
+        ("agent.toml", EXAMPLE_POLICY.to_string()),
         ("archfarm-agent.service", AGENT_UNIT.to_string()),
         ("INSTALL", install_text(target, &names)),
     ] {
@@ -232,7 +232,7 @@ mod tests {
         let top = unpack(&a, &tmp.path().join("x")).unwrap();
         for f in [
             "archfarm-agent",
-            "agent-policy.example.toml",
+            "agent.toml",
             "archfarm-agent.service",
             "INSTALL",
         ] {
@@ -256,9 +256,9 @@ mod tests {
     #[test]
     fn the_unit_restarts_the_agent_as_an_unprivileged_user() {
         assert!(AGENT_UNIT.contains("Restart=always"));
-        assert!(AGENT_UNIT.contains("User=archfarm-agent"));
+        assert!(AGENT_UNIT.contains("DynamicUser=yes"));
         assert!(AGENT_UNIT.contains("NoNewPrivileges=yes"));
         assert!(AGENT_UNIT.contains("CapabilityBoundingSet=\n"));
-        assert!(AGENT_UNIT.contains("--policy /etc/archfarm/agent-policy.toml"));
+        assert!(AGENT_UNIT.contains("--policy /etc/archfarm/agent.toml"));
     }
 }
