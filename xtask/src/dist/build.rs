@@ -106,17 +106,23 @@ pub fn cargo_command(
             cmd.env_remove(name);
         }
     }
+    if !target.is_host() {
+        // The host's own build (amd64) keeps cargo's default linker and C compiler: naming
+        // them would change the fingerprints of the build scripts and proc macros, which every
+        // target shares, and each platform would rebuild them after amd64.
+        cmd.env(format!("CARGO_TARGET_{upper}_LINKER"), target.gcc())
+            .env(format!("CC_{env_triple}"), target.gcc())
+            .env(format!("AR_{env_triple}"), format!("{}-ar", target.gnu));
+    }
     cmd.current_dir(workspace)
         .env("RUSTC", SYSTEM_RUSTC)
         .env("RUSTDOC", SYSTEM_RUSTDOC)
         .env("RUSTC_BOOTSTRAP", "1")
-        .env(format!("CARGO_TARGET_{upper}_LINKER"), target.gcc())
+        // Target flags only: with --target, build scripts and proc macros do not get them.
         .env(
             format!("CARGO_TARGET_{upper}_RUSTFLAGS"),
             "-C target-feature=+crt-static",
         )
-        .env(format!("CC_{env_triple}"), target.gcc())
-        .env(format!("AR_{env_triple}"), format!("{}-ar", target.gnu))
         // Shipped binaries keep their symbols (named backtraces) but not the line tables.
         .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
         .env("CARGO_PROFILE_RELEASE_STRIP", "debuginfo");
@@ -291,5 +297,12 @@ mod tests {
             .collect();
         assert!(!args.iter().any(|a| a.starts_with("-Zbuild-std")));
         assert!(!args.contains(&"--release".to_string()));
+        let env = envs(&cmd);
+        assert!(env
+            .iter()
+            .any(|(k, v)| k == "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS" && v.is_some()));
+        assert!(!env
+            .iter()
+            .any(|(k, v)| k == "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_LINKER" && v.is_some()));
     }
 }
