@@ -326,7 +326,7 @@ fn finished_line(platform: &Platform, job: &JobStatus) -> String {
             mode(emulated),
             a.platform
         ),
-        _ => crate::farm::run::progress_line(a).replacen(
+        _ => crate::farm::job_watch::progress_line(a).replacen(
             &format!("[{}]", a.platform),
             &format!("[{platform}]"),
             1,

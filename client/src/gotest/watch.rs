@@ -2,7 +2,8 @@
 //! shards' raw output and every state change with `-v` (through `farm run`'s [`JobWatch`]).
 //! A broken stream is watched again for a while; Ctrl-C cancels the job, twice gives up.
 use crate::farm::display::is_final;
-use crate::farm::run::{cancel_on_interrupt, progress_line, Emit, JobWatch};
+use crate::farm::job_watch::{progress_line, Emit, JobWatch};
+use crate::farm::run::cancel_on_interrupt;
 use crate::farm::watch::{CtrlC, JobEvents, Watched};
 use crate::farm::FarmClient;
 use anyhow::bail;
