@@ -1,9 +1,14 @@
-//! The `archfarm` command line: clap definitions of every command and the dispatch to the
-//! library, shared by the `archfarm` binary and `archfarm` (a pass-through for
-//! developers of this repository).
+//! The `archfarm` command line: clap definitions of every command, the dispatch to the
+//! library (shared by the `archfarm` binary and `cargo xtask farm`), and one module per Go
+//! recipe that shows its progress and report: the recipes compute, these print.
+pub mod ginkgo;
+pub mod go_build;
+pub mod go_test;
+pub mod shell;
+pub mod watch;
+
 use crate::config::{ConnectArgs, ProcessEnv};
 use crate::farm::{agents, cancel, credentials, job, run, status, token, FarmClient};
-use crate::{ginkgo, gobuild, gotest};
 use anyhow::Context;
 use std::ffi::OsString;
 use std::future::Future;
@@ -37,12 +42,12 @@ pub enum Command {
     /// Run a command on one or more platforms and stream its output.
     Run(run::RunArgs),
     /// Go tests: cross-compiled here, run natively per platform, cached, sharded.
-    GoTest(gotest::GoTestArgs),
+    GoTest(crate::gotest::GoTestArgs),
     /// Go commands for many platforms: pure Go cross-compiled, cgo built natively, cached.
-    GoBuild(gobuild::GoBuildArgs),
+    GoBuild(crate::gobuild::GoBuildArgs),
     /// A ginkgo suite (node-e2e): specs listed by a dry run, sharded by location, run only on
     /// agents labelled node-e2e, each shard with the agent to itself.
-    Ginkgo(ginkgo::GinkgoArgs),
+    Ginkgo(crate::ginkgo::GinkgoArgs),
     /// Show one job's actions.
     Job(job::JobArgs),
     /// Cancel a job's unfinished actions.
@@ -76,8 +81,8 @@ pub async fn run_command(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Status(args) => status::command(&mut client, &args).await,
         Command::Run(args) => run::command(&mut client, &args).await,
-        Command::GoTest(args) => gotest::command(&mut client, &args).await,
-        Command::GoBuild(args) => gobuild::command(&mut client, &args).await,
+        Command::GoTest(args) => go_test::command(&mut client, &args).await,
+        Command::GoBuild(args) => go_build::command(&mut client, &args).await,
         Command::Ginkgo(args) => ginkgo::command(&mut client, &args).await,
         Command::Job(args) => job::command(&mut client, &args).await,
         Command::Cancel(args) => cancel::command(&mut client, &args).await,

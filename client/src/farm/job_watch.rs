@@ -285,8 +285,6 @@ pub fn progress_line(a: &ActionStatus) -> String {
     }
 }
 
-/// The exit code of `farm run`: 0 when every requested platform succeeded; else the first
-
 #[cfg(test)]
 mod tests {
     use super::*;

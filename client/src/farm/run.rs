@@ -500,6 +500,7 @@ async fn print_recorded_outputs(
     printed
 }
 
+/// The exit code of `farm run`: 0 when every requested platform succeeded; else the first
 /// non-zero exit code of a FAILED action, in the order of `--platform`; else 1 (infra failure,
 /// unschedulable, cancelled, or a code that does not fit a process exit status).
 pub fn job_exit_code(platforms: &[String], actions: &[ActionStatus]) -> u8 {
