@@ -4,11 +4,12 @@
 pub mod ginkgo;
 pub mod go_build;
 pub mod go_test;
+pub mod run;
 pub mod shell;
 pub mod watch;
 
 use crate::config::{ConnectArgs, ProcessEnv};
-use crate::farm::{agents, cancel, credentials, job, run, status, token, FarmClient};
+use crate::farm::{agents, cancel, credentials, job, status, token, FarmClient};
 use anyhow::Context;
 use std::ffi::OsString;
 use std::future::Future;
@@ -40,7 +41,7 @@ pub enum Command {
     /// Agents per platform, queues, running actions and recent jobs.
     Status(status::StatusArgs),
     /// Run a command on one or more platforms and stream its output.
-    Run(run::RunArgs),
+    Run(crate::farm::run::RunArgs),
     /// Go tests: cross-compiled here, run natively per platform, cached, sharded.
     GoTest(crate::gotest::GoTestArgs),
     /// Go commands for many platforms: pure Go cross-compiled, cgo built natively, cached.
@@ -161,13 +162,13 @@ mod tests {
             Some("https://farm:7443")
         );
         assert_eq!(cli.directory, Some(PathBuf::from("/src/kubernetes")));
-        let Command::Run(run) = cli.command else {
+        let Command::Run(run_args) = cli.command else {
             panic!("not run");
         };
-        assert_eq!(run.platforms, ["linux/arm64", "linux/s390x"]);
-        assert_eq!(run.command, ["go", "test", "-v"]);
-        assert_eq!(run.timeout, std::time::Duration::from_secs(90));
-        assert_eq!(run.env[0].value, "-count=1");
+        assert_eq!(run_args.platforms, ["linux/arm64", "linux/s390x"]);
+        assert_eq!(run_args.command, ["go", "test", "-v"]);
+        assert_eq!(run_args.timeout, std::time::Duration::from_secs(90));
+        assert_eq!(run_args.env[0].value, "-count=1");
     }
 
     #[test]

@@ -3,21 +3,21 @@
 //! table and an exit code. It survives a coordinator restart (re-watching) and turns Ctrl-C
 //! into a cancel. With `--output`/`--download` it brings the declared outputs home, and with
 //! `--json-report` it writes what happened for scripts and tests. `demo` and `bench` call the
-//! same [`run_job`].
+//! same [`run_job`]; it prints nothing: what happens comes out as [`RunProgress`] values.
 use super::args::{
     ensure_unique, parse_env_var, parse_label, CachePolicyArgs, EnvVarArg, LabelArg,
 };
-use super::display::{action_state_name, format_ms, outcome_name};
+use super::cancel::{cancel_after_interrupt, InterruptCancel};
+use super::display::{action_state_name, outcome_name};
 use super::download::{download_outputs, output_paths, DownloadedOutput};
-use super::job::{actions_table, ordered_actions, ran_and_cached};
+use super::job::{ordered_actions, ran_and_cached};
 use super::job_watch::{Emit, JobWatch};
 use super::upload::{upload_dir, Progress, UploadReport};
-use super::watch::{CtrlC, JobEvents, Watched, REWATCH_FOR};
+use super::watch::{CtrlC, JobEvents, Watched};
 use super::{rpc, FarmClient};
 use anyhow::{bail, Context};
 use archfarm_proto::v1::{self, ActionState, ActionStatus, JobStatus};
 use archfarm_proto::Digest;
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -142,13 +142,62 @@ impl RunArgs {
     }
 }
 
-/// Whether a run prints what it sees.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RunOutput {
-    /// Logs to stdout/stderr, progress and the summary table to stderr.
-    Print,
-    /// Nothing (benchmarks).
-    Quiet,
+/// What a run does on its way to its outcome, in order, for the caller to show (the command
+/// line prints it; benchmarks ignore it).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunProgress {
+    /// The input tree is in the farm's CAS.
+    Uploaded(UploadReport),
+    /// The job was submitted.
+    Submitted {
+        /// Its id.
+        job_id: String,
+    },
+    /// A state change or lines of an action's output (live, or recorded and read back).
+    Event(Emit),
+    /// The watch broke; it is being resumed for up to
+    /// [`REWATCH_FOR`](super::watch::REWATCH_FOR).
+    Lost {
+        /// The job.
+        job_id: String,
+        /// Why it broke.
+        why: String,
+        /// Whether it broke before.
+        again: bool,
+    },
+    /// Watching again after a break.
+    Resumed {
+        /// The job.
+        job_id: String,
+    },
+    /// Ctrl-C: the job is being cancelled.
+    Cancelling {
+        /// The job.
+        job_id: String,
+    },
+    /// How that cancel went.
+    Cancelled(InterruptCancel),
+    /// A second Ctrl-C: the watch is abandoned (the outcome has no job).
+    InterruptedAgain {
+        /// The job.
+        job_id: String,
+    },
+    /// A recorded output too large to read back is not shown.
+    OutputNotShown {
+        /// The action's platform.
+        platform: String,
+        /// The blob holding it.
+        digest: Digest,
+    },
+    /// A recorded output could not be read: the error's words.
+    OutputUnreadable(String),
+    /// The job finished: its final status, actions in `platforms` order.
+    Finished {
+        /// The platforms asked for.
+        platforms: Vec<String>,
+        /// The final status.
+        job: Box<JobStatus>,
+    },
 }
 
 /// How long a run took, measured from just before Submit.
@@ -241,36 +290,26 @@ pub fn write_json_report(path: &std::path::Path, value: &serde_json::Value) -> a
         .with_context(|| format!("failed to write the JSON report {}", path.display()))
 }
 
-/// `archfarm run`: runs the job and returns its exit code.
-pub async fn command(client: &mut FarmClient, args: &RunArgs) -> anyhow::Result<u8> {
-    Ok(run_job(client, args, RunOutput::Print).await?.exit_code)
-}
-
 /// The final line of `farm run`: `3 ran, 2 cached`.
 pub fn ran_cached_line(actions: &[ActionStatus]) -> String {
     let (ran, cached) = ran_and_cached(actions);
     format!("{ran} ran, {cached} cached")
 }
 
-/// Uploads the input, submits the job, follows it to the end and chooses the exit code.
+/// Uploads the input (`bar`: whether a big upload may draw a progress bar), submits the job,
+/// follows it to the end, downloads its outputs (`--download`), writes the `--json-report`
+/// and chooses the exit code. What happens meanwhile goes to `progress`; nothing is printed.
 pub async fn run_job(
     client: &mut FarmClient,
     args: &RunArgs,
-    output: RunOutput,
+    bar: Progress,
+    progress: &mut (dyn FnMut(RunProgress) + Send),
 ) -> anyhow::Result<RunOutcome> {
-    let print = output == RunOutput::Print;
     args.job_spec(None)?; // refuse bad arguments before hashing anything
     let upload = match &args.input {
         Some(dir) => {
-            let progress = if print {
-                Progress::Auto
-            } else {
-                Progress::Hidden
-            };
-            let report = upload_dir(client, dir, progress).await?;
-            if print {
-                eprintln!("{}", report.summary());
-            }
+            let report = upload_dir(client, dir, bar).await?;
+            progress(RunProgress::Uploaded(report));
             Some(report)
         }
         None => None,
@@ -283,9 +322,9 @@ pub async fn run_job(
         .await)
     .context("failed to submit the job")?
     .job_id;
-    if print {
-        eprintln!("job {job_id} submitted");
-    }
+    progress(RunProgress::Submitted {
+        job_id: job_id.clone(),
+    });
     let mut events = JobEvents::open(client, &job_id).await?;
     let mut watch = JobWatch::default();
     let mut first_line = None;
@@ -297,8 +336,8 @@ pub async fn run_job(
             w = events.next() => w?,
             n = ctrl_c.pressed() => {
                 if n >= 2 {
-                    emit(watch.flush(), output);
-                    eprintln!("interrupted again; stopped watching job {job_id}");
+                    emit(watch.flush(), progress);
+                    progress(RunProgress::InterruptedAgain { job_id: job_id.clone() });
                     let outcome = RunOutcome {
                         job_id,
                         exit_code: 130,
@@ -315,8 +354,10 @@ pub async fn run_job(
                     }
                     return Ok(outcome);
                 }
-                eprintln!("cancelling job {job_id} (Ctrl-C again to stop watching)");
-                cancel_on_interrupt(client, &job_id, "cancelled by Ctrl-C in `archfarm run`").await;
+                progress(RunProgress::Cancelling { job_id: job_id.clone() });
+                let cancelled =
+                    cancel_after_interrupt(client, &job_id, "cancelled by Ctrl-C in `archfarm run`").await;
+                progress(RunProgress::Cancelled(cancelled));
                 continue;
             }
         };
@@ -326,36 +367,29 @@ pub async fn run_job(
                 if first_line.is_none() && emits.iter().any(Emit::is_output) {
                     first_line = Some(started.elapsed());
                 }
-                emit(emits, output);
+                emit(emits, progress);
                 if let Some(job) = finished {
                     break job;
                 }
             }
-            Watched::Lost(why) if print => {
-                if warned_gap {
-                    eprintln!("lost the watch of job {job_id} again ({why}); reconnecting");
-                } else {
-                    warned_gap = true;
-                    eprintln!(
-                        "lost the watch of job {job_id} ({why}); reconnecting for up to {}; \
-                         output written meanwhile may be missing",
-                        format_ms(REWATCH_FOR.as_millis() as u64)
-                    );
-                }
+            Watched::Lost(why) => {
+                progress(RunProgress::Lost {
+                    job_id: job_id.clone(),
+                    why,
+                    again: warned_gap,
+                });
+                warned_gap = true;
             }
-            Watched::Lost(_) => {}
-            Watched::Resumed => {
-                if print {
-                    eprintln!("watching job {job_id} again");
-                }
-            }
+            Watched::Resumed => progress(RunProgress::Resumed {
+                job_id: job_id.clone(),
+            }),
             Watched::FinishedMeanwhile(job) => {
-                emit(watch.on_finished(&job), output);
+                emit(watch.on_finished(&job), progress);
                 break job;
             }
         }
     };
-    if print_recorded_outputs(client, &mut watch, &finished, output).await && first_line.is_none() {
+    if recorded_outputs(client, &mut watch, &finished, progress).await && first_line.is_none() {
         first_line = Some(started.elapsed());
     }
     let total = started.elapsed();
@@ -365,41 +399,20 @@ pub async fn run_job(
         .map(|s| s.platforms.clone())
         .filter(|p| !p.is_empty())
         .unwrap_or_else(|| args.platforms.clone());
-    if print {
-        eprintln!("{}", actions_table(&platforms, &finished.actions));
-    }
+    progress(RunProgress::Finished {
+        platforms: platforms.clone(),
+        job: Box::new(finished.clone()),
+    });
     let mut downloads = Vec::new();
     let mut download_error = None;
     if let Some(dir) = &args.download {
         let actions = ordered_actions(&platforms, &finished.actions);
         match download_outputs(client, &actions, dir).await {
             Ok(done) => {
-                if print {
-                    for d in &done {
-                        eprintln!(
-                            "[{}] downloaded {} to {}{}",
-                            d.platform,
-                            d.path,
-                            d.destination.display(),
-                            if d.kind == "directory" {
-                                format!(
-                                    " ({} files, {} MiB)",
-                                    d.files,
-                                    super::display::mib(d.bytes)
-                                )
-                            } else {
-                                String::new()
-                            }
-                        );
-                    }
-                }
                 downloads = done;
             }
             Err(e) => download_error = Some(e),
         }
-    }
-    if print {
-        eprintln!("{}", ran_cached_line(&finished.actions));
     }
     let outcome = RunOutcome {
         exit_code: job_exit_code(&args.platforms, &finished.actions),
@@ -422,57 +435,31 @@ pub async fn run_job(
     Ok(outcome)
 }
 
-/// Cancels `job_id` after a Ctrl-C, saying how it went (at most 10 s).
-pub async fn cancel_on_interrupt(client: &mut FarmClient, job_id: &str, reason: &str) {
-    let cancel = super::cancel::cancel_job(client, job_id, reason);
-    match tokio::time::timeout(Duration::from_secs(10), cancel).await {
-        Ok(Ok(n)) => eprintln!(
-            "cancelled {n} unfinished action{} of job {job_id}",
-            if n == 1 { "" } else { "s" }
-        ),
-        Ok(Err(e)) => eprintln!("{e:#}"),
-        Err(_) => eprintln!("failed to cancel job {job_id}: no answer in 10s"),
-    }
-}
-
-fn emit(emits: Vec<Emit>, output: RunOutput) {
-    if output == RunOutput::Quiet || emits.is_empty() {
-        return;
-    }
-    // Write errors (a closed pipe) must not stop the watch; the job still gets its verdict.
-    let mut stdout = std::io::stdout().lock();
-    let mut stderr = std::io::stderr().lock();
+fn emit(emits: Vec<Emit>, progress: &mut (dyn FnMut(RunProgress) + Send)) {
     for e in emits {
-        let _ = match e {
-            Emit::Stdout(b) => stdout.write_all(&b).and_then(|()| stdout.flush()),
-            Emit::Stderr(b) => stderr.write_all(&b),
-            Emit::Progress(s) => writeln!(stderr, "{s}"),
-        };
+        progress(RunProgress::Event(e));
     }
 }
 
 /// Largest recorded output read back from the CAS in one BatchRead.
 const MAX_RECORDED_OUTPUT_BYTES: u64 = 32 << 20;
 
-/// Reads and prints the recorded outputs the watch did not stream. Failures are reported and
-/// otherwise ignored: the job's verdict does not depend on them.
-async fn print_recorded_outputs(
+/// Reads the recorded outputs the watch did not stream and passes them on as lines; says
+/// whether any line came. Failures are reported and otherwise ignored: the job's verdict does
+/// not depend on them.
+async fn recorded_outputs(
     client: &mut FarmClient,
     watch: &mut JobWatch,
     job: &JobStatus,
-    output: RunOutput,
+    progress: &mut (dyn FnMut(RunProgress) + Send),
 ) -> bool {
     let mut printed = false;
     for unseen in watch.unseen_outputs(job) {
         if unseen.digest.size_bytes() > MAX_RECORDED_OUTPUT_BYTES {
-            if output == RunOutput::Print {
-                eprintln!(
-                    "[{}] {} MiB of output not shown; it is blob {}",
-                    unseen.platform,
-                    super::display::mib(unseen.digest.size_bytes()),
-                    unseen.digest
-                );
-            }
+            progress(RunProgress::OutputNotShown {
+                platform: unseen.platform.clone(),
+                digest: unseen.digest,
+            });
             continue;
         }
         let read = rpc(client
@@ -490,11 +477,10 @@ async fn print_recorded_outputs(
                     }
                     let emits = watch.recorded_output(&unseen, &blob.data);
                     printed |= emits.iter().any(Emit::is_output);
-                    emit(emits, output);
+                    emit(emits, progress);
                 }
             }
-            Err(e) if output == RunOutput::Print => eprintln!("{e:#}"),
-            Err(_) => {}
+            Err(e) => progress(RunProgress::OutputUnreadable(format!("{e:#}"))),
         }
     }
     printed
