@@ -6,7 +6,8 @@
 // The fake's helpers are not #[test] functions; a panic there is a bug in the test.
 #![allow(clippy::unwrap_used)]
 
-use archfarm_client::farm::run::{run_job, RunArgs, RunOutput};
+use archfarm_client::farm::run::{run_job, RunArgs, RunProgress};
+use archfarm_client::farm::upload::Progress;
 use archfarm_client::farm::FarmClient;
 use archfarm_proto::tree::build_local_tree;
 use archfarm_proto::v1::cas_server::{Cas, CasServer};
@@ -304,7 +305,9 @@ async fn uploads_only_missing_blobs_and_follows_the_job_to_success() {
     let mut args = RunArgs::new([p], ["./{os}/{arch}/hello"]);
     args.input = Some(input.clone());
     args.allow_emulation = true;
-    let outcome = run_job(&mut client, &args, RunOutput::Quiet).await.unwrap();
+    let outcome = run_job(&mut client, &args, Progress::Hidden, &mut |_| {})
+        .await
+        .unwrap();
     std::fs::remove_dir_all(&input).unwrap();
 
     assert_eq!(outcome.exit_code, 0);
@@ -336,7 +339,9 @@ async fn the_exit_code_is_the_first_failure_in_platform_order() {
     ]);
     let mut client = start(&fake).await;
     let args = RunArgs::new([a, b], ["false"]);
-    let outcome = run_job(&mut client, &args, RunOutput::Quiet).await.unwrap();
+    let outcome = run_job(&mut client, &args, Progress::Hidden, &mut |_| {})
+        .await
+        .unwrap();
     assert_eq!(outcome.exit_code, 3);
     assert!(outcome.timings.first_line.is_none());
 }
@@ -379,8 +384,26 @@ async fn a_broken_watch_is_resumed_after_the_last_event() {
     ]);
     let mut client = start(&fake).await;
     let args = RunArgs::new([a, b], ["true"]);
-    let outcome = run_job(&mut client, &args, RunOutput::Print).await.unwrap();
+    let mut seen = Vec::new();
+    let outcome = run_job(&mut client, &args, Progress::Hidden, &mut |p| seen.push(p))
+        .await
+        .unwrap();
     assert_eq!(outcome.exit_code, 0);
+    let breaks: Vec<&RunProgress> = seen
+        .iter()
+        .filter(|p| matches!(p, RunProgress::Lost { .. } | RunProgress::Resumed { .. }))
+        .collect();
+    assert!(
+        matches!(
+            breaks[..],
+            [
+                RunProgress::Lost { again: false, .. },
+                RunProgress::Resumed { .. }
+            ]
+        ),
+        "{breaks:?}"
+    );
+    assert!(matches!(seen.last(), Some(RunProgress::Finished { .. })));
     assert!(fake.0.watches.lock().unwrap().is_empty());
     let points: Vec<(u64, u64)> = fake
         .0
@@ -410,7 +433,8 @@ async fn a_job_that_finished_while_the_watch_was_down_is_reported() {
     let outcome = run_job(
         &mut client,
         &RunArgs::new([a], ["exit-42"]),
-        RunOutput::Quiet,
+        Progress::Hidden,
+        &mut |_| {},
     )
     .await
     .unwrap();
@@ -437,7 +461,7 @@ impl Drop for TempDir {
 
 #[tokio::test]
 async fn big_files_are_streamed_and_a_second_upload_sends_nothing() {
-    use archfarm_client::farm::upload::{upload_dir_with, Progress};
+    use archfarm_client::farm::upload::upload_dir_with;
     let input = TempDir::new("upload-twice");
     let digests = TempDir::new("upload-twice-digest-cache");
     let big: Vec<u8> = (0..(5u32 << 20) + 3).map(|i| (i % 251) as u8).collect();
@@ -554,7 +578,9 @@ async fn outputs_are_downloaded_under_os_and_arch_and_reported_as_json() {
     args.download = Some(dl.0.clone());
     args.json_report = Some(report_path.clone());
     args.no_cache = true;
-    let outcome = run_job(&mut client, &args, RunOutput::Quiet).await.unwrap();
+    let outcome = run_job(&mut client, &args, Progress::Hidden, &mut |_| {})
+        .await
+        .unwrap();
     assert_eq!(outcome.exit_code, 0);
 
     let spec = fake.0.submitted.lock().unwrap()[0].clone();
@@ -611,7 +637,9 @@ async fn outputs_are_downloaded_under_os_and_arch_and_reported_as_json() {
             outcome.job.as_ref().unwrap().actions[1].clone(),
         ],
     )]);
-    run_job(&mut client, &args, RunOutput::Quiet).await.unwrap();
+    run_job(&mut client, &args, Progress::Hidden, &mut |_| {})
+        .await
+        .unwrap();
     assert!(!got.join("stale").exists());
 }
 
@@ -642,7 +670,7 @@ async fn a_corrupt_output_is_refused() {
     let dl = TempDir::new("corrupt-output");
     let mut args = RunArgs::new([p], ["true"]);
     args.download = Some(dl.0.clone());
-    let e = run_job(&mut client, &args, RunOutput::Quiet)
+    let e = run_job(&mut client, &args, Progress::Hidden, &mut |_| {})
         .await
         .unwrap_err();
     assert!(format!("{e:#}").contains("corrupt"), "{e:#}");

@@ -4,9 +4,10 @@
 use crate::demo_login::{point_archfarm_at, Login};
 use crate::paths;
 use anyhow::{bail, Context};
+use archfarm_client::cli::run::run_printed;
 use archfarm_client::config::ProcessEnv;
 use archfarm_client::farm::display::now_unix_ms;
-use archfarm_client::farm::run::{run_job, RunArgs, RunOutput};
+use archfarm_client::farm::run::RunArgs;
 use archfarm_client::farm::status::{farm_status, render_status};
 use archfarm_client::farm::{token, FarmClient, FarmOptions};
 use archfarm_proto::v1::{self, FarmStatusResponse};
@@ -199,7 +200,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
             .collect::<Vec<_>>()
             .join(" ")
     );
-    let outcome = run_job(&mut client, &job, RunOutput::Print).await?;
+    let outcome = run_printed(&mut client, &job).await?;
 
     let status = farm_status(&mut client, 10).await?;
     println!("\n{}", render_status(&status, now_unix_ms()));

@@ -40,3 +40,44 @@ pub async fn cancel_job(
     .with_context(|| format!("failed to cancel job {job_id}"))?
     .cancelled)
 }
+
+/// How cancelling a job after a Ctrl-C went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InterruptCancel {
+    /// The coordinator cancelled this many unfinished actions.
+    Cancelled {
+        /// The job.
+        job_id: String,
+        /// Actions cancelled.
+        actions: u32,
+    },
+    /// The coordinator refused or could not be reached: the error's words.
+    Failed(String),
+    /// No answer within [`INTERRUPT_CANCEL_TIMEOUT`].
+    NoAnswer {
+        /// The job.
+        job_id: String,
+    },
+}
+
+/// How long a cancel after Ctrl-C may take.
+pub const INTERRUPT_CANCEL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Cancels `job_id` after a Ctrl-C (at most [`INTERRUPT_CANCEL_TIMEOUT`]); says how it went.
+pub async fn cancel_after_interrupt(
+    client: &mut FarmClient,
+    job_id: &str,
+    reason: &str,
+) -> InterruptCancel {
+    let cancel = cancel_job(client, job_id, reason);
+    match tokio::time::timeout(INTERRUPT_CANCEL_TIMEOUT, cancel).await {
+        Ok(Ok(actions)) => InterruptCancel::Cancelled {
+            job_id: job_id.to_string(),
+            actions,
+        },
+        Ok(Err(e)) => InterruptCancel::Failed(format!("{e:#}")),
+        Err(_) => InterruptCancel::NoAnswer {
+            job_id: job_id.to_string(),
+        },
+    }
+}

@@ -9,6 +9,8 @@ pub mod credentials;
 pub mod display;
 pub mod download;
 pub mod job;
+pub mod job_watch;
+pub mod line_prefixer;
 pub mod run;
 pub mod status;
 pub mod token;

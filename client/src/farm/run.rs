@@ -3,30 +3,26 @@
 //! table and an exit code. It survives a coordinator restart (re-watching) and turns Ctrl-C
 //! into a cancel. With `--output`/`--download` it brings the declared outputs home, and with
 //! `--json-report` it writes what happened for scripts and tests. `demo` and `bench` call the
-//! same [`run_job`].
+//! same [`run_job`]; it prints nothing: what happens comes out as [`RunProgress`] values.
 use super::args::{
     ensure_unique, parse_env_var, parse_label, CachePolicyArgs, EnvVarArg, LabelArg,
 };
-use super::display::{action_state_name, format_ms, is_final, mode, outcome_name, words};
+use super::cancel::{cancel_after_interrupt, InterruptCancel};
+use super::display::{action_state_name, outcome_name};
 use super::download::{download_outputs, output_paths, DownloadedOutput};
-use super::job::{actions_table, ordered_actions, ran_and_cached};
+use super::job::{ordered_actions, ran_and_cached};
+use super::job_watch::{Emit, JobWatch};
 use super::upload::{upload_dir, Progress, UploadReport};
-use super::watch::{CtrlC, JobEvents, Watched, REWATCH_FOR};
-use super::{rpc, FarmClient, WatchPoint};
+use super::watch::{CtrlC, JobEvents, Watched};
+use super::{rpc, FarmClient};
 use anyhow::{bail, Context};
-use archfarm_proto::v1::{
-    self, job_event, ActionLog, ActionState, ActionStatus, ExecutionOutcome, JobStatus, LogStream,
-};
+use archfarm_proto::v1::{self, ActionState, ActionStatus, JobStatus};
 use archfarm_proto::Digest;
-use std::collections::HashMap;
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// Per-action time limit unless `--timeout` says otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
-/// A partial line longer than this is printed as a line of its own.
-const MAX_PARTIAL_LINE_BYTES: usize = 64 * 1024;
 
 /// `archfarm run --platform P... [options] -- CMD ARGS...`.
 #[derive(clap::Args, Debug, Clone)]
@@ -146,13 +142,62 @@ impl RunArgs {
     }
 }
 
-/// Whether a run prints what it sees.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RunOutput {
-    /// Logs to stdout/stderr, progress and the summary table to stderr.
-    Print,
-    /// Nothing (benchmarks).
-    Quiet,
+/// What a run does on its way to its outcome, in order, for the caller to show (the command
+/// line prints it; benchmarks ignore it).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunProgress {
+    /// The input tree is in the farm's CAS.
+    Uploaded(UploadReport),
+    /// The job was submitted.
+    Submitted {
+        /// Its id.
+        job_id: String,
+    },
+    /// A state change or lines of an action's output (live, or recorded and read back).
+    Event(Emit),
+    /// The watch broke; it is being resumed for up to
+    /// [`REWATCH_FOR`](super::watch::REWATCH_FOR).
+    Lost {
+        /// The job.
+        job_id: String,
+        /// Why it broke.
+        why: String,
+        /// Whether it broke before.
+        again: bool,
+    },
+    /// Watching again after a break.
+    Resumed {
+        /// The job.
+        job_id: String,
+    },
+    /// Ctrl-C: the job is being cancelled.
+    Cancelling {
+        /// The job.
+        job_id: String,
+    },
+    /// How that cancel went.
+    Cancelled(InterruptCancel),
+    /// A second Ctrl-C: the watch is abandoned (the outcome has no job).
+    InterruptedAgain {
+        /// The job.
+        job_id: String,
+    },
+    /// A recorded output too large to read back is not shown.
+    OutputNotShown {
+        /// The action's platform.
+        platform: String,
+        /// The blob holding it.
+        digest: Digest,
+    },
+    /// A recorded output could not be read: the error's words.
+    OutputUnreadable(String),
+    /// The job finished: its final status, actions in `platforms` order.
+    Finished {
+        /// The platforms asked for.
+        platforms: Vec<String>,
+        /// The final status.
+        job: Box<JobStatus>,
+    },
 }
 
 /// How long a run took, measured from just before Submit.
@@ -245,36 +290,26 @@ pub fn write_json_report(path: &std::path::Path, value: &serde_json::Value) -> a
         .with_context(|| format!("failed to write the JSON report {}", path.display()))
 }
 
-/// `archfarm run`: runs the job and returns its exit code.
-pub async fn command(client: &mut FarmClient, args: &RunArgs) -> anyhow::Result<u8> {
-    Ok(run_job(client, args, RunOutput::Print).await?.exit_code)
-}
-
 /// The final line of `farm run`: `3 ran, 2 cached`.
 pub fn ran_cached_line(actions: &[ActionStatus]) -> String {
     let (ran, cached) = ran_and_cached(actions);
     format!("{ran} ran, {cached} cached")
 }
 
-/// Uploads the input, submits the job, follows it to the end and chooses the exit code.
+/// Uploads the input (`bar`: whether a big upload may draw a progress bar), submits the job,
+/// follows it to the end, downloads its outputs (`--download`), writes the `--json-report`
+/// and chooses the exit code. What happens meanwhile goes to `progress`; nothing is printed.
 pub async fn run_job(
     client: &mut FarmClient,
     args: &RunArgs,
-    output: RunOutput,
+    bar: Progress,
+    progress: &mut (dyn FnMut(RunProgress) + Send),
 ) -> anyhow::Result<RunOutcome> {
-    let print = output == RunOutput::Print;
     args.job_spec(None)?; // refuse bad arguments before hashing anything
     let upload = match &args.input {
         Some(dir) => {
-            let progress = if print {
-                Progress::Auto
-            } else {
-                Progress::Hidden
-            };
-            let report = upload_dir(client, dir, progress).await?;
-            if print {
-                eprintln!("{}", report.summary());
-            }
+            let report = upload_dir(client, dir, bar).await?;
+            progress(RunProgress::Uploaded(report));
             Some(report)
         }
         None => None,
@@ -287,9 +322,9 @@ pub async fn run_job(
         .await)
     .context("failed to submit the job")?
     .job_id;
-    if print {
-        eprintln!("job {job_id} submitted");
-    }
+    progress(RunProgress::Submitted {
+        job_id: job_id.clone(),
+    });
     let mut events = JobEvents::open(client, &job_id).await?;
     let mut watch = JobWatch::default();
     let mut first_line = None;
@@ -301,8 +336,8 @@ pub async fn run_job(
             w = events.next() => w?,
             n = ctrl_c.pressed() => {
                 if n >= 2 {
-                    emit(watch.flush(), output);
-                    eprintln!("interrupted again; stopped watching job {job_id}");
+                    emit(watch.flush(), progress);
+                    progress(RunProgress::InterruptedAgain { job_id: job_id.clone() });
                     let outcome = RunOutcome {
                         job_id,
                         exit_code: 130,
@@ -319,8 +354,10 @@ pub async fn run_job(
                     }
                     return Ok(outcome);
                 }
-                eprintln!("cancelling job {job_id} (Ctrl-C again to stop watching)");
-                cancel_on_interrupt(client, &job_id, "cancelled by Ctrl-C in `archfarm run`").await;
+                progress(RunProgress::Cancelling { job_id: job_id.clone() });
+                let cancelled =
+                    cancel_after_interrupt(client, &job_id, "cancelled by Ctrl-C in `archfarm run`").await;
+                progress(RunProgress::Cancelled(cancelled));
                 continue;
             }
         };
@@ -330,36 +367,29 @@ pub async fn run_job(
                 if first_line.is_none() && emits.iter().any(Emit::is_output) {
                     first_line = Some(started.elapsed());
                 }
-                emit(emits, output);
+                emit(emits, progress);
                 if let Some(job) = finished {
                     break job;
                 }
             }
-            Watched::Lost(why) if print => {
-                if warned_gap {
-                    eprintln!("lost the watch of job {job_id} again ({why}); reconnecting");
-                } else {
-                    warned_gap = true;
-                    eprintln!(
-                        "lost the watch of job {job_id} ({why}); reconnecting for up to {}; \
-                         output written meanwhile may be missing",
-                        format_ms(REWATCH_FOR.as_millis() as u64)
-                    );
-                }
+            Watched::Lost(why) => {
+                progress(RunProgress::Lost {
+                    job_id: job_id.clone(),
+                    why,
+                    again: warned_gap,
+                });
+                warned_gap = true;
             }
-            Watched::Lost(_) => {}
-            Watched::Resumed => {
-                if print {
-                    eprintln!("watching job {job_id} again");
-                }
-            }
+            Watched::Resumed => progress(RunProgress::Resumed {
+                job_id: job_id.clone(),
+            }),
             Watched::FinishedMeanwhile(job) => {
-                emit(watch.on_finished(&job), output);
+                emit(watch.on_finished(&job), progress);
                 break job;
             }
         }
     };
-    if print_recorded_outputs(client, &mut watch, &finished, output).await && first_line.is_none() {
+    if recorded_outputs(client, &mut watch, &finished, progress).await && first_line.is_none() {
         first_line = Some(started.elapsed());
     }
     let total = started.elapsed();
@@ -369,41 +399,20 @@ pub async fn run_job(
         .map(|s| s.platforms.clone())
         .filter(|p| !p.is_empty())
         .unwrap_or_else(|| args.platforms.clone());
-    if print {
-        eprintln!("{}", actions_table(&platforms, &finished.actions));
-    }
+    progress(RunProgress::Finished {
+        platforms: platforms.clone(),
+        job: Box::new(finished.clone()),
+    });
     let mut downloads = Vec::new();
     let mut download_error = None;
     if let Some(dir) = &args.download {
         let actions = ordered_actions(&platforms, &finished.actions);
         match download_outputs(client, &actions, dir).await {
             Ok(done) => {
-                if print {
-                    for d in &done {
-                        eprintln!(
-                            "[{}] downloaded {} to {}{}",
-                            d.platform,
-                            d.path,
-                            d.destination.display(),
-                            if d.kind == "directory" {
-                                format!(
-                                    " ({} files, {} MiB)",
-                                    d.files,
-                                    super::display::mib(d.bytes)
-                                )
-                            } else {
-                                String::new()
-                            }
-                        );
-                    }
-                }
                 downloads = done;
             }
             Err(e) => download_error = Some(e),
         }
-    }
-    if print {
-        eprintln!("{}", ran_cached_line(&finished.actions));
     }
     let outcome = RunOutcome {
         exit_code: job_exit_code(&args.platforms, &finished.actions),
@@ -426,228 +435,31 @@ pub async fn run_job(
     Ok(outcome)
 }
 
-/// Cancels `job_id` after a Ctrl-C, saying how it went (at most 10 s).
-pub async fn cancel_on_interrupt(client: &mut FarmClient, job_id: &str, reason: &str) {
-    let cancel = super::cancel::cancel_job(client, job_id, reason);
-    match tokio::time::timeout(Duration::from_secs(10), cancel).await {
-        Ok(Ok(n)) => eprintln!(
-            "cancelled {n} unfinished action{} of job {job_id}",
-            if n == 1 { "" } else { "s" }
-        ),
-        Ok(Err(e)) => eprintln!("{e:#}"),
-        Err(_) => eprintln!("failed to cancel job {job_id}: no answer in 10s"),
-    }
-}
-
-/// Something a watched job prints.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Emit {
-    /// Prefixed lines of an action's standard output, for our stdout.
-    Stdout(Vec<u8>),
-    /// Prefixed lines of an action's standard error, for our stderr.
-    Stderr(Vec<u8>),
-    /// A progress line (state change), for our stderr.
-    Progress(String),
-}
-
-impl Emit {
-    /// Whether this is the command's output rather than ours.
-    pub fn is_output(&self) -> bool {
-        matches!(self, Emit::Stdout(_) | Emit::Stderr(_))
-    }
-}
-
-fn emit(emits: Vec<Emit>, output: RunOutput) {
-    if output == RunOutput::Quiet || emits.is_empty() {
-        return;
-    }
-    // Write errors (a closed pipe) must not stop the watch; the job still gets its verdict.
-    let mut stdout = std::io::stdout().lock();
-    let mut stderr = std::io::stderr().lock();
+fn emit(emits: Vec<Emit>, progress: &mut (dyn FnMut(RunProgress) + Send)) {
     for e in emits {
-        let _ = match e {
-            Emit::Stdout(b) => stdout.write_all(&b).and_then(|()| stdout.flush()),
-            Emit::Stderr(b) => stderr.write_all(&b),
-            Emit::Progress(s) => writeln!(stderr, "{s}"),
-        };
+        progress(RunProgress::Event(e));
     }
-}
-
-/// Follows a job's events: prints each state change once, even when a restarted coordinator
-/// sends every action's status again, and turns log chunks into prefixed lines.
-#[derive(Default)]
-pub struct JobWatch {
-    known: HashMap<String, ActionStatus>,
-    lines: LinePrefixer,
-    /// The last numbered event, where a broken watch resumes.
-    point: WatchPoint,
-    /// Log bytes received per action and stream.
-    received: HashMap<(String, LogStream), u64>,
-}
-
-impl JobWatch {
-    /// An event arrived; returns what to print and, for `finished`, the job's final status.
-    pub fn on_event(&mut self, event: v1::JobEvent) -> (Vec<Emit>, Option<JobStatus>) {
-        self.point.follow(&event);
-        match event.kind {
-            Some(job_event::Kind::Action(status)) => (self.on_status(status), None),
-            Some(job_event::Kind::Log(log)) => (self.on_log(&log), None),
-            Some(job_event::Kind::Finished(job)) => (self.on_finished(&job), Some(job)),
-            None => (Vec::new(), None),
-        }
-    }
-
-    /// Where a new watch should resume (the coordinator sends nothing received before; a
-    /// restarted coordinator sends the stored statuses, which [`JobWatch::on_status`]
-    /// deduplicates).
-    pub fn point(&self) -> WatchPoint {
-        self.point
-    }
-
-    /// An action's status arrived.
-    pub fn on_status(&mut self, status: ActionStatus) -> Vec<Emit> {
-        if let Some(prev) = self.known.get(&status.action_id) {
-            let same = prev.state == status.state
-                && (is_final(prev.state())
-                    || (prev.attempts == status.attempts && prev.agent_id == status.agent_id));
-            if same {
-                if !is_final(prev.state()) {
-                    self.known.insert(status.action_id.clone(), status);
-                }
-                return Vec::new();
-            }
-        }
-        let mut out = Vec::new();
-        if is_final(status.state()) {
-            out.extend(as_emits(self.lines.flush_action(&status.action_id)));
-        }
-        out.push(Emit::Progress(progress_line(&status)));
-        self.known.insert(status.action_id.clone(), status);
-        out
-    }
-
-    /// A log chunk arrived.
-    pub fn on_log(&mut self, log: &ActionLog) -> Vec<Emit> {
-        let stream = stream_of(log);
-        *self
-            .received
-            .entry((log.action_id.clone(), stream))
-            .or_default() += log.data.len() as u64;
-        let lines = self.lines.push(
-            &log.action_id,
-            log.attempt,
-            stream,
-            &log.platform,
-            &log.data,
-        );
-        as_emits(vec![(stream, lines)])
-    }
-
-    /// The job finished: reports any final state not yet seen, then what is left of the logs.
-    pub fn on_finished(&mut self, job: &JobStatus) -> Vec<Emit> {
-        let platforms = job
-            .spec
-            .as_ref()
-            .map(|s| s.platforms.clone())
-            .unwrap_or_default();
-        let mut out = Vec::new();
-        for a in ordered_actions(&platforms, &job.actions) {
-            out.extend(self.on_status(a.clone()));
-        }
-        out.extend(self.flush());
-        out
-    }
-
-    /// Every partial line, completed.
-    pub fn flush(&mut self) -> Vec<Emit> {
-        as_emits(self.lines.flush_all())
-    }
-
-    /// The recorded outputs of finished actions of which no live byte arrived (the job ended
-    /// before the watch began, the output fell into a coordinator restart, or the result came
-    /// from the action cache): they are read from the CAS instead.
-    pub fn unseen_outputs(&self, job: &JobStatus) -> Vec<UnseenOutput> {
-        let platforms = job
-            .spec
-            .as_ref()
-            .map(|s| s.platforms.clone())
-            .unwrap_or_default();
-        let mut unseen = Vec::new();
-        for a in ordered_actions(&platforms, &job.actions) {
-            let Some(result) = &a.result else { continue };
-            for (stream, digest) in [
-                (LogStream::Stdout, &result.stdout_digest),
-                (LogStream::Stderr, &result.stderr_digest),
-            ] {
-                let Some(digest) = digest.as_ref().and_then(|d| Digest::from_proto(d).ok()) else {
-                    continue;
-                };
-                let received = self
-                    .received
-                    .get(&(a.action_id.clone(), stream))
-                    .copied()
-                    .unwrap_or(0);
-                if digest.size_bytes() > 0 && received == 0 {
-                    unseen.push(UnseenOutput {
-                        action_id: a.action_id.clone(),
-                        platform: a.platform.clone(),
-                        stream,
-                        digest,
-                    });
-                }
-            }
-        }
-        unseen
-    }
-
-    /// Prints a whole recorded output as prefixed lines.
-    pub fn recorded_output(&mut self, output: &UnseenOutput, data: &[u8]) -> Vec<Emit> {
-        let key = format!("{} (recorded)", output.action_id);
-        let mut chunks = vec![(
-            output.stream,
-            self.lines
-                .push(&key, 0, output.stream, &output.platform, data),
-        )];
-        chunks.extend(self.lines.flush_action(&key));
-        as_emits(chunks)
-    }
-}
-
-/// An action's output stream that was recorded but not seen live.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UnseenOutput {
-    /// The action.
-    pub action_id: String,
-    /// Its platform, for the line prefix.
-    pub platform: String,
-    /// Which stream.
-    pub stream: LogStream,
-    /// The blob holding it.
-    pub digest: Digest,
 }
 
 /// Largest recorded output read back from the CAS in one BatchRead.
 const MAX_RECORDED_OUTPUT_BYTES: u64 = 32 << 20;
 
-/// Reads and prints the recorded outputs the watch did not stream. Failures are reported and
-/// otherwise ignored: the job's verdict does not depend on them.
-async fn print_recorded_outputs(
+/// Reads the recorded outputs the watch did not stream and passes them on as lines; says
+/// whether any line came. Failures are reported and otherwise ignored: the job's verdict does
+/// not depend on them.
+async fn recorded_outputs(
     client: &mut FarmClient,
     watch: &mut JobWatch,
     job: &JobStatus,
-    output: RunOutput,
+    progress: &mut (dyn FnMut(RunProgress) + Send),
 ) -> bool {
     let mut printed = false;
     for unseen in watch.unseen_outputs(job) {
         if unseen.digest.size_bytes() > MAX_RECORDED_OUTPUT_BYTES {
-            if output == RunOutput::Print {
-                eprintln!(
-                    "[{}] {} MiB of output not shown; it is blob {}",
-                    unseen.platform,
-                    super::display::mib(unseen.digest.size_bytes()),
-                    unseen.digest
-                );
-            }
+            progress(RunProgress::OutputNotShown {
+                platform: unseen.platform.clone(),
+                digest: unseen.digest,
+            });
             continue;
         }
         let read = rpc(client
@@ -665,115 +477,13 @@ async fn print_recorded_outputs(
                     }
                     let emits = watch.recorded_output(&unseen, &blob.data);
                     printed |= emits.iter().any(Emit::is_output);
-                    emit(emits, output);
+                    emit(emits, progress);
                 }
             }
-            Err(e) if output == RunOutput::Print => eprintln!("{e:#}"),
-            Err(_) => {}
+            Err(e) => progress(RunProgress::OutputUnreadable(format!("{e:#}"))),
         }
     }
     printed
-}
-
-fn stream_of(log: &ActionLog) -> LogStream {
-    match log.stream() {
-        LogStream::Stderr => LogStream::Stderr,
-        _ => LogStream::Stdout,
-    }
-}
-
-fn as_emits(chunks: Vec<(LogStream, Vec<u8>)>) -> Vec<Emit> {
-    chunks
-        .into_iter()
-        .filter(|(_, b)| !b.is_empty())
-        .map(|(s, b)| match s {
-            LogStream::Stderr => Emit::Stderr(b),
-            _ => Emit::Stdout(b),
-        })
-        .collect()
-}
-
-/// The stderr line for an action's new state, e.g.
-/// `[linux/arm64] running on agent a1 (emulated), attempt 1`.
-pub fn progress_line(a: &ActionStatus) -> String {
-    let p = &a.platform;
-    let reason = if a.reason.is_empty() {
-        a.result
-            .as_ref()
-            .map(|r| r.message.clone())
-            .filter(|m| !m.is_empty())
-            .unwrap_or_else(|| "no reason given".to_string())
-    } else {
-        a.reason.clone()
-    };
-    let agent = if a.agent_id.is_empty() {
-        "?"
-    } else {
-        &a.agent_id
-    };
-    // "[p] cancelled: cancelled: ..." says it twice when the reason names the state itself.
-    let state_word = words(action_state_name(a.state()));
-    let reason = reason
-        .strip_prefix(&format!("{state_word}: "))
-        .map(str::to_string)
-        .unwrap_or(reason);
-    let cached = if a.cached { " (cached)" } else { "" };
-    match a.state() {
-        ActionState::Queued if a.attempts == 0 => format!("[{p}] queued"),
-        ActionState::Queued => {
-            let why = if a.reason.is_empty() {
-                String::new()
-            } else {
-                format!(": {}", a.reason)
-            };
-            format!("[{p}] queued again after attempt {}{why}", a.attempts)
-        }
-        ActionState::Running => format!(
-            "[{p}] running on agent {agent} ({}), attempt {}",
-            mode(a.emulated),
-            a.attempts
-        ),
-        ActionState::Succeeded => match &a.result {
-            Some(r) => format!(
-                "[{p}] succeeded{cached} in {} on agent {} ({})",
-                format_ms(r.duration_ms),
-                if r.agent_id.is_empty() {
-                    agent
-                } else {
-                    &r.agent_id
-                },
-                mode(r.emulated)
-            ),
-            None => format!("[{p}] succeeded{cached}"),
-        },
-        ActionState::Failed => match &a.result {
-            Some(r) if r.outcome() == ExecutionOutcome::Exited => format!(
-                "[{p}] failed{cached}: exit code {} after {}",
-                r.exit_code,
-                format_ms(r.duration_ms)
-            ),
-            Some(r) => format!(
-                "[{p}] failed: {} after {}{}",
-                words(outcome_name(r.outcome())),
-                format_ms(r.duration_ms),
-                if r.message.is_empty() {
-                    String::new()
-                } else {
-                    format!(" ({})", r.message)
-                }
-            ),
-            None => format!("[{p}] failed: {reason}"),
-        },
-        ActionState::InfraFailed => {
-            format!(
-                "[{p}] infra failure after {} attempts: {reason}",
-                a.attempts
-            )
-        }
-        ActionState::Unschedulable => format!("[{p}] unschedulable: {reason}"),
-        ActionState::Cancelled => format!("[{p}] cancelled: {reason}"),
-        ActionState::Unspecified => format!("[{p}] {}", action_state_name(a.state())),
-    }
 }
 
 /// The exit code of `farm run`: 0 when every requested platform succeeded; else the first
@@ -796,109 +506,10 @@ pub fn job_exit_code(platforms: &[String], actions: &[ActionStatus]) -> u8 {
         .unwrap_or(1)
 }
 
-/// Splits each action's output streams into lines and puts `[platform] ` before each, keeping
-/// partial lines per action and stream until their newline (or the end) comes.
-#[derive(Default)]
-pub struct LinePrefixer {
-    partial: HashMap<(String, LogStream), Partial>,
-}
-
-struct Partial {
-    platform: String,
-    attempt: u32,
-    bytes: Vec<u8>,
-}
-
-fn push_line(out: &mut Vec<u8>, platform: &str, line: &[u8]) {
-    out.push(b'[');
-    out.extend_from_slice(platform.as_bytes());
-    out.push(b']');
-    if !line.is_empty() {
-        out.push(b' ');
-        out.extend_from_slice(line);
-    }
-    out.push(b'\n');
-}
-
-impl LinePrefixer {
-    /// Adds a chunk of an action's stream; returns the lines it completed, prefixed. Output of
-    /// a new attempt first completes the old attempt's partial line.
-    pub fn push(
-        &mut self,
-        action_id: &str,
-        attempt: u32,
-        stream: LogStream,
-        platform: &str,
-        data: &[u8],
-    ) -> Vec<u8> {
-        let mut out = Vec::new();
-        let p = self
-            .partial
-            .entry((action_id.to_string(), stream))
-            .or_insert_with(|| Partial {
-                platform: platform.to_string(),
-                attempt,
-                bytes: Vec::new(),
-            });
-        if p.attempt != attempt {
-            if !p.bytes.is_empty() {
-                push_line(&mut out, &p.platform, &p.bytes);
-                p.bytes.clear();
-            }
-            p.attempt = attempt;
-        }
-        let mut rest = data;
-        while let Some(newline) = rest.iter().position(|b| *b == b'\n') {
-            p.bytes.extend_from_slice(&rest[..newline]);
-            push_line(&mut out, &p.platform, &p.bytes);
-            p.bytes.clear();
-            rest = &rest[newline + 1..];
-        }
-        p.bytes.extend_from_slice(rest);
-        if p.bytes.len() >= MAX_PARTIAL_LINE_BYTES {
-            push_line(&mut out, &p.platform, &p.bytes);
-            p.bytes.clear();
-        }
-        out
-    }
-
-    /// Completes the partial lines of one action, stdout first.
-    pub fn flush_action(&mut self, action_id: &str) -> Vec<(LogStream, Vec<u8>)> {
-        let mut keys: Vec<(String, LogStream)> = self
-            .partial
-            .keys()
-            .filter(|(a, _)| a == action_id)
-            .cloned()
-            .collect();
-        keys.sort();
-        self.flush_keys(keys)
-    }
-
-    /// Completes every partial line, by action id then stream.
-    pub fn flush_all(&mut self) -> Vec<(LogStream, Vec<u8>)> {
-        let mut keys: Vec<(String, LogStream)> = self.partial.keys().cloned().collect();
-        keys.sort();
-        self.flush_keys(keys)
-    }
-
-    fn flush_keys(&mut self, keys: Vec<(String, LogStream)>) -> Vec<(LogStream, Vec<u8>)> {
-        let mut out = Vec::new();
-        for key in keys {
-            if let Some(p) = self.partial.remove(&key) {
-                if !p.bytes.is_empty() {
-                    let mut line = Vec::new();
-                    push_line(&mut line, &p.platform, &p.bytes);
-                    out.push((key.1, line));
-                }
-            }
-        }
-        out
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use archfarm_proto::v1::ExecutionOutcome;
 
     fn status(platform: &str, state: ActionState, exit_code: Option<i32>) -> ActionStatus {
         ActionStatus {
@@ -967,220 +578,6 @@ mod tests {
         assert_eq!(job_exit_code(&order, &odd), 1);
         let timed_out = vec![status("linux/arm64", ActionState::Failed, Some(0))];
         assert_eq!(job_exit_code(&order[..1], &timed_out), 1);
-    }
-
-    #[test]
-    fn lines_are_prefixed_and_partial_lines_wait_for_their_end() {
-        let mut lp = LinePrefixer::default();
-        let out = lp.push("j/a", 1, LogStream::Stdout, "linux/arm64", b"hel");
-        assert!(out.is_empty());
-        let out = lp.push("j/b", 1, LogStream::Stdout, "linux/s390x", b"one\ntw");
-        assert_eq!(out, b"[linux/s390x] one\n");
-        let out = lp.push(
-            "j/a",
-            1,
-            LogStream::Stdout,
-            "linux/arm64",
-            b"lo\n\nbye\npart",
-        );
-        assert_eq!(
-            out,
-            b"[linux/arm64] hello\n[linux/arm64]\n[linux/arm64] bye\n"
-        );
-        let out = lp.push("j/a", 1, LogStream::Stderr, "linux/arm64", b"warn\n");
-        assert_eq!(out, b"[linux/arm64] warn\n");
-        assert_eq!(
-            lp.flush_action("j/a"),
-            vec![(LogStream::Stdout, b"[linux/arm64] part\n".to_vec())]
-        );
-        assert_eq!(
-            lp.flush_all(),
-            vec![(LogStream::Stdout, b"[linux/s390x] tw\n".to_vec())]
-        );
-        assert!(lp.flush_all().is_empty());
-    }
-
-    #[test]
-    fn a_new_attempt_completes_the_old_partial_line() {
-        let mut lp = LinePrefixer::default();
-        lp.push("j/a", 1, LogStream::Stdout, "linux/arm64", b"cut off");
-        let out = lp.push("j/a", 2, LogStream::Stdout, "linux/arm64", b"again\n");
-        assert_eq!(out, b"[linux/arm64] cut off\n[linux/arm64] again\n");
-    }
-
-    #[test]
-    fn endless_lines_are_broken_up() {
-        let mut lp = LinePrefixer::default();
-        let out = lp.push(
-            "j/a",
-            1,
-            LogStream::Stdout,
-            "p",
-            &vec![b'x'; MAX_PARTIAL_LINE_BYTES],
-        );
-        assert_eq!(out.len(), MAX_PARTIAL_LINE_BYTES + 5);
-    }
-
-    #[test]
-    fn a_resent_final_status_prints_once() {
-        let mut w = JobWatch::default();
-        let mut running = status("linux/arm64", ActionState::Running, None);
-        running.emulated = true;
-        assert_eq!(
-            w.on_status(running.clone()),
-            vec![Emit::Progress(
-                "[linux/arm64] running on agent a1 (emulated), attempt 1".into()
-            )]
-        );
-        assert!(w.on_status(running).is_empty(), "same state again");
-        w.on_log(&ActionLog {
-            action_id: "j1/linux/arm64".into(),
-            platform: "linux/arm64".into(),
-            stream: LogStream::Stdout as i32,
-            data: b"no newline".to_vec(),
-            attempt: 1,
-        });
-        let done = status("linux/arm64", ActionState::Failed, Some(2));
-        assert_eq!(
-            w.on_status(done.clone()),
-            vec![
-                Emit::Stdout(b"[linux/arm64] no newline\n".to_vec()),
-                Emit::Progress("[linux/arm64] failed: exit code 2 after 0ms".into()),
-            ]
-        );
-        let mut resent = done;
-        resent.reason = "worded differently after a restart".into();
-        assert!(w.on_status(resent.clone()).is_empty());
-        let job = JobStatus {
-            actions: vec![resent],
-            finished: true,
-            ..Default::default()
-        };
-        assert!(w.on_finished(&job).is_empty());
-    }
-
-    fn status_event(state: ActionState) -> v1::JobEvent {
-        v1::JobEvent {
-            kind: Some(job_event::Kind::Action(status("linux/arm64", state, None))),
-            ..Default::default()
-        }
-    }
-
-    fn log_event(data: &str) -> v1::JobEvent {
-        v1::JobEvent {
-            kind: Some(job_event::Kind::Log(ActionLog {
-                action_id: "j1/linux/arm64".into(),
-                platform: "linux/arm64".into(),
-                stream: LogStream::Stdout as i32,
-                data: data.as_bytes().to_vec(),
-                attempt: 1,
-            })),
-            ..Default::default()
-        }
-    }
-
-    /// Feeds events; returns what was printed, one string per emit.
-    fn feed(w: &mut JobWatch, events: Vec<v1::JobEvent>) -> Vec<String> {
-        events
-            .into_iter()
-            .flat_map(|e| w.on_event(e).0)
-            .map(|e| match e {
-                Emit::Stdout(b) | Emit::Stderr(b) => String::from_utf8_lossy(&b).into_owned(),
-                Emit::Progress(p) => p,
-            })
-            .collect()
-    }
-
-    /// `e` as event `seq` of the coordinator process started at `epoch`.
-    fn numbered(mut e: v1::JobEvent, epoch: u64, seq: u64) -> v1::JobEvent {
-        (e.epoch, e.seq) = (epoch, seq);
-        e
-    }
-
-    #[test]
-    fn the_watch_point_is_the_last_numbered_event() {
-        let mut w = JobWatch::default();
-        assert_eq!(
-            w.point(),
-            WatchPoint::default(),
-            "a new watch starts from the beginning"
-        );
-        feed(
-            &mut w,
-            vec![
-                numbered(status_event(ActionState::Queued), 7, 1),
-                numbered(log_event("tick\n"), 7, 2),
-            ],
-        );
-        assert_eq!(w.point(), WatchPoint { epoch: 7, seq: 2 });
-        // Events made up from stored state (after a restart) are unnumbered: the point stays.
-        feed(&mut w, vec![status_event(ActionState::Running)]);
-        assert_eq!(w.point(), WatchPoint { epoch: 7, seq: 2 });
-    }
-
-    #[test]
-    fn a_restarted_coordinator_sends_statuses_and_new_output_only() {
-        let mut w = JobWatch::default();
-        feed(
-            &mut w,
-            vec![
-                numbered(status_event(ActionState::Running), 7, 1),
-                numbered(log_event("tick\n"), 7, 2),
-            ],
-        );
-        let after_restart = vec![
-            status_event(ActionState::Running), // the stored status: nothing new
-            numbered(log_event("tick\n"), 9, 1), // new output that looks like old output
-        ];
-        assert_eq!(feed(&mut w, after_restart), ["[linux/arm64] tick\n"]);
-        assert_eq!(w.point(), WatchPoint { epoch: 9, seq: 1 });
-    }
-
-    #[test]
-    fn outputs_not_streamed_are_read_back() {
-        let mut w = JobWatch::default();
-        feed(&mut w, vec![log_event("live\n")]);
-        let mut done = status("linux/arm64", ActionState::Succeeded, Some(0));
-        if let Some(r) = done.result.as_mut() {
-            r.stdout_digest = Some(Digest::of(b"live\n").to_proto());
-            r.stderr_digest = Some(Digest::of(b"warning\n").to_proto());
-        }
-        let mut empty = status("linux/s390x", ActionState::Succeeded, Some(0));
-        if let Some(r) = empty.result.as_mut() {
-            r.stdout_digest = Some(Digest::empty().to_proto());
-        }
-        let job = JobStatus {
-            actions: vec![done, empty],
-            ..Default::default()
-        };
-        let unseen = w.unseen_outputs(&job);
-        assert_eq!(unseen.len(), 1, "{unseen:?}");
-        assert_eq!(unseen[0].stream, LogStream::Stderr);
-        let printed: Vec<u8> = w
-            .recorded_output(&unseen[0], b"warning\nno newline")
-            .into_iter()
-            .flat_map(|e| match e {
-                Emit::Stderr(b) => b,
-                other => panic!("{other:?}"),
-            })
-            .collect();
-        assert_eq!(
-            String::from_utf8_lossy(&printed),
-            "[linux/arm64] warning\n[linux/arm64] no newline\n"
-        );
-    }
-
-    #[test]
-    fn unschedulable_says_why() {
-        let mut s = status("linux/s390x", ActionState::Unschedulable, None);
-        s.reason = "no agent serves linux/s390x".into();
-        assert_eq!(
-            progress_line(&s),
-            "[linux/s390x] unschedulable: no agent serves linux/s390x"
-        );
-        let mut c = status("linux/s390x", ActionState::Cancelled, None);
-        c.reason = "cancelled: by Ctrl-C".into();
-        assert_eq!(progress_line(&c), "[linux/s390x] cancelled: by Ctrl-C");
     }
 
     #[test]

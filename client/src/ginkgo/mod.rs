@@ -18,18 +18,19 @@ pub mod shards;
 
 use crate::farm::args::{ensure_unique, parse_env_var, EnvVarArg};
 use crate::farm::blobs::read_blob;
-use crate::farm::upload::{upload_tree, Progress};
+use crate::farm::upload::{upload_tree, Progress, UploadReport};
 use crate::farm::{rpc, FarmClient};
 use crate::gotest::build::{build_all, BuildRequest};
 use crate::gotest::golist::{go_list, package_dir, platform_env, GoPackage, PackageIndex};
+use crate::gotest::step_job::{output_digest, prefetch_outputs, step_results};
 use crate::gotest::steps::{go_duration, stage_sources, SRC_DIR, TEST_BINARY, WATCHDOG_GRACE};
-use crate::gotest::watch::{follow_job, Verbosity};
-use crate::gotest::{output_digest, prefetch_outputs, step_results};
+use crate::gotest::watch::{follow_job, WatchProgress};
 use anyhow::{bail, Context};
 use archfarm_proto::tree::build_local_tree;
 use archfarm_proto::v1::{self, JobStatus};
 use archfarm_proto::Platform;
 use output::Spec;
+pub use report::GinkgoReport;
 use report::ShardResult;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -315,8 +316,56 @@ pub fn listed_specs(dry: &output::SuiteOutput, text: &str) -> anyhow::Result<(St
     Ok((description, specs))
 }
 
-/// `archfarm ginkgo`: returns the exit code (1 when any spec failed or did not run).
-pub async fn command(client: &mut FarmClient, args: &GinkgoArgs) -> anyhow::Result<u8> {
+/// What a ginkgo run does on its way to the report, in order, for the caller to show.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GinkgoProgress {
+    /// The suite was built for the target platform and, for the dry run, this machine.
+    Built {
+        /// The suite's package.
+        import_path: String,
+        /// The target platform.
+        platform: String,
+        /// This machine's platform when it differs from the target.
+        host: Option<String>,
+        /// How long building took.
+        took: Duration,
+    },
+    /// The dry run listed the specs and they were grouped into shards.
+    Sharded {
+        /// Specs selected.
+        specs: usize,
+        /// The suite's description.
+        description: String,
+        /// Shards made.
+        shards: usize,
+        /// `--shards` (more than `shards` when there were fewer location groups).
+        asked: u32,
+    },
+    /// The step tree is in the farm's CAS.
+    Uploaded(UploadReport),
+    /// The job was submitted.
+    Submitted {
+        /// Its id.
+        job_id: String,
+        /// Shards in it.
+        shards: usize,
+        /// The platform.
+        platform: String,
+    },
+    /// Following the job.
+    Watch(WatchProgress),
+}
+
+/// Recorded on the actions cancelled by a Ctrl-C.
+const GINKGO_CANCEL_REASON: &str = "cancelled by Ctrl-C in `archfarm ginkgo`";
+
+/// ginkgo: builds the suite, lists and shards its specs, runs the shards on node-e2e agents
+/// and returns every shard's verdict. Progress goes to `progress`; nothing is printed.
+pub async fn ginkgo(
+    client: &mut FarmClient,
+    args: &GinkgoArgs,
+    progress: &mut (dyn FnMut(GinkgoProgress) + Send),
+) -> anyhow::Result<GinkgoReport> {
     let platform: Platform = args.platform.parse()?;
     let platform_name = platform.to_string();
     ensure_unique("--env", args.env.iter().map(|e| e.name.as_str()))?;
@@ -377,15 +426,12 @@ pub async fn command(client: &mut FarmClient, args: &GinkgoArgs) -> anyhow::Resu
             );
         }
     }
-    eprintln!(
-        "built {import_path} for {platform_name}{} in {}",
-        if host != platform {
-            format!(" and {host}")
-        } else {
-            String::new()
-        },
-        crate::farm::display::format_duration(started.elapsed())
-    );
+    progress(GinkgoProgress::Built {
+        import_path: import_path.clone(),
+        platform: platform_name.clone(),
+        host: (host != platform).then(|| host.to_string()),
+        took: started.elapsed(),
+    });
 
     // List the specs.
     let pkg_dir = package_dir(&pkg);
@@ -399,24 +445,22 @@ pub async fn command(client: &mut FarmClient, args: &GinkgoArgs) -> anyhow::Resu
     let dry = output::parse(&text);
     let (description, specs) = listed_specs(&dry, &text)?;
     if specs.is_empty() {
-        println!("no specs of {import_path} are selected; nothing to run");
-        return Ok(0);
+        return Ok(GinkgoReport {
+            import_path,
+            description: String::new(),
+            platform: platform_name,
+            shards: Vec::new(),
+        });
     }
     let shard_specs = shards::shard_specs(&specs, args.shards as usize);
     let focuses = shards::shard_focuses(&description, &shard_specs)?;
     let n = shard_specs.len();
-    eprintln!(
-        "{} spec{} of {:?} (ginkgo v1) in {n} shard{} by location{}",
-        specs.len(),
-        if specs.len() == 1 { "" } else { "s" },
-        description,
-        if n == 1 { "" } else { "s" },
-        if n < args.shards as usize {
-            format!(" (only {n} location groups for --shards {})", args.shards)
-        } else {
-            String::new()
-        }
-    );
+    progress(GinkgoProgress::Sharded {
+        specs: specs.len(),
+        description: description.clone(),
+        shards: n,
+        asked: args.shards,
+    });
 
     // Stage and upload the step tree: the suite binary beside a copy of the package dir.
     let tree = {
@@ -430,7 +474,7 @@ pub async fn command(client: &mut FarmClient, args: &GinkgoArgs) -> anyhow::Resu
         .with_context(|| format!("failed to stage the suite {import_path}"))?
     };
     let uploaded = upload_tree(client, &tree, Progress::Auto).await?;
-    eprintln!("{}", uploaded.summary());
+    progress(GinkgoProgress::Uploaded(uploaded));
 
     // Run.
     let spec = job_spec(
@@ -447,32 +491,24 @@ pub async fn command(client: &mut FarmClient, args: &GinkgoArgs) -> anyhow::Resu
         .await)
     .context("failed to submit the ginkgo job")?
     .job_id;
-    eprintln!(
-        "job {job_id}: {n} shard{} on {platform_name}, each on an idle agent labelled \
-         {NODE_E2E_LABEL} with the agent to itself",
-        if n == 1 { "" } else { "s" }
-    );
-    let verbosity = if args.verbose {
-        Verbosity::Verbose
-    } else {
-        Verbosity::Quiet
-    };
-    let job = follow_job(client, &job_id, verbosity).await?;
+    progress(GinkgoProgress::Submitted {
+        job_id: job_id.clone(),
+        shards: n,
+        platform: platform_name.clone(),
+    });
+    let job = follow_job(client, &job_id, GINKGO_CANCEL_REASON, &mut |w| {
+        progress(GinkgoProgress::Watch(w))
+    })
+    .await?;
 
     // Verdicts.
-    let results = collect(client, &job, &platform_name, &shard_specs).await;
-    let problems = report::problems_text(&results);
-    if !problems.is_empty() {
-        print!("{problems}");
-    }
-    if let Some(dir) = &args.junit {
-        let junit = report::junit_report(&description, &import_path, &platform_name, &results);
-        let path = crate::gotest::junit::write_report(dir, &platform_name, &junit)?;
-        eprintln!("wrote {}", path.display());
-    }
-    println!("{}", report::table(&results));
-    println!("{}", report::totals_line(&results));
-    Ok(report::exit_code(&results))
+    let shards = collect(client, &job, &platform_name, &shard_specs).await;
+    Ok(GinkgoReport {
+        import_path,
+        description,
+        platform: platform_name,
+        shards,
+    })
 }
 
 /// Every shard's verdict from the finished job.

@@ -1,4 +1,4 @@
-//! A ginkgo job's verdicts: each shard's step output matched against the specs the shard was
+//! A ginkgo run's report ([`GinkgoReport`]) and its verdicts: each shard's step output matched against the specs the shard was
 //! meant to run (every one exactly once, nothing else), the shard table, the failures as
 //! text, JUnit XML (`junit_<os>_<arch>.xml`: a testsuite per shard, a testcase per spec, as
 //! ginkgo v1's own JUnit reporter names them: classname the suite description, name the
@@ -10,6 +10,46 @@ use comfy_table::{presets, Cell, ContentArrangement, Table};
 use quick_junit::{NonSuccessKind, Report, TestCase, TestCaseStatus, TestSuite};
 use std::collections::BTreeMap;
 use std::time::Duration;
+
+/// What a ginkgo run found. `shards` is empty when no spec was selected (nothing ran).
+#[derive(Debug, Clone)]
+pub struct GinkgoReport {
+    /// The suite's package.
+    pub import_path: String,
+    /// The suite's description (`Running Suite: ...`); empty when nothing was selected.
+    pub description: String,
+    /// The platform it ran on.
+    pub platform: String,
+    /// Every shard's verdict, in shard order.
+    pub shards: Vec<ShardResult>,
+}
+
+impl GinkgoReport {
+    /// Whether no spec was selected, so nothing ran.
+    pub fn nothing_selected(&self) -> bool {
+        self.shards.is_empty()
+    }
+
+    /// 0 when every shard passed (or nothing was selected), else 1.
+    pub fn exit_code(&self) -> u8 {
+        if self.nothing_selected() {
+            0
+        } else {
+            exit_code(&self.shards)
+        }
+    }
+
+    /// Writes `dir/junit_<os>_<arch>.xml`; returns its path.
+    pub fn write_junit(&self, dir: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+        let junit = junit_report(
+            &self.description,
+            &self.import_path,
+            &self.platform,
+            &self.shards,
+        );
+        crate::gotest::junit::write_report(dir, &self.platform, &junit)
+    }
+}
 
 /// What became of one spec of a shard.
 #[derive(Debug, Clone, PartialEq)]

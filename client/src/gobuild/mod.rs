@@ -17,9 +17,8 @@ pub mod report;
 
 use crate::farm::args::{ensure_unique, CachePolicyArgs};
 use crate::farm::blobs::{read_blob, read_to_file};
-use crate::farm::display::{format_duration, format_ms, mode};
+use crate::farm::cancel::{cancel_after_interrupt, InterruptCancel};
 use crate::farm::download::platform_dir;
-use crate::farm::run::{cancel_on_interrupt, write_json_report};
 use crate::farm::upload::{upload_tree, Progress, UploadReport};
 use crate::farm::watch::{CtrlC, JobEvents, Watched};
 use crate::farm::{rpc, FarmClient};
@@ -27,12 +26,13 @@ use crate::go_vars::{CGO_VARS, PURE_BUILD_VARS};
 use crate::gotest::golist::{go_command, go_list, platform_env, GoPackage};
 use anyhow::{bail, Context};
 use archfarm_proto::tree::hash_file;
-use archfarm_proto::v1::{self, job_event, ActionState, JobStatus};
+use archfarm_proto::v1::{self, job_event, JobStatus};
 use archfarm_proto::{Digest, Platform};
 use futures::stream::{FuturesUnordered, StreamExt};
 use inputs::{compose_tree, module_files, select_inputs, FileHasher, Layout};
 use plan::{name_targets, BuildSettings, Target};
-use report::{BuildState, TargetResult};
+pub use report::GoBuildReport;
+use report::{BuildState, FailedOutput, PlatformJob, TargetResult};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -157,6 +157,7 @@ async fn list_targets(
     cwd: &Path,
     first: &Platform,
     args: &GoBuildArgs,
+    progress: &mut (dyn FnMut(GoBuildProgress) + Send),
 ) -> anyhow::Result<Vec<String>> {
     let named = go_list(
         cwd,
@@ -177,10 +178,10 @@ async fn list_targets(
             };
             problems.push(format!("{}: {e}{hint}", p.import_path));
         } else if p.name != "main" {
-            eprintln!(
-                "skipping {}: package {} is not a command",
-                p.import_path, p.name
-            );
+            progress(GoBuildProgress::NotACommand {
+                import_path: p.import_path.clone(),
+                name: p.name.clone(),
+            });
         } else if !mains.contains(&p.import_path) {
             mains.push(p.import_path.clone());
         }
@@ -194,8 +195,8 @@ async fn list_targets(
     Ok(mains)
 }
 
-/// One target platform's job.
-struct PlatformJob {
+/// One target platform's job, submitted.
+struct SubmittedJob {
     platform: Platform,
     input_root: Digest,
     job_id: String,
@@ -249,8 +250,8 @@ async fn submit_jobs(
     settings: &BuildSettings,
     targets: &[Target],
     roots: Vec<(Platform, Digest)>,
-) -> anyhow::Result<Vec<PlatformJob>> {
-    let mut jobs: Vec<PlatformJob> = Vec::new();
+) -> anyhow::Result<Vec<SubmittedJob>> {
+    let mut jobs: Vec<SubmittedJob> = Vec::new();
     for (platform, root) in roots {
         let submitted = async {
             let spec = settings.job_spec(&platform, targets, root)?;
@@ -264,7 +265,7 @@ async fn submit_jobs(
         }
         .await;
         match submitted {
-            Ok(job_id) => jobs.push(PlatformJob {
+            Ok(job_id) => jobs.push(SubmittedJob {
                 platform,
                 input_root: root,
                 job_id,
@@ -301,41 +302,12 @@ async fn wait_job(client: FarmClient, job_id: String) -> anyhow::Result<JobStatu
     }
 }
 
-/// The line printed when a platform's job is done.
-fn finished_line(platform: &Platform, job: &JobStatus) -> String {
-    let Some(a) = job.actions.first() else {
-        return format!("[{platform}] job {} has no action", job.job_id);
-    };
-    let r = a.result.as_ref();
-    let agent = r
-        .map(|r| r.agent_id.as_str())
-        .filter(|id| !id.is_empty())
-        .unwrap_or(&a.agent_id);
-    let emulated = r.map_or(a.emulated, |r| r.emulated);
-    let took = r.map_or(String::new(), |r| {
-        format!(" in {}", format_ms(r.duration_ms))
-    });
-    match (a.state(), a.cached) {
-        (ActionState::Succeeded, true) => format!(
-            "[{platform}] cached (built earlier on agent {agent}, {} {})",
-            mode(emulated),
-            a.platform
-        ),
-        (ActionState::Succeeded, false) => format!(
-            "[{platform}] built{took} on agent {agent} ({} {})",
-            mode(emulated),
-            a.platform
-        ),
-        _ => crate::farm::run::progress_line(a).replacen(
-            &format!("[{}]", a.platform),
-            &format!("[{platform}]"),
-            1,
-        ),
-    }
-}
-
-/// Waits for every job, printing each as it finishes; Ctrl-C cancels them all, twice gives up.
-async fn wait_all(client: &FarmClient, jobs: &[PlatformJob]) -> anyhow::Result<Vec<JobStatus>> {
+/// Waits for every job, saying when each finishes; Ctrl-C cancels them all, twice gives up.
+async fn wait_all(
+    client: &FarmClient,
+    jobs: &[SubmittedJob],
+    progress: &mut (dyn FnMut(GoBuildProgress) + Send),
+) -> anyhow::Result<Vec<JobStatus>> {
     let mut pending: FuturesUnordered<_> = jobs
         .iter()
         .enumerate()
@@ -351,17 +323,26 @@ async fn wait_all(client: &FarmClient, jobs: &[PlatformJob]) -> anyhow::Result<V
             next = pending.next() => {
                 let Some((i, job)) = next else { break };
                 let job = job?;
-                eprintln!("{}", finished_line(&jobs[i].platform, &job));
+                progress(GoBuildProgress::Finished {
+                    platform: jobs[i].platform.clone(),
+                    job: Box::new(job.clone()),
+                });
                 done[i] = Some(job);
             }
             n = ctrl_c.pressed() => {
                 if n >= 2 {
                     bail!("interrupted again; stopped waiting for the go-build jobs");
                 }
-                eprintln!("cancelling the go-build jobs (Ctrl-C again to stop waiting)");
+                progress(GoBuildProgress::Cancelling);
                 let mut c = client.clone();
                 for j in jobs {
-                    cancel_on_interrupt(&mut c, &j.job_id, "cancelled by Ctrl-C in `archfarm go-build`").await;
+                    let cancelled = cancel_after_interrupt(
+                        &mut c,
+                        &j.job_id,
+                        "cancelled by Ctrl-C in `archfarm go-build`",
+                    )
+                    .await;
+                    progress(GoBuildProgress::Cancelled(cancelled));
                 }
             }
         }
@@ -453,18 +434,18 @@ async fn download_all(
     Ok(())
 }
 
-/// Prints the recorded output of each job in which a target failed, prefixed by its platform.
-async fn print_failed_outputs(
+/// Reads the recorded output of each job in which a target failed.
+async fn failed_outputs(
     client: &mut FarmClient,
     jobs: &[PlatformJob],
-    finished: &[JobStatus],
     results: &[TargetResult],
-) {
-    for (pj, job) in jobs.iter().zip(finished) {
+) -> Vec<FailedOutput> {
+    let mut outputs = Vec::new();
+    for pj in jobs {
         let failed = results
             .iter()
             .any(|r| r.job_id == pj.job_id && r.state == BuildState::Failed);
-        let Some(result) = job.actions.first().and_then(|a| a.result.as_ref()) else {
+        let Some(result) = pj.job.actions.first().and_then(|a| a.result.as_ref()) else {
             continue;
         };
         if !failed {
@@ -480,16 +461,16 @@ async fn print_failed_outputs(
             if d.size_bytes() == 0 {
                 continue;
             }
-            match read_blob(client, d).await {
-                Ok(bytes) => {
-                    for line in String::from_utf8_lossy(&bytes).lines() {
-                        eprintln!("[{}] {line}", pj.platform);
-                    }
-                }
-                Err(e) => eprintln!("[{}] failed to read the build output: {e:#}", pj.platform),
-            }
+            outputs.push(FailedOutput {
+                platform: pj.platform.to_string(),
+                text: read_blob(client, d)
+                    .await
+                    .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+                    .map_err(|e| format!("{e:#}")),
+            });
         }
     }
+    outputs
 }
 
 /// The variables of the user's environment that the build needs, as set.
@@ -507,22 +488,77 @@ fn user_env(cgo: bool) -> Vec<(String, String)> {
         .collect()
 }
 
-/// `archfarm go-build`: returns 0 when every target was built (or cached) for every
-/// platform, else 1.
-pub async fn command(client: &mut FarmClient, args: &GoBuildArgs) -> anyhow::Result<u8> {
+/// What go-build does on its way to the report, in order, for the caller to show.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GoBuildProgress {
+    /// `--cgo` with `--allow-emulation`: a note that it will be slow.
+    SlowEmulatedCgo,
+    /// A named package is not a command; it is left out.
+    NotACommand {
+        /// Its import path.
+        import_path: String,
+        /// Its package name.
+        name: String,
+    },
+    /// The targets are known.
+    Planned {
+        /// Targets.
+        targets: usize,
+        /// Target platforms.
+        platforms: usize,
+        /// `module` or `GOPATH` ([`Layout::name`]).
+        mode: String,
+        /// `go version` here.
+        go_version: String,
+        /// Built with cgo on agents of each platform.
+        cgo: bool,
+        /// Where pure-Go targets are cross-compiled.
+        build_platform: String,
+    },
+    /// The inputs are in the farm's CAS.
+    Uploaded {
+        /// What the upload did.
+        upload: UploadReport,
+        /// Source files of the largest platform's input.
+        files: u64,
+    },
+    /// A platform's job was submitted.
+    Submitted {
+        /// The target platform.
+        platform: String,
+        /// The job's id.
+        job_id: String,
+    },
+    /// A platform's job finished.
+    Finished {
+        /// The target platform.
+        platform: Platform,
+        /// The job's final status.
+        job: Box<JobStatus>,
+    },
+    /// Ctrl-C: every job is being cancelled.
+    Cancelling,
+    /// How one job's cancel went.
+    Cancelled(InterruptCancel),
+}
+
+/// go-build: builds every target for every platform on the farm, downloads and checks the
+/// binaries into `--output-dir`, and returns what became of each. Progress goes to
+/// `progress`; nothing is printed and the `--json-report` is left to the caller.
+pub async fn go_build(
+    client: &mut FarmClient,
+    args: &GoBuildArgs,
+    progress: &mut (dyn FnMut(GoBuildProgress) + Send),
+) -> anyhow::Result<GoBuildReport> {
     let started = Instant::now();
     let (platforms, build_platform) = args.platforms()?;
     let cwd = std::env::current_dir().context("failed to read the current directory")?;
     let env = go_env(&cwd).await?;
     let layout = layout_of(&env)?;
     if args.cgo && args.allow_emulation {
-        eprintln!(
-            "note: --cgo with --allow-emulation: an emulated agent runs the whole Go and C \
-             toolchain under qemu-user, which is slow (compiling is CPU-bound: 7-11x), and it \
-             needs the target platform's sh, Go and C compiler"
-        );
+        progress(GoBuildProgress::SlowEmulatedCgo);
     }
-    let import_paths = list_targets(&cwd, &platforms[0], args).await?;
+    let import_paths = list_targets(&cwd, &platforms[0], args, progress).await?;
     let targets = name_targets(&import_paths, matches!(layout, Layout::Module { .. }))?;
     let settings = BuildSettings {
         gopath_mode: matches!(layout, Layout::Gopath { .. }),
@@ -538,20 +574,14 @@ pub async fn command(client: &mut FarmClient, args: &GoBuildArgs) -> anyhow::Res
         cache: args.cache,
         timeout: args.timeout,
     };
-    eprintln!(
-        "go-build: {} target{} for {} platform{} ({} mode, {}), {}",
-        targets.len(),
-        if targets.len() == 1 { "" } else { "s" },
-        platforms.len(),
-        if platforms.len() == 1 { "" } else { "s" },
-        layout.name(),
-        env.goversion,
-        if args.cgo {
-            "with cgo on agents of each platform".to_string()
-        } else {
-            format!("cross-compiled on {build_platform} agents")
-        }
-    );
+    progress(GoBuildProgress::Planned {
+        targets: targets.len(),
+        platforms: platforms.len(),
+        mode: layout.name().to_string(),
+        go_version: env.goversion.clone(),
+        cgo: args.cgo,
+        build_platform: build_platform.to_string(),
+    });
 
     // Inputs: per platform exactly what its build reads; hashed once, uploaded once.
     let selections = platform_inputs(&cwd, &layout, &platforms, &import_paths, args).await?;
@@ -571,11 +601,7 @@ pub async fn command(client: &mut FarmClient, args: &GoBuildArgs) -> anyhow::Res
     )
     .await?;
     let files: u64 = trees.iter().map(|t| t.stats.files).max().unwrap_or(0);
-    eprintln!(
-        "{} (up to {files} source file{} per platform)",
-        upload.summary(),
-        if files == 1 { "" } else { "s" }
-    );
+    progress(GoBuildProgress::Uploaded { upload, files });
 
     // One job per platform, all at once.
     let roots: Vec<(Platform, Digest)> = platforms
@@ -583,59 +609,42 @@ pub async fn command(client: &mut FarmClient, args: &GoBuildArgs) -> anyhow::Res
         .cloned()
         .zip(trees.iter().map(|t| t.root))
         .collect();
-    let jobs = submit_jobs(client, &settings, &targets, roots).await?;
-    for j in &jobs {
-        eprintln!("[{}] job {}", j.platform, j.job_id);
+    let submitted = submit_jobs(client, &settings, &targets, roots).await?;
+    for j in &submitted {
+        progress(GoBuildProgress::Submitted {
+            platform: j.platform.to_string(),
+            job_id: j.job_id.clone(),
+        });
     }
-    let finished = wait_all(client, &jobs).await?;
+    let finished = wait_all(client, &submitted, progress).await?;
+    let jobs: Vec<PlatformJob> = submitted
+        .into_iter()
+        .zip(finished)
+        .map(|(s, job)| PlatformJob {
+            platform: s.platform,
+            job_id: s.job_id,
+            input_root: s.input_root,
+            job,
+        })
+        .collect();
 
-    // Results, binaries, reports.
+    // Results, binaries.
     let mut results: Vec<TargetResult> = jobs
         .iter()
-        .zip(&finished)
-        .flat_map(|(pj, job)| report::target_results(&targets, &pj.platform.to_string(), job))
+        .flat_map(|pj| report::target_results(&targets, &pj.platform.to_string(), &pj.job))
         .collect();
     download_all(client, &args.output_dir, &mut results).await?;
-    print_failed_outputs(client, &jobs, &finished, &results).await;
-    println!("{}", report::results_table(&results));
-    println!(
-        "{} in {}",
-        report::counts_line(&results),
-        format_duration(started.elapsed())
-    );
-    let exit_code = report::exit_code(&results);
-    if let Some(path) = &args.json_report {
-        let jobs_json: Vec<serde_json::Value> = jobs
-            .iter()
-            .zip(&finished)
-            .map(|(pj, job)| {
-                let a = job.actions.first();
-                serde_json::json!({
-                    "platform": pj.platform.to_string(),
-                    "job_id": pj.job_id,
-                    "input_root": pj.input_root.hex(),
-                    "state": a.map(|a| crate::farm::display::action_state_name(a.state())),
-                    "cached": a.is_some_and(|a| a.cached),
-                    "action_digest": a.map(|a| a.action_digest.clone()),
-                })
-            })
-            .collect();
-        let n = |s: BuildState| results.iter().filter(|r| r.state == s).count();
-        let value = serde_json::json!({
-            "exit_code": exit_code,
-            "mode": layout.name(),
-            "go_version": env.goversion,
-            "cgo": args.cgo,
-            "upload": upload.to_json(),
-            "jobs": jobs_json,
-            "results": results.iter().map(report::result_json).collect::<Vec<_>>(),
-            "built": n(BuildState::Built),
-            "cached": n(BuildState::Cached),
-            "failed": n(BuildState::Failed),
-        });
-        write_json_report(path, &value)?;
-    }
-    Ok(exit_code)
+    let failed_outputs = failed_outputs(client, &jobs, &results).await;
+    Ok(GoBuildReport {
+        mode: layout.name().to_string(),
+        go_version: env.goversion,
+        cgo: args.cgo,
+        upload,
+        jobs,
+        results,
+        failed_outputs,
+        took: started.elapsed(),
+    })
 }
 
 #[cfg(test)]
@@ -737,35 +746,5 @@ mod tests {
             (parsed.goversion.as_str(), parsed.goflags.as_str()),
             ("go1.19.8", "-mod=vendor")
         );
-    }
-
-    #[test]
-    fn finished_lines_name_the_target_platform_not_the_build_platform() {
-        let p: Platform = "linux/riscv64".parse().unwrap();
-        let job = JobStatus {
-            job_id: "j1".into(),
-            actions: vec![v1::ActionStatus {
-                action_id: "j1/linux/amd64".into(),
-                platform: "linux/amd64".into(),
-                state: ActionState::Succeeded as i32,
-                agent_id: "a1".into(),
-                result: Some(v1::ExecutionResult {
-                    agent_id: "a1".into(),
-                    duration_ms: 4200,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }],
-            ..Default::default()
-        };
-        assert_eq!(
-            finished_line(&p, &job),
-            "[linux/riscv64] built in 4.2s on agent a1 (native linux/amd64)"
-        );
-        let mut failed = job.clone();
-        failed.actions[0].state = ActionState::Failed as i32;
-        failed.actions[0].result.as_mut().unwrap().exit_code = 1;
-        let line = finished_line(&p, &failed);
-        assert!(line.starts_with("[linux/riscv64] failed"), "{line}");
     }
 }

@@ -1,13 +1,142 @@
-//! What go-build says when its jobs are done: one result per target and platform (built,
-//! cached or failed; where it was built; the binary's digest and where it landed), the table
-//! people read, the counts line, the `--json-report` document and the exit code.
+//! What go-build returns when its jobs are done ([`GoBuildReport`]): one result per target
+//! and platform (built, cached or failed; where it was built; the binary's digest and where
+//! it landed), the failed builds' output; and the ways it is shown: the line for a finished
+//! job, the table people read, the counts line, the `--json-report` document, the exit code.
 use super::plan::{Target, OUT_DIR};
 use crate::farm::display::{action_state_name, format_bytes, format_ms, mode, words};
+use crate::farm::upload::UploadReport;
 use archfarm_proto::v1::{ActionState, ExecutionOutcome, JobStatus};
-use archfarm_proto::Digest;
+use archfarm_proto::{Digest, Platform};
 use comfy_table::{presets, ContentArrangement, Table};
 use serde_json::{json, Value};
 use std::path::PathBuf;
+
+/// What a go-build run did.
+#[derive(Debug, Clone)]
+pub struct GoBuildReport {
+    /// `module` or `GOPATH`.
+    pub mode: String,
+    /// `go version` here.
+    pub go_version: String,
+    /// Built with cgo on agents of each platform.
+    pub cgo: bool,
+    /// What the input upload did.
+    pub upload: UploadReport,
+    /// One job per target platform, in `--platform` order.
+    pub jobs: Vec<PlatformJob>,
+    /// One result per target and platform.
+    pub results: Vec<TargetResult>,
+    /// The recorded output of the jobs in which a target failed.
+    pub failed_outputs: Vec<FailedOutput>,
+    /// From the start to the binaries in place.
+    pub took: std::time::Duration,
+}
+
+impl GoBuildReport {
+    /// 0 when every target was built (or cached) for every platform, else 1.
+    pub fn exit_code(&self) -> u8 {
+        exit_code(&self.results)
+    }
+
+    /// The `--json-report` document: `{"exit_code", "mode", "go_version", "cgo", "upload",
+    /// "jobs": [{"platform", "job_id", "input_root", "state", "cached", "action_digest"}],
+    /// "results": [see result_json], "built", "cached", "failed"}`.
+    pub fn to_json(&self) -> Value {
+        let jobs: Vec<Value> = self
+            .jobs
+            .iter()
+            .map(|pj| {
+                let a = pj.job.actions.first();
+                json!({
+                    "platform": pj.platform.to_string(),
+                    "job_id": pj.job_id,
+                    "input_root": pj.input_root.hex(),
+                    "state": a.map(|a| action_state_name(a.state())),
+                    "cached": a.is_some_and(|a| a.cached),
+                    "action_digest": a.map(|a| a.action_digest.clone()),
+                })
+            })
+            .collect();
+        let n = |s: BuildState| self.results.iter().filter(|r| r.state == s).count();
+        json!({
+            "exit_code": self.exit_code(),
+            "mode": self.mode,
+            "go_version": self.go_version,
+            "cgo": self.cgo,
+            "upload": self.upload.to_json(),
+            "jobs": jobs,
+            "results": self.results.iter().map(result_json).collect::<Vec<_>>(),
+            "built": n(BuildState::Built),
+            "cached": n(BuildState::Cached),
+            "failed": n(BuildState::Failed),
+        })
+    }
+}
+
+/// One target platform's job, finished.
+#[derive(Debug, Clone)]
+pub struct PlatformJob {
+    /// The target platform.
+    pub platform: Platform,
+    /// The job's id.
+    pub job_id: String,
+    /// Its input tree.
+    pub input_root: Digest,
+    /// Its final status.
+    pub job: JobStatus,
+}
+
+/// A recorded output stream (stdout or stderr) of a job in which a target failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailedOutput {
+    /// The target platform.
+    pub platform: String,
+    /// The output, or why it could not be read.
+    pub text: Result<String, String>,
+}
+
+/// A failed build's output as lines behind its platform: `[linux/arm64] ...`.
+pub fn failed_output_lines(output: &FailedOutput) -> Vec<String> {
+    let p = &output.platform;
+    match &output.text {
+        Ok(text) => text.lines().map(|l| format!("[{p}] {l}")).collect(),
+        Err(e) => vec![format!("[{p}] failed to read the build output: {e}")],
+    }
+}
+
+/// The line for a platform's finished job; it names the target platform, not the build
+/// platform its action ran on.
+pub fn finished_line(platform: &Platform, job: &JobStatus) -> String {
+    let Some(a) = job.actions.first() else {
+        return format!("[{platform}] job {} has no action", job.job_id);
+    };
+    let r = a.result.as_ref();
+    let agent = r
+        .map(|r| r.agent_id.as_str())
+        .filter(|id| !id.is_empty())
+        .unwrap_or(&a.agent_id);
+    let emulated = r.map_or(a.emulated, |r| r.emulated);
+    let took = r.map_or(String::new(), |r| {
+        format!(" in {}", format_ms(r.duration_ms))
+    });
+    match (a.state(), a.cached) {
+        (ActionState::Succeeded, true) => format!(
+            "[{platform}] cached (built earlier on agent {agent}, {} {})",
+            mode(emulated),
+            a.platform
+        ),
+        (ActionState::Succeeded, false) => format!(
+            "[{platform}] built{took} on agent {agent} ({} {})",
+            mode(emulated),
+            a.platform
+        ),
+        _ => crate::farm::job_watch::progress_line(a).replacen(
+            &format!("[{}]", a.platform),
+            &format!("[{platform}]"),
+            1,
+        ),
+    }
+}
 
 /// How a target fared on a platform.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -329,5 +458,35 @@ mod tests {
         assert!(text.contains("_output/linux/riscv64/hello"), "{text}");
         assert!(text.contains("built"), "{text}");
         assert_eq!(duration_text(&r[0]), "5.2s");
+    }
+
+    #[test]
+    fn finished_lines_name_the_target_platform_not_the_build_platform() {
+        let p: Platform = "linux/riscv64".parse().unwrap();
+        let job = JobStatus {
+            job_id: "j1".into(),
+            actions: vec![v1::ActionStatus {
+                action_id: "j1/linux/amd64".into(),
+                platform: "linux/amd64".into(),
+                state: ActionState::Succeeded as i32,
+                agent_id: "a1".into(),
+                result: Some(v1::ExecutionResult {
+                    agent_id: "a1".into(),
+                    duration_ms: 4200,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert_eq!(
+            finished_line(&p, &job),
+            "[linux/riscv64] built in 4.2s on agent a1 (native linux/amd64)"
+        );
+        let mut failed = job.clone();
+        failed.actions[0].state = ActionState::Failed as i32;
+        failed.actions[0].result.as_mut().unwrap().exit_code = 1;
+        let line = finished_line(&p, &failed);
+        assert!(line.starts_with("[linux/riscv64] failed"), "{line}");
     }
 }

@@ -17,29 +17,31 @@ pub mod junit;
 pub mod key;
 pub mod report;
 pub mod rerun;
+pub mod step_job;
 pub mod steps;
+pub mod units;
 pub mod verdict;
 pub mod watch;
 
 use crate::farm::args::{ensure_unique, parse_env_var, CachePolicyArgs, EnvVarArg};
-use crate::farm::blobs::{batch_read, plan_batches, read_blob, MAX_BATCH_BLOB_BYTES};
-use crate::farm::upload::{upload_tree, Progress};
-use crate::farm::{rpc, FarmClient};
+use crate::farm::upload::{upload_tree, Progress, UploadReport};
+use crate::farm::FarmClient;
 use crate::go_vars::{CGO_VARS, PURE_BUILD_VARS};
 use anyhow::{bail, Context};
-use archfarm_proto::tree::{build_local_tree, LocalTree};
-use archfarm_proto::v1::{self, JobStatus, StepResult};
-use archfarm_proto::{Digest, Platform};
-use events::{test2json, TestEvent};
+use archfarm_proto::tree::LocalTree;
+use archfarm_proto::v1::{JobStatus, StepResult};
+use archfarm_proto::Platform;
 use futures::StreamExt;
-use golist::{go_list, go_minor_version, go_version, platform_env, GoPackage, PackageIndex};
-use key::{package_key, CacheKey, FileHashes, KeyContext};
+use golist::{go_list, go_minor_version, go_version, platform_env, PackageIndex};
+pub use report::GoTestReport;
 use report::Results;
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
+use step_job::{convert, prefetch_outputs, run_steps, step_events, step_results, StepJob};
+use units::{build_and_stage, lookup, plan_units, KeySettings, Staged, Unit};
 use verdict::{PackageResult, Verdict};
-use watch::{follow_job, Verbosity};
+pub use watch::WatchProgress;
 
 /// The platform tested unless `--platform` says otherwise.
 pub const DEFAULT_PLATFORM: &str = "linux/amd64";
@@ -47,8 +49,6 @@ pub const DEFAULT_PLATFORM: &str = "linux/amd64";
 pub const DEFAULT_SHARD_TARGET: Duration = Duration::from_secs(120);
 /// Platforms where Go's race detector exists.
 pub const RACE_ARCHES: &[&str] = &["amd64", "arm64", "ppc64le"];
-/// Step outputs converted by `go tool test2json` at once.
-const PARALLEL_CONVERSIONS: usize = 8;
 
 /// `archfarm go-test [options] PACKAGES...`.
 #[derive(clap::Args, Debug, Clone)]
@@ -167,484 +167,111 @@ impl GoTestArgs {
     }
 }
 
+/// `d` in whole milliseconds, for the job spec.
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// One package on one platform that the farm has to run (or holds a result for).
-#[derive(Debug, Clone)]
-struct Unit {
-    platform: String,
-    import_path: String,
-    step_name: String,
-    key: CacheKey,
+/// What go-test does on its way to the report, in order: the caller shows it (the command
+/// line prints go test's `?` and `FAIL` lines and the progress lines), a test collects it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GoTestProgress {
+    /// A named package has no Go files (for the first platform): `go test` says `?`.
+    NoGoFiles {
+        /// Import path.
+        package: String,
+    },
+    /// A named package has no test files.
+    NoTestFiles {
+        /// Import path.
+        package: String,
+    },
+    /// `go list` reported an error for a named package; it fails on every platform.
+    SetupFailed {
+        /// Import path.
+        package: String,
+        /// What `go list` said.
+        error: String,
+    },
+    /// Packages keyed and looked up in the step cache.
+    Planned {
+        /// Packages with tests.
+        packages: usize,
+        /// Platforms.
+        platforms: usize,
+        /// (package, platform) runs the farm holds a passing result for.
+        cached: usize,
+        /// Runs to build and run.
+        to_run: usize,
+    },
+    /// A test binary failed to build.
+    BuildFailed {
+        /// Import path.
+        package: String,
+        /// Platform.
+        platform: String,
+    },
+    /// Test binaries built.
+    Built {
+        /// Built.
+        built: usize,
+        /// Tried.
+        of: usize,
+        /// How long building took.
+        took: Duration,
+    },
+    /// The staged steps are in the farm's CAS.
+    Uploaded(UploadReport),
+    /// A job was submitted.
+    Submitted {
+        /// Its id.
+        job_id: String,
+        /// Package runs in it.
+        packages: usize,
+        /// Platforms in it.
+        platforms: usize,
+        /// Shards (actions) the coordinator made of it.
+        shards: usize,
+    },
+    /// Following a job.
+    Watch(WatchProgress),
+    /// A round of reruns of failed tests begins.
+    RerunStarted {
+        /// 1, 2, ...
+        round: u32,
+        /// `--rerun-fails`.
+        of: u32,
+        /// Failed package runs rerun.
+        runs: usize,
+    },
+    /// A rerun did not run; the first verdict stands.
+    RerunNotRun {
+        /// Import path.
+        package: String,
+        /// Platform.
+        platform: String,
+        /// Why.
+        why: String,
+    },
+    /// A rerun's output could not be read; the first verdict stands.
+    RerunUnreadable {
+        /// Import path.
+        package: String,
+        /// Platform.
+        platform: String,
+        /// The error's words.
+        error: String,
+    },
 }
 
-/// A unit's step, built and staged.
-#[derive(Debug, Clone)]
-struct Staged {
-    unit: Unit,
-    input_root: Digest,
-}
-
-/// Everything the keys cover besides files, owned (for the hashing thread).
-#[derive(Debug, Clone)]
-struct KeySettings {
-    go_version: String,
-    cgo: bool,
-    tags: String,
-    race: bool,
-    test_args: Vec<String>,
-    env: Vec<(String, String)>,
-}
-
-/// Cache keys for every target on every platform; packages that cannot be keyed (no test main
-/// on a platform, broken) come back as results instead.
-fn plan_units(
-    targets: &[String],
-    names: &HashMap<String, String>,
-    platforms: &[Platform],
-    indexes: &[PackageIndex],
-    settings: &KeySettings,
-) -> anyhow::Result<(Vec<Unit>, Vec<PackageResult>)> {
-    let mut hashes = FileHashes::default();
-    let mut units = Vec::new();
-    let mut results = Vec::new();
-    for (platform, index) in platforms.iter().zip(indexes) {
-        let pname = platform.to_string();
-        let ctx = KeyContext {
-            go_version: &settings.go_version,
-            platform,
-            cgo: settings.cgo,
-            tags: &settings.tags,
-            race: settings.race,
-            test_args: &settings.test_args,
-            env: &settings.env,
-        };
-        for target in targets {
-            let variant = index.get(&format!("{target} [{target}.test]"));
-            let main = index.test_main(target);
-            let broken = [index.get(target), variant, main]
-                .into_iter()
-                .flatten()
-                .find_map(GoPackage::errors);
-            if main.is_none() || broken.is_some() {
-                let why = broken.unwrap_or_else(|| "go list shows no test main".to_string());
-                let no_files = why.contains("build constraints exclude all Go files");
-                let (verdict, detail) = if no_files {
-                    (Verdict::Skip, format!("no Go files for {pname}"))
-                } else {
-                    (Verdict::BuildFailed, format!("go list: {why}"))
-                };
-                results.push(PackageResult::without_run(target, &pname, verdict, detail));
-                continue;
-            }
-            let key = package_key(index, target, &ctx, &mut hashes).with_context(|| {
-                format!("failed to derive the cache key of {target} on {pname}")
-            })?;
-            units.push(Unit {
-                platform: pname.clone(),
-                import_path: target.clone(),
-                step_name: names.get(target).cloned().unwrap_or_default(),
-                key,
-            });
-        }
-    }
-    Ok((units, results))
-}
-
-/// Jobs.LookupSteps for every unit; hits by key.
-/// Results produced under emulation count only with `allow_emulation`.
-async fn lookup(
+/// go-test: lists the packages, keys them, runs the misses on the farm (with reruns of failed
+/// tests), and returns every (package, platform) verdict. Progress goes to `progress` as it
+/// happens; nothing is printed and no report file written (the caller renders the report).
+pub async fn go_test(
     client: &mut FarmClient,
-    units: &[Unit],
-    allow_emulation: bool,
-) -> anyhow::Result<HashMap<String, StepResult>> {
-    let mut hits = HashMap::new();
-    for chunk in units.chunks(100_000) {
-        let response = rpc(client
-            .jobs
-            .lookup_steps(v1::LookupStepsRequest {
-                cache_keys: chunk.iter().map(|u| u.key.hex()).collect(),
-                allow_emulation,
-            })
-            .await)
-        .context("failed to look up the step cache")?;
-        for hit in response.hits {
-            if let Some(mut r) = hit.result {
-                r.cached = true;
-                hits.insert(hit.cache_key, r);
-            }
-        }
-    }
-    Ok(hits)
-}
-
-/// Builds the misses' test binaries, stages their trees; returns the staged steps and the
-/// build failures as results.
-async fn build_and_stage(
-    cwd: &Path,
-    stage: &Path,
-    units: Vec<Unit>,
-    platforms: &[Platform],
-    dirs: &HashMap<(String, String), PathBuf>,
     args: &GoTestArgs,
-    cgo: bool,
-) -> anyhow::Result<(Vec<(Staged, LocalTree)>, Vec<PackageResult>)> {
-    let by_name: HashMap<String, &Platform> =
-        platforms.iter().map(|p| (p.to_string(), p)).collect();
-    let requests: Vec<build::BuildRequest> = units
-        .iter()
-        .map(|u| {
-            let p = by_name[&u.platform];
-            build::BuildRequest {
-                import_path: u.import_path.clone(),
-                output: step_dir(stage, p, &u.step_name).join(steps::TEST_BINARY),
-                env: platform_env(p, cgo),
-            }
-        })
-        .collect();
-    let built = build::build_all(cwd, &requests, args.race, args.tags.as_deref()).await;
-    let mut staged = Vec::new();
-    let mut failed = Vec::new();
-    for ((unit, request), outcome) in units.into_iter().zip(&requests).zip(built) {
-        if let Err(output) = outcome {
-            eprintln!(
-                "FAIL\t{} [build failed on {}]",
-                unit.import_path, unit.platform
-            );
-            failed.push(PackageResult::without_run(
-                &unit.import_path,
-                &unit.platform,
-                Verdict::BuildFailed,
-                output,
-            ));
-            continue;
-        }
-        let dir = request
-            .output
-            .parent()
-            .map(Path::to_path_buf)
-            .context("a test binary has no directory")?;
-        let pkg_dir = dirs
-            .get(&(unit.platform.clone(), unit.import_path.clone()))
-            .cloned()
-            .context("a package without a directory")?;
-        let tree = tokio::task::spawn_blocking(move || {
-            steps::stage_sources(&dir, &pkg_dir)?;
-            build_local_tree(&dir)
-        })
-        .await
-        .context("failed to join the staging task")?
-        .with_context(|| {
-            format!(
-                "failed to stage the step of {} on {}",
-                unit.import_path, unit.platform
-            )
-        })?;
-        staged.push((
-            Staged {
-                unit,
-                input_root: tree.root,
-            },
-            tree,
-        ));
-    }
-    Ok((staged, failed))
-}
-
-fn step_dir(stage: &Path, platform: &Platform, name: &str) -> PathBuf {
-    stage.join(steps::platform_slug(platform)).join(name)
-}
-
-/// A job of step sets for `steps` (platform, step) with each step's `-test.run` pattern.
-struct StepJob<'a> {
-    steps: Vec<(&'a Staged, Option<String>)>,
-    platforms: &'a [String],
-    rerun: bool,
-}
-
-impl StepJob<'_> {
-    fn spec(&self, args: &GoTestArgs, minor: Option<u32>, env: &[(String, String)]) -> v1::JobSpec {
-        let watchdog = args.timeout + steps::WATCHDOG_GRACE;
-        let mut step_sets = Vec::new();
-        let mut longest_platform = 0u64;
-        for platform in self.platforms {
-            let steps: Vec<v1::Step> = self
-                .steps
-                .iter()
-                .filter(|(s, _)| s.unit.platform == *platform)
-                .map(|(s, pattern)| v1::Step {
-                    name: s.unit.step_name.clone(),
-                    argv: steps::step_argv(&steps::test_args(
-                        minor,
-                        args.timeout,
-                        pattern.as_deref(),
-                    )),
-                    working_directory: steps::SRC_DIR.to_string(),
-                    input_root: Some(s.input_root.to_proto()),
-                    timeout_ms: millis(watchdog),
-                    history_key: if self.rerun {
-                        format!("{} (rerun)", s.unit.import_path)
-                    } else {
-                        s.unit.import_path.clone()
-                    },
-                    cache_key: if self.rerun {
-                        String::new()
-                    } else {
-                        s.unit.key.hex()
-                    },
-                })
-                .collect();
-            if steps.is_empty() {
-                continue;
-            }
-            longest_platform = longest_platform.max(millis(watchdog) * steps.len() as u64);
-            step_sets.push(v1::PlatformSteps {
-                platform: platform.clone(),
-                steps,
-            });
-        }
-        let (shards, shard_target_ms) = if self.rerun { (0, 0) } else { args.sharding() };
-        let packages = self.steps.len();
-        v1::JobSpec {
-            platforms: Vec::new(),
-            argv: Vec::new(),
-            env: env
-                .iter()
-                .map(|(name, value)| v1::EnvVar {
-                    name: name.clone(),
-                    value: value.clone(),
-                })
-                .collect(),
-            timeout_ms: (longest_platform + 60_000).min(24 * 3_600_000),
-            input_root: None,
-            allow_emulation: args.allow_emulation,
-            required_labels: Vec::new(),
-            working_directory: String::new(),
-            description: format!(
-                "go-test{}: {packages} package run{} on {} platform{}",
-                if self.rerun { " rerun" } else { "" },
-                if packages == 1 { "" } else { "s" },
-                step_sets.len(),
-                if step_sets.len() == 1 { "" } else { "s" }
-            ),
-            output_paths: Vec::new(),
-            no_cache: args.no_cache || self.rerun,
-            step_sets,
-            shards,
-            shard_target_ms,
-            exclusive: false,
-            network: false,
-            cache_untrusted: args.cache.cache_untrusted,
-            cache_emulated: args.cache.cache_emulated,
-        }
-    }
-}
-
-/// Submits a job and follows it; returns its final status.
-async fn run_steps(
-    client: &mut FarmClient,
-    spec: v1::JobSpec,
-    verbosity: Verbosity,
-    packages: usize,
-) -> anyhow::Result<JobStatus> {
-    let platforms = spec.step_sets.len();
-    let job_id = rpc(client
-        .jobs
-        .submit(v1::SubmitRequest { spec: Some(spec) })
-        .await)
-    .context("failed to submit the go-test job")?
-    .job_id;
-    let shards = crate::farm::job::get_job(client, &job_id)
-        .await
-        .map(|j| j.actions.len())
-        .unwrap_or(0);
-    eprintln!(
-        "job {job_id}: running {packages} package{} on {platforms} platform{} in {shards} shard{}",
-        if packages == 1 { "" } else { "s" },
-        if platforms == 1 { "" } else { "s" },
-        if shards == 1 { "" } else { "s" },
-    );
-    follow_job(client, &job_id, verbosity).await
-}
-
-/// By (platform, step name).
-pub(crate) type ByStep<T> = HashMap<(String, String), T>;
-
-/// Step results of a finished job by (platform, step name), and for steps without one, why.
-pub(crate) fn step_results(job: &JobStatus) -> (ByStep<StepResult>, ByStep<String>) {
-    let mut results = HashMap::new();
-    let mut missing = HashMap::new();
-    for a in &job.actions {
-        if let Some(r) = &a.result {
-            for s in &r.step_results {
-                results.insert((a.platform.clone(), s.name.clone()), s.clone());
-            }
-        }
-        for name in &a.step_names {
-            let k = (a.platform.clone(), name.clone());
-            if results.contains_key(&k) {
-                continue;
-            }
-            let state = crate::farm::display::action_state_name(a.state());
-            let why = [
-                a.reason.as_str(),
-                a.result.as_ref().map_or("", |r| r.message.as_str()),
-            ]
-            .into_iter()
-            .find(|s| !s.is_empty())
-            .unwrap_or("no step result");
-            missing.insert(
-                k,
-                format!(
-                    "the farm did not run it: shard {} {}: {why}",
-                    a.action_id,
-                    crate::farm::display::words(state)
-                ),
-            );
-        }
-    }
-    (results, missing)
-}
-
-/// The output blob a step result names; None for no output.
-pub(crate) fn output_digest(step: &StepResult) -> anyhow::Result<Option<Digest>> {
-    match step.output.as_ref() {
-        Some(d) => {
-            let d = Digest::from_proto(d).context("the step result names a bad output digest")?;
-            Ok((d.size_bytes() > 0).then_some(d))
-        }
-        None => Ok(None),
-    }
-}
-
-/// Reads the small outputs of `steps` in BatchRead batches (one call for many packages
-/// rather than one each). A batch that fails is left out: its blobs are read one by one later,
-/// so that one missing blob spoils only its own package.
-pub(crate) async fn prefetch_outputs<'a>(
-    client: &mut FarmClient,
-    steps: impl IntoIterator<Item = &'a StepResult>,
-) -> HashMap<Digest, Vec<u8>> {
-    let mut small: Vec<Digest> = steps
-        .into_iter()
-        .filter_map(|s| output_digest(s).ok().flatten())
-        .filter(|d| d.size_bytes() <= MAX_BATCH_BLOB_BYTES)
-        .collect();
-    small.sort();
-    small.dedup();
-    let mut fetched = HashMap::new();
-    for batch in plan_batches(&small) {
-        if let Ok(blobs) = batch_read(client, &batch).await {
-            fetched.extend(batch.into_iter().zip(blobs));
-        }
-    }
-    fetched
-}
-
-/// A step's output converted into events.
-async fn step_events(
-    client: &mut FarmClient,
-    cwd: &Path,
-    import_path: &str,
-    step: &StepResult,
-    prefetched: &HashMap<Digest, Vec<u8>>,
-) -> anyhow::Result<Vec<TestEvent>> {
-    let raw = match output_digest(step)? {
-        Some(d) => match prefetched.get(&d) {
-            Some(bytes) => bytes.clone(),
-            None => read_blob(client, d)
-                .await
-                .with_context(|| format!("failed to read the output of {import_path}"))?,
-        },
-        None => Vec::new(),
-    };
-    test2json(cwd, import_path, &raw).await
-}
-
-/// Converts step results into package results: outputs read in batches, then converted a few
-/// at a time.
-async fn convert(
-    client: &mut FarmClient,
-    cwd: &Path,
-    items: Vec<(String, String, StepResult)>,
-) -> Vec<PackageResult> {
-    let prefetched = prefetch_outputs(client, items.iter().map(|(_, _, s)| s)).await;
-    let prefetched = &prefetched;
-    let shared = client.clone();
-    futures::stream::iter(items)
-        .map(|(import_path, platform, step)| {
-            let mut client = shared.clone();
-            async move {
-                match step_events(&mut client, cwd, &import_path, &step, prefetched).await {
-                    Ok(events) => PackageResult::from_step(&import_path, &platform, &step, events),
-                    Err(e) => PackageResult::without_run(
-                        &import_path,
-                        &platform,
-                        Verdict::Infra,
-                        format!("{e:#}"),
-                    ),
-                }
-            }
-        })
-        .buffered(PARALLEL_CONVERSIONS)
-        .collect()
-        .await
-}
-
-/// Prints what failed, flaked or could not run, with its output, on stdout like `go test`.
-fn print_problems(results: &Results) {
-    for r in results.values() {
-        let emulated = if r.emulated { " (emulated)" } else { "" };
-        match r.verdict {
-            Verdict::Fail | Verdict::BuildFailed | Verdict::Hang | Verdict::Infra => {
-                println!(
-                    "--- {} {} on {}{emulated}",
-                    r.verdict.word().to_uppercase(),
-                    r.import_path,
-                    r.platform
-                );
-                for t in r.tests.iter().filter(|t| {
-                    matches!(
-                        t.outcome,
-                        events::TestOutcome::Fail | events::TestOutcome::Unfinished
-                    )
-                }) {
-                    print!("{}", t.output);
-                }
-                if !r.output.trim().is_empty()
-                    && r.tests
-                        .iter()
-                        .all(|t| t.outcome != events::TestOutcome::Fail)
-                {
-                    print!("{}", r.output);
-                }
-                if !r.detail.is_empty() {
-                    println!("{}", r.detail.trim_end());
-                }
-            }
-            Verdict::Flaky => {
-                let names: Vec<&str> = r
-                    .tests
-                    .iter()
-                    .filter(|t| t.flaky)
-                    .map(|t| t.name.as_str())
-                    .collect();
-                println!(
-                    "--- FLAKY {} on {}{emulated}: {} failed at first and passed on a rerun",
-                    r.import_path,
-                    r.platform,
-                    names.join(", ")
-                );
-            }
-            _ => {}
-        }
-    }
-}
-
-/// `archfarm go-test`: returns the exit code (1 when anything failed, hung or could
-/// not run).
-pub async fn command(client: &mut FarmClient, args: &GoTestArgs) -> anyhow::Result<u8> {
+    progress: &mut (dyn FnMut(GoTestProgress) + Send),
+) -> anyhow::Result<GoTestReport> {
     let platforms = args.platforms()?;
     let platform_names: Vec<String> = platforms.iter().map(ToString::to_string).collect();
     let job_env = args.job_env()?;
@@ -658,11 +285,6 @@ pub async fn command(client: &mut FarmClient, args: &GoTestArgs) -> anyhow::Resu
         args.packages.clone()
     };
     let tags = args.tags.as_deref();
-    let verbosity = if args.verbose {
-        Verbosity::Verbose
-    } else {
-        Verbosity::Quiet
-    };
 
     // The named packages, and which of them have tests.
     let named = go_list(
@@ -681,10 +303,15 @@ pub async fn command(client: &mut FarmClient, args: &GoTestArgs) -> anyhow::Resu
             if text.contains("no Go files")
                 || text.contains("build constraints exclude all Go files")
             {
-                println!("?   \t{}\t[no Go files]", p.import_path);
+                progress(GoTestProgress::NoGoFiles {
+                    package: p.import_path.clone(),
+                });
                 continue;
             }
-            eprintln!("FAIL\t{} [setup failed]: {text}", p.import_path);
+            progress(GoTestProgress::SetupFailed {
+                package: p.import_path.clone(),
+                error: text.clone(),
+            });
             for pn in &platform_names {
                 let r = PackageResult::without_run(
                     &p.import_path,
@@ -695,7 +322,9 @@ pub async fn command(client: &mut FarmClient, args: &GoTestArgs) -> anyhow::Resu
                 results.insert((p.import_path.clone(), pn.clone()), r);
             }
         } else if !p.has_tests() {
-            println!("?   \t{}\t[no test files]", p.import_path);
+            progress(GoTestProgress::NoTestFiles {
+                package: p.import_path.clone(),
+            });
         } else if !targets.contains(&p.import_path) {
             targets.push(p.import_path.clone());
         }
@@ -783,15 +412,12 @@ pub async fn command(client: &mut FarmClient, args: &GoTestArgs) -> anyhow::Resu
             )
         })
         .collect();
-    eprintln!(
-        "{} package{} with tests on {} platform{}: {} cached, {} to build and run",
-        targets.len(),
-        if targets.len() == 1 { "" } else { "s" },
-        platforms.len(),
-        if platforms.len() == 1 { "" } else { "s" },
-        cached.len(),
-        misses.len()
-    );
+    progress(GoTestProgress::Planned {
+        packages: targets.len(),
+        platforms: platforms.len(),
+        cached: cached.len(),
+        to_run: misses.len(),
+    });
 
     // Build, stage, upload, run.
     let stage = tempfile::Builder::new()
@@ -803,21 +429,29 @@ pub async fn command(client: &mut FarmClient, args: &GoTestArgs) -> anyhow::Resu
     if !misses.is_empty() {
         let started = std::time::Instant::now();
         let count = misses.len();
-        let (built, failed) =
-            build_and_stage(&cwd, stage.path(), misses, &platforms, &dirs, args, cgo).await?;
-        eprintln!(
-            "built {} of {count} test binar{} in {}",
-            built.len(),
-            if count == 1 { "y" } else { "ies" },
-            crate::farm::display::format_duration(started.elapsed())
-        );
+        let (built, failed) = build_and_stage(
+            &cwd,
+            stage.path(),
+            misses,
+            &platforms,
+            &dirs,
+            args,
+            cgo,
+            progress,
+        )
+        .await?;
+        progress(GoTestProgress::Built {
+            built: built.len(),
+            of: count,
+            took: started.elapsed(),
+        });
         for r in failed {
             results.insert((r.import_path.clone(), r.platform.clone()), r);
         }
         if !built.is_empty() {
             let all = LocalTree::merge(built.iter().map(|(_, t)| t));
             let uploaded = upload_tree(client, &all, Progress::Auto).await?;
-            eprintln!("{}", uploaded.summary());
+            progress(GoTestProgress::Uploaded(uploaded));
             staged = built.into_iter().map(|(s, _)| s).collect();
             let step_job = StepJob {
                 steps: staged.iter().map(|s| (s, None)).collect(),
@@ -825,7 +459,7 @@ pub async fn command(client: &mut FarmClient, args: &GoTestArgs) -> anyhow::Resu
                 rerun: false,
             };
             let spec = step_job.spec(args, minor, &job_env);
-            job = Some(run_steps(client, spec, verbosity, staged.len()).await?);
+            job = Some(run_steps(client, spec, staged.len(), progress).await?);
         }
     }
 
@@ -874,12 +508,11 @@ pub async fn command(client: &mut FarmClient, args: &GoTestArgs) -> anyhow::Resu
         if wanted.is_empty() {
             break;
         }
-        eprintln!(
-            "rerun {round} of {}: {} failed package run{}",
-            args.rerun_fails,
-            wanted.len(),
-            if wanted.len() == 1 { "" } else { "s" }
-        );
+        progress(GoTestProgress::RerunStarted {
+            round,
+            of: args.rerun_fails,
+            runs: wanted.len(),
+        });
         let count = wanted.len();
         let rerun_job = StepJob {
             steps: wanted,
@@ -887,28 +520,31 @@ pub async fn command(client: &mut FarmClient, args: &GoTestArgs) -> anyhow::Resu
             rerun: true,
         };
         let spec = rerun_job.spec(args, minor, &job_env);
-        let finished = run_steps(client, spec, verbosity, count).await?;
+        let finished = run_steps(client, spec, count, progress).await?;
         let (ran, missing) = step_results(&finished);
         let prefetched = prefetch_outputs(client, ran.values()).await;
         for (s, _) in &rerun_job.steps {
             let k = (s.unit.platform.clone(), s.unit.step_name.clone());
             let Some(step) = ran.get(&k) else {
-                eprintln!(
-                    "rerun of {} on {} did not run: {}",
-                    s.unit.import_path,
-                    s.unit.platform,
-                    missing.get(&k).map_or("no result", String::as_str)
-                );
+                progress(GoTestProgress::RerunNotRun {
+                    package: s.unit.import_path.clone(),
+                    platform: s.unit.platform.clone(),
+                    why: missing
+                        .get(&k)
+                        .map_or("no result", String::as_str)
+                        .to_string(),
+                });
                 continue;
             };
             let events =
                 match step_events(client, &cwd, &s.unit.import_path, step, &prefetched).await {
                     Ok(e) => e,
                     Err(e) => {
-                        eprintln!(
-                            "rerun of {} on {}: {e:#}",
-                            s.unit.import_path, s.unit.platform
-                        );
+                        progress(GoTestProgress::RerunUnreadable {
+                            package: s.unit.import_path.clone(),
+                            platform: s.unit.platform.clone(),
+                            error: format!("{e:#}"),
+                        });
                         continue;
                     }
                 };
@@ -919,31 +555,16 @@ pub async fn command(client: &mut FarmClient, args: &GoTestArgs) -> anyhow::Resu
         }
     }
 
-    // Reports.
-    print_problems(&results);
-    if let Some(dir) = &args.json {
-        for path in report::write_json_streams(dir, &platform_names, &results)? {
-            eprintln!("wrote {}", path.display());
-        }
-    }
-    if let Some(dir) = &args.junit {
-        for p in &platform_names {
-            let report =
-                junit::platform_report(results.values().filter(|r| r.platform == *p), &version);
-            let path = junit::write_report(dir, p, &report)?;
-            eprintln!("wrote {}", path.display());
-        }
-    }
-    if !results.is_empty() {
-        println!("{}", report::matrix(&platform_names, &results));
-    }
-    if let Some(job) = &job {
-        for m in report::makespans(&platform_names, &job.actions) {
-            println!("{}", report::makespan_line(&m));
-        }
-    }
-    println!("{}", report::verdict_counts(&results));
-    Ok(report::exit_code(&results))
+    let makespans = job
+        .as_ref()
+        .map(|job| report::makespans(&platform_names, &job.actions))
+        .unwrap_or_default();
+    Ok(GoTestReport {
+        platforms: platform_names,
+        go_version: version,
+        results,
+        makespans,
+    })
 }
 
 #[cfg(test)]
@@ -1021,65 +642,5 @@ mod tests {
         args.shards = None;
         args.shard_target = Some(Duration::from_secs(30));
         assert_eq!(args.sharding(), (0, 30_000));
-    }
-
-    #[test]
-    fn step_jobs_carry_keys_only_on_first_runs() {
-        let unit = Unit {
-            platform: "linux/arm64".into(),
-            import_path: "example.com/fixtures/fail".into(),
-            step_name: "example.com_fixtures_fail".into(),
-            key: CacheKey([7; 32]),
-        };
-        let staged = Staged {
-            unit,
-            input_root: Digest::of(b"root"),
-        };
-        let mut args = GoTestArgs::new(["."]);
-        args.timeout = Duration::from_secs(180);
-        args.allow_emulation = true;
-        let platforms = vec!["linux/amd64".to_string(), "linux/arm64".to_string()];
-        let env = vec![("FLAKY_MARKER".to_string(), "x".to_string())];
-        let first = StepJob {
-            steps: vec![(&staged, None)],
-            platforms: &platforms,
-            rerun: false,
-        }
-        .spec(&args, Some(19), &env);
-        assert_eq!(
-            first.step_sets.len(),
-            1,
-            "platforms without steps are left out"
-        );
-        assert!(first.platforms.is_empty() && first.argv.is_empty());
-        let step = &first.step_sets[0].steps[0];
-        assert_eq!(
-            step.argv,
-            [
-                "../pkg.test",
-                "-test.v",
-                "-test.paniconexit0",
-                "-test.timeout=180s",
-                "-test.count=1"
-            ]
-        );
-        assert_eq!(step.working_directory, "src");
-        assert_eq!(step.timeout_ms, 210_000);
-        assert_eq!(step.history_key, "example.com/fixtures/fail");
-        assert_eq!(step.cache_key, CacheKey([7; 32]).hex());
-        assert_eq!((first.shards, first.shard_target_ms), (0, 120_000));
-        assert!(first.allow_emulation && !first.no_cache);
-        assert_eq!(first.env[0].name, "FLAKY_MARKER");
-
-        let rerun = StepJob {
-            steps: vec![(&staged, Some("^(TestAlwaysFails)$".to_string()))],
-            platforms: &platforms,
-            rerun: true,
-        }
-        .spec(&args, Some(19), &env);
-        let step = &rerun.step_sets[0].steps[0];
-        assert_eq!(step.argv.last().unwrap(), "-test.run=^(TestAlwaysFails)$");
-        assert!(step.cache_key.is_empty());
-        assert!(rerun.no_cache);
     }
 }

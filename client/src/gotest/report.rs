@@ -1,6 +1,9 @@
-//! What go-test shows and writes once the verdicts are in: the package x platform matrix, the
-//! predicted and actual makespan per platform, the raw `go test -json` stream per platform, and
-//! the exit code.
+//! What go-test returns once the verdicts are in ([`GoTestReport`]) and the ways it is shown:
+//! what failed with its output (as `go test` prints it), the package x platform matrix, the
+//! predicted and actual makespan per platform, the raw `go test -json` stream per platform,
+//! JUnit XML, and the exit code.
+use super::events::TestOutcome;
+use super::junit;
 use super::verdict::{PackageResult, Verdict};
 use crate::farm::display::format_ms;
 use anyhow::Context;
@@ -11,6 +14,99 @@ use std::path::{Path, PathBuf};
 
 /// Results by (import path, platform).
 pub type Results = BTreeMap<(String, String), PackageResult>;
+
+/// What a go-test run found: every (package, platform) verdict and how the first run's shards
+/// went. The command line shows it as text, JUnit XML and `go test -json` streams.
+#[derive(Debug, Clone)]
+pub struct GoTestReport {
+    /// The platforms, in `--platform` order.
+    pub platforms: Vec<String>,
+    /// `go version` of the toolchain that built the tests.
+    pub go_version: String,
+    /// Verdicts by (import path, platform).
+    pub results: Results,
+    /// Per platform, the first run's shards; empty when nothing ran on the farm.
+    pub makespans: Vec<Makespan>,
+}
+
+impl GoTestReport {
+    /// 1 when any package failed, failed to build, hung or could not run; else 0.
+    pub fn exit_code(&self) -> u8 {
+        exit_code(&self.results)
+    }
+
+    /// Writes each platform's `go test -json` stream to `dir/<os>_<arch>.json`; returns the
+    /// paths.
+    pub fn write_json_streams(&self, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+        write_json_streams(dir, &self.platforms, &self.results)
+    }
+
+    /// Writes `dir/junit_<os>_<arch>.xml` per platform; returns the paths.
+    pub fn write_junit(&self, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+        self.platforms
+            .iter()
+            .map(|p| {
+                let report = junit::platform_report(
+                    self.results.values().filter(|r| r.platform == *p),
+                    &self.go_version,
+                );
+                junit::write_report(dir, p, &report)
+            })
+            .collect()
+    }
+}
+
+/// What failed, flaked or could not run, with its output, as `go test` shows it: for each
+/// bad cell a `--- FAIL pkg on platform` line, its failed tests' output (or the package's
+/// own when no test failed) and the detail; for each flaky cell one line naming the tests.
+pub fn problems_text(results: &Results) -> String {
+    let mut out = String::new();
+    for r in results.values() {
+        let emulated = if r.emulated { " (emulated)" } else { "" };
+        match r.verdict {
+            Verdict::Fail | Verdict::BuildFailed | Verdict::Hang | Verdict::Infra => {
+                out.push_str(&format!(
+                    "--- {} {} on {}{emulated}\n",
+                    r.verdict.word().to_uppercase(),
+                    r.import_path,
+                    r.platform
+                ));
+                for t in r
+                    .tests
+                    .iter()
+                    .filter(|t| matches!(t.outcome, TestOutcome::Fail | TestOutcome::Unfinished))
+                {
+                    out.push_str(&t.output);
+                }
+                if !r.output.trim().is_empty()
+                    && r.tests.iter().all(|t| t.outcome != TestOutcome::Fail)
+                {
+                    out.push_str(&r.output);
+                }
+                if !r.detail.is_empty() {
+                    out.push_str(r.detail.trim_end());
+                    out.push('\n');
+                }
+            }
+            Verdict::Flaky => {
+                let names: Vec<&str> = r
+                    .tests
+                    .iter()
+                    .filter(|t| t.flaky)
+                    .map(|t| t.name.as_str())
+                    .collect();
+                out.push_str(&format!(
+                    "--- FLAKY {} on {}{emulated}: {} failed at first and passed on a rerun\n",
+                    r.import_path,
+                    r.platform,
+                    names.join(", ")
+                ));
+            }
+            _ => {}
+        }
+    }
+    out
+}
 
 /// A matrix cell: the verdict, with `*` when it ran emulated.
 pub fn cell_text(r: &PackageResult) -> String {

@@ -12,7 +12,8 @@ pub mod private;
 use anyhow::{bail, Context};
 use archfarm_client::config::{ConnectArgs, ProcessEnv};
 use archfarm_client::farm::display::format_duration;
-use archfarm_client::farm::run::{run_job, RunArgs, RunOutput};
+use archfarm_client::farm::run::{run_job, RunArgs};
+use archfarm_client::farm::upload::Progress;
 use archfarm_client::farm::FarmClient;
 use comfy_table::{presets, Table};
 use std::time::Duration;
@@ -108,7 +109,7 @@ pub async fn latency(args: &LatencyArgs) -> anyhow::Result<u8> {
     let mut first_lines = Vec::new();
     let mut totals = Vec::new();
     for i in 1..=args.runs {
-        let outcome = run_job(&mut client, &job, RunOutput::Quiet).await?;
+        let outcome = run_job(&mut client, &job, Progress::Hidden, &mut |_| {}).await?;
         if outcome.exit_code == 130 {
             return Ok(130);
         }

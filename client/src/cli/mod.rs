@@ -1,9 +1,15 @@
-//! The `archfarm` command line: clap definitions of every command and the dispatch to the
-//! library, shared by the `archfarm` binary and `archfarm` (a pass-through for
-//! developers of this repository).
+//! The `archfarm` command line: clap definitions of every command, the dispatch to the
+//! library (shared by the `archfarm` binary and `cargo xtask farm`), and one module per Go
+//! recipe that shows its progress and report: the recipes compute, these print.
+pub mod ginkgo;
+pub mod go_build;
+pub mod go_test;
+pub mod run;
+pub mod shell;
+pub mod watch;
+
 use crate::config::{ConnectArgs, ProcessEnv};
-use crate::farm::{agents, cancel, credentials, job, run, status, token, FarmClient};
-use crate::{ginkgo, gobuild, gotest};
+use crate::farm::{agents, cancel, credentials, job, status, token, FarmClient};
 use anyhow::Context;
 use std::ffi::OsString;
 use std::future::Future;
@@ -35,14 +41,14 @@ pub enum Command {
     /// Agents per platform, queues, running actions and recent jobs.
     Status(status::StatusArgs),
     /// Run a command on one or more platforms and stream its output.
-    Run(run::RunArgs),
+    Run(crate::farm::run::RunArgs),
     /// Go tests: cross-compiled here, run natively per platform, cached, sharded.
-    GoTest(gotest::GoTestArgs),
+    GoTest(crate::gotest::GoTestArgs),
     /// Go commands for many platforms: pure Go cross-compiled, cgo built natively, cached.
-    GoBuild(gobuild::GoBuildArgs),
+    GoBuild(crate::gobuild::GoBuildArgs),
     /// A ginkgo suite (node-e2e): specs listed by a dry run, sharded by location, run only on
     /// agents labelled node-e2e, each shard with the agent to itself.
-    Ginkgo(ginkgo::GinkgoArgs),
+    Ginkgo(crate::ginkgo::GinkgoArgs),
     /// Show one job's actions.
     Job(job::JobArgs),
     /// Cancel a job's unfinished actions.
@@ -76,8 +82,8 @@ pub async fn run_command(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Status(args) => status::command(&mut client, &args).await,
         Command::Run(args) => run::command(&mut client, &args).await,
-        Command::GoTest(args) => gotest::command(&mut client, &args).await,
-        Command::GoBuild(args) => gobuild::command(&mut client, &args).await,
+        Command::GoTest(args) => go_test::command(&mut client, &args).await,
+        Command::GoBuild(args) => go_build::command(&mut client, &args).await,
         Command::Ginkgo(args) => ginkgo::command(&mut client, &args).await,
         Command::Job(args) => job::command(&mut client, &args).await,
         Command::Cancel(args) => cancel::command(&mut client, &args).await,
@@ -156,13 +162,13 @@ mod tests {
             Some("https://farm:7443")
         );
         assert_eq!(cli.directory, Some(PathBuf::from("/src/kubernetes")));
-        let Command::Run(run) = cli.command else {
+        let Command::Run(run_args) = cli.command else {
             panic!("not run");
         };
-        assert_eq!(run.platforms, ["linux/arm64", "linux/s390x"]);
-        assert_eq!(run.command, ["go", "test", "-v"]);
-        assert_eq!(run.timeout, std::time::Duration::from_secs(90));
-        assert_eq!(run.env[0].value, "-count=1");
+        assert_eq!(run_args.platforms, ["linux/arm64", "linux/s390x"]);
+        assert_eq!(run_args.command, ["go", "test", "-v"]);
+        assert_eq!(run_args.timeout, std::time::Duration::from_secs(90));
+        assert_eq!(run_args.env[0].value, "-count=1");
     }
 
     #[test]
