@@ -119,14 +119,60 @@ pub fn cargo_command(
         .env("RUSTDOC", SYSTEM_RUSTDOC)
         .env("RUSTC_BOOTSTRAP", "1")
         // Target flags only: with --target, build scripts and proc macros do not get them.
+        // The remaps keep this machine's paths (the checkout, cargo's registry) out of the
+        // panic locations compiled into the binaries.
         .env(
             format!("CARGO_TARGET_{upper}_RUSTFLAGS"),
-            "-C target-feature=+crt-static",
+            target_rustflags(workspace),
         )
         // Shipped binaries keep their symbols (named backtraces) but not the line tables.
         .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
         .env("CARGO_PROFILE_RELEASE_STRIP", "debuginfo");
     cmd
+}
+
+/// Directories of the build machine whose names must not end up in a shipped binary: the
+/// checkout and cargo's home (registry sources).
+pub fn build_machine_paths(workspace: &Path) -> Vec<(PathBuf, &'static str)> {
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
+    let mut paths = vec![(workspace.to_path_buf(), "/archfarm")];
+    if let Some(home) = cargo_home {
+        paths.push((home, "/cargo"));
+    }
+    paths
+}
+
+/// The target's RUSTFLAGS: static glibc, and each build-machine path remapped (a path with
+/// whitespace cannot be passed this way; the shipped-binary check then refuses it).
+fn target_rustflags(workspace: &Path) -> String {
+    let mut flags = String::from("-C target-feature=+crt-static");
+    for (path, to) in build_machine_paths(workspace) {
+        let path = path.to_string_lossy();
+        if !path.contains(char::is_whitespace) {
+            flags.push_str(&format!(" --remap-path-prefix={path}={to}"));
+        }
+    }
+    flags
+}
+
+/// Checks that the binary at `path` names none of `paths` (see [`build_machine_paths`]).
+pub fn check_no_build_paths(path: &Path, paths: &[(PathBuf, &str)]) -> anyhow::Result<()> {
+    let bytes =
+        std::fs::read(path).with_context(|| format!("failed to read {}", path.display()))?;
+    for (dir, _) in paths {
+        let needle = dir.to_string_lossy();
+        let needle = needle.as_bytes();
+        if needle.len() > 1 && bytes.windows(needle.len()).any(|w| w == needle) {
+            bail!(
+                "{} names a path of the build machine ({})",
+                path.display(),
+                dir.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// How one platform's build went.
@@ -251,15 +297,43 @@ mod tests {
             get("CARGO_TARGET_S390X_UNKNOWN_LINUX_GNU_LINKER").as_deref(),
             Some("s390x-linux-gnu-gcc")
         );
-        assert_eq!(
-            get("CARGO_TARGET_S390X_UNKNOWN_LINUX_GNU_RUSTFLAGS").as_deref(),
-            Some("-C target-feature=+crt-static")
+        let flags = get("CARGO_TARGET_S390X_UNKNOWN_LINUX_GNU_RUSTFLAGS").unwrap_or_default();
+        assert!(
+            flags.starts_with("-C target-feature=+crt-static"),
+            "{flags}"
+        );
+        assert!(
+            flags.contains("=/archfarm"),
+            "the checkout is remapped: {flags}"
         );
         assert_eq!(
             get("CC_s390x_unknown_linux_gnu").as_deref(),
             Some("s390x-linux-gnu-gcc")
         );
         assert_eq!(get("RUSTC").as_deref(), Some(SYSTEM_RUSTC));
+    }
+
+    #[test]
+    fn a_binary_naming_a_build_machine_path_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let checkout = dir.path().join("checkout");
+        let bin = dir.path().join("bin");
+        std::fs::write(&bin, b"\x7fELF... /cargo/registry/src/x.rs ...").unwrap();
+        let paths = build_machine_paths(&checkout);
+        check_no_build_paths(&bin, &paths).unwrap();
+        let mut leaky = b"\x7fELF panicked at ".to_vec();
+        leaky.extend_from_slice(
+            checkout
+                .join("client/src/x.rs")
+                .to_string_lossy()
+                .as_bytes(),
+        );
+        std::fs::write(&bin, leaky).unwrap();
+        let err = check_no_build_paths(&bin, &paths).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("names a path of the build machine"),
+            "{err:#}"
+        );
     }
 
     #[test]

@@ -268,6 +268,10 @@ fn build_one(
         }
         archfarm_proto::elf::check_file(&path, &target.farm_platform())
             .map_err(|e| anyhow::anyhow!("refusing to ship it: {e}"))?;
+        if profile == Profile::Release {
+            build::check_no_build_paths(&path, &build::build_machine_paths(workspace))
+                .context("refusing to ship it")?;
+        }
         let facts = elf::read(&path)?;
         let size = std::fs::metadata(&path)
             .with_context(|| format!("failed to stat {}", path.display()))?
