@@ -6,7 +6,6 @@
 use super::display::{action_state_name, format_ms, is_final, mode, outcome_name, words};
 use super::job::ordered_actions;
 use super::line_prefixer::LinePrefixer;
-use super::WatchPoint;
 use archfarm_proto::v1::{
     self, job_event, ActionLog, ActionState, ActionStatus, ExecutionOutcome, JobStatus, LogStream,
 };
@@ -37,8 +36,6 @@ impl Emit {
 pub struct JobWatch {
     known: HashMap<String, ActionStatus>,
     lines: LinePrefixer,
-    /// The last numbered event, where a broken watch resumes.
-    point: WatchPoint,
     /// Log bytes received per action and stream.
     received: HashMap<(String, LogStream), u64>,
 }
@@ -46,20 +43,12 @@ pub struct JobWatch {
 impl JobWatch {
     /// An event arrived; returns what to print and, for `finished`, the job's final status.
     pub fn on_event(&mut self, event: v1::JobEvent) -> (Vec<Emit>, Option<JobStatus>) {
-        self.point.follow(&event);
         match event.kind {
             Some(job_event::Kind::Action(status)) => (self.on_status(status), None),
             Some(job_event::Kind::Log(log)) => (self.on_log(&log), None),
             Some(job_event::Kind::Finished(job)) => (self.on_finished(&job), Some(job)),
             None => (Vec::new(), None),
         }
-    }
-
-    /// Where a new watch should resume (the coordinator sends nothing received before; a
-    /// restarted coordinator sends the stored statuses, which [`JobWatch::on_status`]
-    /// deduplicates).
-    pub fn point(&self) -> WatchPoint {
-        self.point
     }
 
     /// An action's status arrived.
@@ -286,10 +275,16 @@ pub fn progress_line(a: &ActionStatus) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use crate::farm::WatchPoint;
 
-    fn status(platform: &str, state: ActionState, exit_code: Option<i32>) -> ActionStatus {
+    /// An action of job j1 on `platform` (also used by run.rs's tests).
+    pub(crate) fn status(
+        platform: &str,
+        state: ActionState,
+        exit_code: Option<i32>,
+    ) -> ActionStatus {
         ActionStatus {
             action_id: format!("j1/{platform}"),
             platform: platform.to_string(),
@@ -381,25 +376,28 @@ mod tests {
         e
     }
 
+    /// The point a resumed watch (JobEvents) continues from after `events`.
+    fn follow(mut point: WatchPoint, events: &[v1::JobEvent]) -> WatchPoint {
+        for e in events {
+            point.follow(e);
+        }
+        point
+    }
+
     #[test]
     fn the_watch_point_is_the_last_numbered_event() {
-        let mut w = JobWatch::default();
-        assert_eq!(
-            w.point(),
-            WatchPoint::default(),
-            "a new watch starts from the beginning"
-        );
-        feed(
-            &mut w,
-            vec![
-                numbered(status_event(ActionState::Queued), 7, 1),
-                numbered(log_event("tick\n"), 7, 2),
-            ],
-        );
-        assert_eq!(w.point(), WatchPoint { epoch: 7, seq: 2 });
+        let start = WatchPoint::default();
+        let first = [
+            numbered(status_event(ActionState::Queued), 7, 1),
+            numbered(log_event("tick\n"), 7, 2),
+        ];
+        let p = follow(start, &first);
+        assert_eq!(p, WatchPoint { epoch: 7, seq: 2 });
         // Events made up from stored state (after a restart) are unnumbered: the point stays.
-        feed(&mut w, vec![status_event(ActionState::Running)]);
-        assert_eq!(w.point(), WatchPoint { epoch: 7, seq: 2 });
+        assert_eq!(
+            follow(p, &[status_event(ActionState::Running)]),
+            WatchPoint { epoch: 7, seq: 2 }
+        );
     }
 
     #[test]
@@ -416,8 +414,9 @@ mod tests {
             status_event(ActionState::Running), // the stored status: nothing new
             numbered(log_event("tick\n"), 9, 1), // new output that looks like old output
         ];
+        let p = follow(WatchPoint { epoch: 7, seq: 2 }, &after_restart);
         assert_eq!(feed(&mut w, after_restart), ["[linux/arm64] tick\n"]);
-        assert_eq!(w.point(), WatchPoint { epoch: 9, seq: 1 });
+        assert_eq!(p, WatchPoint { epoch: 9, seq: 1 });
     }
 
     #[test]

@@ -509,23 +509,7 @@ pub fn job_exit_code(platforms: &[String], actions: &[ActionStatus]) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use archfarm_proto::v1::ExecutionOutcome;
-
-    fn status(platform: &str, state: ActionState, exit_code: Option<i32>) -> ActionStatus {
-        ActionStatus {
-            action_id: format!("j1/{platform}"),
-            platform: platform.to_string(),
-            state: state as i32,
-            attempts: 1,
-            agent_id: "a1".into(),
-            result: exit_code.map(|c| v1::ExecutionResult {
-                outcome: ExecutionOutcome::Exited as i32,
-                exit_code: c,
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-    }
+    use crate::farm::job_watch::tests::status;
 
     fn platforms(p: &[&str]) -> Vec<String> {
         p.iter().map(|s| s.to_string()).collect()
