@@ -12,7 +12,9 @@ use archfarm_tests::*;
 use std::path::Path;
 use xtask::binfmt::{BinfmtGuard, ForeignArch};
 use xtask::dist::targets::{cross_built_agent, DistTarget};
-use xtask::dist::verify::{outputs_match, test_data, write_input, HARNESS_LABEL, JOB_COMMAND};
+use xtask::dist::verify::{
+    job_options, outputs_match, test_data, write_input, HARNESS_LABEL, JOB_COMMAND,
+};
 use xtask::dist::{TEST_AGENT_PLATFORMS, TEST_AGENT_PROFILE};
 
 #[test]
@@ -87,25 +89,10 @@ fn cross_built_agents_serve_their_own_platform_under_qemu_user() {
 
     let run = |round: u32| {
         let download = work.join(format!("download-{round}"));
-        let (input_s, download_s) = (
-            input.to_str().unwrap().to_string(),
-            download.to_str().unwrap().to_string(),
-        );
-        let mut args = vec![];
-        for (platform, _) in &agents {
-            args.extend(["--platform", platform]);
-        }
-        args.extend([
-            "--input",
-            &input_s,
-            "--output",
-            "out",
-            "--download",
-            &download_s,
-            "--cache-untrusted",
-            "--",
-            JOB_COMMAND,
-        ]);
+        let platforms: Vec<&str> = agents.iter().map(|(p, _)| *p).collect();
+        let options = job_options(&platforms, &input, &download);
+        let mut args: Vec<&str> = options.iter().map(String::as_str).collect();
+        args.extend(["--", JOB_COMMAND]);
         let (code, report, stderr) = farm.run_with_report(&args);
         assert_eq!(code, Some(0), "round {round}: {stderr}\n{report:#}");
         for (platform, _) in &agents {

@@ -552,6 +552,26 @@ async fn wait_joined(
 
 /// Runs the verification job on `platforms` (round 1 must run, round 2 must be a cache hit),
 /// downloads the outputs and compares them with what the Go program must have written.
+/// The `archfarm run` options of the verification job (shared with CI's foreign-agent test):
+/// every platform, the input tree, the declared output downloaded under `download`, and
+/// results of the harness's untrusted agents cached so that the second round is a hit.
+pub fn job_options(platforms: &[&str], input: &Path, download: &Path) -> Vec<String> {
+    let mut args = Vec::new();
+    for p in platforms {
+        args.extend(["--platform".to_string(), p.to_string()]);
+    }
+    args.extend([
+        "--input".to_string(),
+        input.to_string_lossy().into_owned(),
+        "--output".to_string(),
+        "out".to_string(),
+        "--download".to_string(),
+        download.to_string_lossy().into_owned(),
+        "--cache-untrusted".to_string(),
+    ]);
+    args
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn run_job(
     round: u32,
@@ -565,23 +585,12 @@ async fn run_job(
 ) -> anyhow::Result<()> {
     let download = work.join(format!("download-{round}"));
     let report = work.join(format!("report-{round}.json"));
-    let (input_s, download_s, report_s) = (
-        input.to_string_lossy().into_owned(),
-        download.to_string_lossy().into_owned(),
-        report.to_string_lossy().into_owned(),
-    );
+    let report_s = report.to_string_lossy().into_owned();
+    let names: Vec<&str> = platforms.iter().map(String::as_str).collect();
+    let options = job_options(&names, input, &download);
     let mut args: Vec<&str> = vec!["run"];
-    for p in platforms {
-        args.extend(["--platform", p.as_str()]);
-    }
+    args.extend(options.iter().map(String::as_str));
     args.extend([
-        "--input",
-        &input_s,
-        "--output",
-        "out",
-        "--download",
-        &download_s,
-        "--cache-untrusted",
         "--timeout",
         ACTION_TIMEOUT,
         "--description",
