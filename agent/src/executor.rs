@@ -15,7 +15,7 @@ use nix::unistd::Pid;
 use std::collections::HashMap;
 use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Component, Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -691,9 +691,12 @@ pub(crate) async fn run_process<L: LogSink>(
             .context("failed to set up the action's cgroup")?
             .context("failed to set up the action's limits")?
     };
+    // A root agent's sandboxed process becomes the sandbox user in the child (after its
+    // cgroup and limits), reaching its work dir through a mount namespace of its own.
+    let mut switch = None;
     let mut cmd = match &isolation.sandbox {
         Sandbox::Bwrap(b) => {
-            let mut c = tokio::process::Command::new(&b.program);
+            let mut c = std::process::Command::new(&b.program);
             c.args(b.args(&SandboxRequest {
                 work_dir: program.work_dir,
                 cwd: program.cwd,
@@ -709,31 +712,36 @@ pub(crate) async fn run_process<L: LogSink>(
                 c.arg(w);
             }
             c.arg(&resolved);
-            if let Some((uid, gid)) = b.user {
-                c.uid(uid).gid(gid);
-            }
+            // bwrap's own --chdir puts the program in `cwd`; the host path may be closed to
+            // the sandbox user.
+            c.current_dir("/");
+            switch = b
+                .user_switch(program.work_dir)
+                .context("failed to prepare the sandbox user")?;
             c
         }
-        Sandbox::Unsandboxed { .. } => match program.wrapper {
-            Some(w) => {
-                let mut c = tokio::process::Command::new(w);
-                c.arg(&resolved);
-                c
-            }
-            None => {
-                let mut c = tokio::process::Command::new(&resolved);
-                c.arg0(argv0);
-                c
-            }
-        },
+        Sandbox::Unsandboxed { .. } => {
+            let mut c = match program.wrapper {
+                Some(w) => {
+                    let mut c = std::process::Command::new(w);
+                    c.arg(&resolved);
+                    c
+                }
+                None => {
+                    let mut c = std::process::Command::new(&resolved);
+                    c.arg0(argv0);
+                    c
+                }
+            };
+            c.current_dir(program.cwd);
+            c
+        }
     };
     cmd.args(&program.argv[1..])
         .env_clear()
         .envs(program.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(program.cwd)
         .stdin(Stdio::null())
-        .process_group(0)
-        .kill_on_drop(true);
+        .process_group(0);
     let process_limits = ProcessLimits {
         // Without a cgroup, memory is held per process (with slack: the sampler below names
         // the breach first when the tree grows slowly).
@@ -745,7 +753,9 @@ pub(crate) async fn run_process<L: LogSink>(
         file_bytes: limits.disk_bytes,
         cpu_s: limits.cpu_time_s,
     };
-    limits::install_pre_exec(&mut cmd, cgroup.as_ref(), process_limits)?;
+    limits::install_pre_exec(&mut cmd, cgroup.as_ref(), process_limits, switch)?;
+    let mut cmd = tokio::process::Command::from(cmd);
+    cmd.kill_on_drop(true);
     match capture {
         Capture::Live(_) => {
             cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
@@ -768,9 +778,11 @@ pub(crate) async fn run_process<L: LogSink>(
     }
     // `cmd` (holding the parent's copies of the pipes' write ends) is dropped here, so the
     // pipes end when the last process holding them does.
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
-        Err(e) => match spawn_exit_code(&e) {
+    let mut child = match (cmd.spawn(), &isolation.sandbox) {
+        (Ok(c), _) => c,
+        // What failed to start is bwrap itself or the switch to its user: the agent's problem.
+        (Err(e), Sandbox::Bwrap(b)) => return Err(b.start_error(e)),
+        (Err(e), Sandbox::Unsandboxed { .. }) => match spawn_exit_code(&e) {
             Some(_) => return Ok(not_started(argv0, e)),
             None => return Err(e).with_context(|| format!("failed to start {argv0}")),
         },

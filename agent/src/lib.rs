@@ -35,6 +35,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("failed to create the data directory {}", data_dir.display()))?;
     let _lock = lock_data_dir(&data_dir)?;
+    if nix::unistd::geteuid().is_root() {
+        keep_private(&data_dir)?;
+    }
 
     // Work directories of a previous run are leftovers: nothing of ours runs in them.
     let work_root = data_dir.join("work");
@@ -74,10 +77,6 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         config.slots
     );
 
-    let Some(joined) = join::ensure_joined(&config, &host.hostname, &shutdown).await? else {
-        return Ok(());
-    };
-
     let isolation = {
         let (choice, data_dir, work_root) = (config.sandbox, data_dir.clone(), work_root.clone());
         let uid = config.sandbox_uid;
@@ -97,6 +96,10 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         .await
         .context("failed to set up the sandbox")??
     };
+    let Some(joined) = join::ensure_joined(&config, &host.hostname, &shutdown).await? else {
+        return Ok(());
+    };
+
     let policy = connection::PolicyFacts {
         sandbox: isolation.sandbox.describe(config.allow_network),
         limits: isolation.describe_limits(),
@@ -173,6 +176,28 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     connection::run_sessions(state, joined.credentials, sessions_stop).await;
     stopper.await.context("failed to stop cleanly")?;
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Takes group and other permissions off `data_dir`: it holds the agent's credentials and
+/// blob cache, and a root agent's actions run as another user (who reaches only its own work
+/// dir, through the sandbox's mount namespace).
+fn keep_private(data_dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(data_dir)
+        .with_context(|| format!("failed to read {}", data_dir.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(mode & 0o700))
+            .with_context(|| format!("failed to make {} private", data_dir.display()))?;
+        tracing::info!(
+            "data directory {} made private (mode {:o}, was {:o})",
+            data_dir.display(),
+            mode & 0o700,
+            mode & 0o777
+        );
+    }
     Ok(())
 }
 

@@ -3,9 +3,11 @@
 //! process gets (file size, CPU time, no core dumps) and a lower CPU priority, so a busy
 //! action never starves the agent's own heartbeat.
 use crate::policy::Limits;
+use crate::sandbox::UserSwitch;
 use anyhow::{bail, Context};
 use std::fs::File;
 use std::io::Write;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -259,11 +261,13 @@ impl ProcessLimits {
 }
 
 /// Makes the child, between fork and exec, join the cgroups of `cgroup` (by writing "0" to
-/// each `cgroup.procs`), take `limits`, and lower its CPU priority to `ACTION_NICENESS`.
+/// each `cgroup.procs`), take `limits`, lower its CPU priority to `ACTION_NICENESS`, and last
+/// (a root agent's sandboxed process) become the sandbox user through `switch`.
 pub fn install_pre_exec(
-    cmd: &mut tokio::process::Command,
+    cmd: &mut std::process::Command,
     cgroup: Option<&ActionCgroup>,
     limits: ProcessLimits,
+    switch: Option<UserSwitch>,
 ) -> anyhow::Result<()> {
     let procs = match cgroup {
         Some(cg) => cg
@@ -280,12 +284,17 @@ pub fn install_pre_exec(
         }
         limits.apply()?;
         lower_priority(ACTION_NICENESS);
+        if let Some(s) = &switch {
+            s.enter()?;
+        }
         Ok(())
     };
     #[allow(unsafe_code)]
     // SAFETY: the hook runs in the forked child before exec. It allocates nothing and calls
-    // only write(2) on files opened before the fork, setrlimit(2) and setpriority(2), all
-    // async-signal-safe; it touches no lock the parent might hold.
+    // only write(2) on files opened before the fork, setrlimit(2), setpriority(2), and
+    // (`UserSwitch::enter`) unshare(2), mount(2), open(2), mkdir(2), close(2), setgroups(2),
+    // setgid(2) and setuid(2) on paths built before the fork, all async-signal-safe; it
+    // touches no lock the parent might hold.
     unsafe {
         cmd.pre_exec(hook);
     }
@@ -490,7 +499,7 @@ mod tests {
             .begin("fork-test", &limits)
             .expect("begin")
             .expect("a cgroup");
-        let mut cmd = tokio::process::Command::new("/bin/sh");
+        let mut cmd = std::process::Command::new("/bin/sh");
         cmd.args([
             "-c",
             "for i in 1 2 3 4 5 6 7 8 9 10; do sleep 5 & done; wait",
@@ -500,7 +509,8 @@ mod tests {
             file_bytes: 0,
             cpu_s: 0,
         };
-        install_pre_exec(&mut cmd, Some(&cg), none).expect("hook");
+        install_pre_exec(&mut cmd, Some(&cg), none, None).expect("hook");
+        let mut cmd = tokio::process::Command::from(cmd);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

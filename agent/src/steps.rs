@@ -144,6 +144,7 @@ pub(crate) async fn run_steps<L: LogSink>(
             agent_id: String::new(),
             emulated: assign.emulated,
             cached: false,
+            cache_origin: None,
             message: run.message,
         });
     }

@@ -2,10 +2,12 @@
 //! and what happens on submit, hello, heartbeat, result, cancel, drain, revoke and each tick.
 //!
 //! Every method takes `now_unix_ms`, so leases, requeues and unschedulable grace are tested
-//! with injected time. Every change is written through to the store before it is announced,
-//! and announced only once durable: agent commands and job events wait in an outbox until a
-//! flush covers them ([`Farm::take_outbox`], flush, [`Farm::release`]), so one flush serves
-//! every change made meanwhile (group commit) instead of one fsync per result and placement.
+//! with injected time. Every change is written to the store before it is announced, and
+//! announced only once durable: agent commands and job events wait in an outbox until a
+//! flush covers them ([`Farm::take_outbox`], [`Outbox::write`], [`Farm::release`]), so one
+//! flush serves every change made meanwhile (group commit) instead of one fsync per result and
+//! placement. The farm never flushes: the committer does, outside the farm's lock; agent
+//! records (farm/agents.rs) are written by the committer too.
 use crate::cas::Cas;
 use crate::hubs::{Hubs, JobUpdate};
 use crate::model::*;
@@ -128,6 +130,9 @@ pub struct Completion {
     pub named_blobs: Vec<Digest>,
     /// Roots of output directory trees (their whole trees must stay for a cache hit).
     pub output_trees: Vec<Digest>,
+    /// Every blob of those trees, walked before the farm is locked
+    /// (`ResultCache::output_tree_blobs`), or why they were not: then it is never cached.
+    pub output_tree_blobs: Result<Vec<Digest>, String>,
     /// False when the result names a malformed digest: recorded, never cached.
     pub cacheable: bool,
     /// Per step, for actions made of steps.
@@ -149,31 +154,6 @@ pub struct StepCompletion {
     pub output: Option<Digest>,
     /// The wire StepResult, encoded, as reported.
     pub encoded: Vec<u8>,
-}
-
-/// Something the farm announced, held until a flush makes the change behind it durable.
-#[derive(Debug)]
-enum Announcement {
-    /// A command for the agent's session numbered `conn` (dropped if that session is gone).
-    Agent(AgentId, u64, AgentCommand),
-    /// An event for the watchers of a job whose hub was open when it was made (a hub opened
-    /// later starts from the stored state, which already holds the change).
-    Job(JobId, JobUpdate),
-}
-
-/// Announcements taken out of the farm for release, in order.
-#[derive(Debug)]
-pub struct Outbox {
-    announcements: Vec<Announcement>,
-    /// The store was written since the last take: flush it before releasing.
-    pub needs_flush: bool,
-}
-
-impl Outbox {
-    /// Nothing to flush and nothing to release.
-    pub fn is_empty(&self) -> bool {
-        self.announcements.is_empty() && !self.needs_flush
-    }
 }
 
 /// A session's sending half, told apart from earlier sessions of the same agent.
@@ -228,14 +208,31 @@ pub struct Farm {
     queued: BTreeSet<(u64, ActionId)>,
     /// The actions under a lease, per agent: slot usage and lease expiry walk this.
     leased: HashMap<AgentId, BTreeSet<ActionId>>,
+    /// How many of those are exclusive, per agent (absent: none).
+    leased_exclusive: HashMap<AgentId, u32>,
+    /// The agents as placement saw them last, refreshed in place by each dispatch
+    /// ([`Farm::refresh_views`]) so placement allocates nothing per agent.
+    views: Vec<AgentView>,
     /// Job id -> its actions still active.
     active_by_job: HashMap<JobId, BTreeSet<ActionId>>,
     hubs: Hubs,
     /// Announcements waiting for the flush that makes their changes durable.
     outbox: Vec<Announcement>,
-    /// The store was written since the outbox was last taken.
+    /// Outboxes taken so far (the group commit numbers them).
+    outboxes_taken: u64,
+    /// The store was written since the outbox was last taken, or an agent's change must be
+    /// durable before it is answered.
     unflushed: bool,
+    /// Results decided for the result cache, written at the next group commit.
+    cache_writes: Vec<CacheWrite>,
+    /// Composed input roots of submitted jobs, stored by the next group commit.
+    staged_blobs: Vec<crate::cas::VerifiedBlob>,
+    /// Agents whose record changed since the outbox was last taken: the commit writes them.
+    dirty_agents: BTreeSet<AgentId>,
     next_conn: u64,
+    /// The highest fence handed out (the store's counter, kept here so that checking a
+    /// result's fence reads no store under the lock).
+    fences_issued: u64,
     stale_results_refused: u64,
     started_unix_ms: u64,
     /// Results are recorded here as they come in (lookups happen outside the farm's lock).
@@ -254,11 +251,18 @@ impl Farm {
             active: BTreeMap::new(),
             queued: BTreeSet::new(),
             leased: HashMap::new(),
+            leased_exclusive: HashMap::new(),
+            views: Vec::new(),
             active_by_job: HashMap::new(),
             hubs: Hubs::default(),
             outbox: Vec::new(),
+            outboxes_taken: 0,
             unflushed: false,
+            cache_writes: Vec::new(),
+            staged_blobs: Vec::new(),
+            dirty_agents: BTreeSet::new(),
             next_conn: 0,
+            fences_issued: store.counter("fence")?,
             stale_results_refused: 0,
             started_unix_ms: now,
             store,
@@ -311,6 +315,9 @@ impl Farm {
                 .entry(l.agent.clone())
                 .or_default()
                 .insert(a.id.clone());
+            if a.spec.exclusive {
+                *self.leased_exclusive.entry(l.agent.clone()).or_default() += 1;
+            }
         }
         self.active.insert(a.id.clone(), a);
     }
@@ -326,6 +333,14 @@ impl Farm {
                 held.remove(id);
                 if held.is_empty() {
                     self.leased.remove(&l.agent);
+                }
+            }
+            if old.spec.exclusive {
+                if let Some(n) = self.leased_exclusive.get_mut(&l.agent) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.leased_exclusive.remove(&l.agent);
+                    }
                 }
             }
         }
@@ -376,6 +391,10 @@ impl Farm {
     pub fn active_actions(&self) -> impl Iterator<Item = &ActionRecord> {
         self.active.values()
     }
+    /// An active (not final) action.
+    pub fn active_action(&self, id: &ActionId) -> Option<&ActionRecord> {
+        self.active.get(id)
+    }
     /// Whether the agent is lost (no session or no recent heartbeat).
     pub fn agent_alive(&self, a: &AgentLive, now: u64) -> bool {
         a.alive(now, self.cfg.lease_ms)
@@ -397,10 +416,7 @@ impl Farm {
     /// Slots an agent's leased actions take: one each, or all of them for an exclusive one.
     fn slots_used(&self, agent: &AgentId, held: &BTreeSet<ActionId>) -> u32 {
         let used = held.len() as u32;
-        if held
-            .iter()
-            .any(|id| self.active.get(id).is_some_and(|a| a.spec.exclusive))
-        {
+        if self.leased_exclusive.contains_key(agent) {
             let slots = self
                 .agents
                 .get(agent)
@@ -411,69 +427,10 @@ impl Farm {
         }
     }
 
-    /// Registers a freshly joined agent.
-    pub fn add_agent(&mut self, record: AgentRecord) -> anyhow::Result<()> {
-        self.store.put_agent(&record)?;
-        self.store.flush()?;
-        self.agents.insert(
-            record.id.clone(),
-            AgentLive {
-                record,
-                session: None,
-            },
-        );
-        Ok(())
-    }
-
     fn save(&mut self, action: &ActionRecord) -> anyhow::Result<()> {
         self.store.put_action(action)?;
         self.unflushed = true;
         self.announce(&action.job, JobUpdate::Action(Box::new(action.clone())));
-        Ok(())
-    }
-
-    /// Holds an event for a job's watchers until the next release.
-    fn announce(&mut self, job: &JobId, update: JobUpdate) {
-        if self.hubs.is_open(job) {
-            self.outbox.push(Announcement::Job(job.clone(), update));
-        }
-    }
-
-    /// Takes what was announced so far, to release after a flush when `needs_flush` (which
-    /// makes every change behind it durable: each was written to the store before it was
-    /// announced).
-    pub fn take_outbox(&mut self) -> Outbox {
-        Outbox {
-            announcements: std::mem::take(&mut self.outbox),
-            needs_flush: std::mem::take(&mut self.unflushed),
-        }
-    }
-
-    /// Delivers taken announcements, in order: commands to the sessions they were meant for,
-    /// events to the jobs' watchers.
-    pub fn release(&mut self, outbox: Outbox) {
-        for a in outbox.announcements {
-            match a {
-                Announcement::Agent(agent, conn, cmd) => {
-                    let session = self.agents.get(&agent).and_then(|a| a.session.as_ref());
-                    if let Some(s) = session.filter(|s| s.conn == conn) {
-                        // A closed session is noticed by its own task; the lease covers the gap.
-                        let _ = s.tx.send(cmd);
-                    }
-                }
-                Announcement::Job(job, update) => self.hubs.publish(&job, update),
-            }
-        }
-    }
-
-    /// Flushes and releases at once, under the caller's lock (tests; the coordinator's
-    /// committer flushes outside the lock).
-    pub fn commit(&mut self) -> anyhow::Result<()> {
-        let outbox = self.take_outbox();
-        if outbox.needs_flush {
-            self.store.flush()?;
-        }
-        self.release(outbox);
         Ok(())
     }
 
@@ -519,117 +476,6 @@ impl Farm {
         self.dispatch(now)
     }
 
-    /// A session opened and said Hello. Returns the session's connection number.
-    pub fn hello(
-        &mut self,
-        agent: &AgentId,
-        facts: AgentFacts,
-        running: &[(ActionId, u64)],
-        tx: mpsc::UnboundedSender<AgentCommand>,
-        now: u64,
-    ) -> Result<u64, FarmError> {
-        self.next_conn += 1;
-        let conn = self.next_conn;
-        let live = self
-            .agents
-            .get_mut(agent)
-            .ok_or_else(|| FarmError::NotFound(format!("agent {agent} is not registered")))?;
-        live.record.facts = facts;
-        live.record.last_seen_unix_ms = now;
-        live.session = Some(SessionHandle { conn, tx });
-        let record = live.record.clone();
-        self.store.put_agent(&record)?;
-        if record.draining {
-            self.send(agent, AgentCommand::Drain);
-        }
-        self.renew(agent, running, now)?;
-        self.dispatch(now)?;
-        Ok(conn)
-    }
-
-    /// Renews the leases the agent still holds and cancels what it runs without one.
-    fn renew(
-        &mut self,
-        agent: &AgentId,
-        running: &[(ActionId, u64)],
-        now: u64,
-    ) -> anyhow::Result<()> {
-        for (id, fence) in running {
-            let holds = self
-                .active
-                .get(id)
-                .and_then(|a| a.lease.as_ref())
-                .is_some_and(|l| &l.agent == agent && l.fence == *fence);
-            if holds {
-                if let Some(lease) = self.active.get_mut(id).and_then(|a| a.lease.as_mut()) {
-                    lease.expiry_unix_ms = now + self.cfg.lease_ms;
-                }
-            } else {
-                self.send(
-                    agent,
-                    AgentCommand::Cancel {
-                        action: id.clone(),
-                        fence: *fence,
-                        reason: format!("lease {fence} on {id} is no longer held by {agent}"),
-                    },
-                );
-            }
-        }
-        Ok(())
-    }
-
-    /// A heartbeat from the session `conn`.
-    pub fn heartbeat(
-        &mut self,
-        agent: &AgentId,
-        conn: u64,
-        report: &HeartbeatReport,
-        running: &[(ActionId, u64)],
-        now: u64,
-    ) -> anyhow::Result<()> {
-        let HeartbeatReport {
-            load_1m,
-            free_disk_bytes,
-            paused_reason,
-        } = report;
-        let (load_1m, free_disk_bytes) = (*load_1m, *free_disk_bytes);
-        let Some(live) = self.agents.get_mut(agent) else {
-            return Ok(());
-        };
-        if live.session.as_ref().map(|s| s.conn) != Some(conn) {
-            return Ok(());
-        }
-        live.record.last_seen_unix_ms = now;
-        live.record.facts.load_1m = load_1m;
-        live.record.facts.free_disk_bytes = free_disk_bytes;
-        if &live.record.facts.paused_reason != paused_reason {
-            tracing::info!(
-                agent = %agent,
-                "agent {}",
-                if paused_reason.is_empty() {
-                    "takes work again".to_string()
-                } else {
-                    format!("takes no new work: {paused_reason}")
-                }
-            );
-            live.record.facts.paused_reason.clone_from(paused_reason);
-        }
-        self.renew(agent, running, now)?;
-        self.dispatch(now)
-    }
-
-    /// The session `conn` ended. Its leases stay until they lapse: the agent may come back.
-    pub fn session_closed(&mut self, agent: &AgentId, conn: u64) -> anyhow::Result<()> {
-        if let Some(live) = self.agents.get_mut(agent) {
-            if live.session.as_ref().map(|s| s.conn) == Some(conn) {
-                live.session = None;
-                let record = live.record.clone();
-                self.store.put_agent(&record)?;
-            }
-        }
-        Ok(())
-    }
-
     /// Live output from an agent; relayed only under the current lease.
     pub fn log(
         &mut self,
@@ -658,219 +504,6 @@ impl Farm {
         };
         let job = a.job.clone();
         self.announce(&job, update);
-    }
-
-    /// A result from an agent: recorded once under the current lease, refused otherwise. A
-    /// stale fence is refused in the acknowledgement (an agent resends results after a
-    /// reconnect, and its lease may have lapsed meanwhile); a result no lease could ever have
-    /// produced is [`FarmError::Refused`].
-    pub fn completed(
-        &mut self,
-        agent: &AgentId,
-        action_id: &ActionId,
-        fence: u64,
-        c: Completion,
-        now: u64,
-    ) -> Result<(), FarmError> {
-        if let Some(why) = self.never_leased(action_id, fence)? {
-            tracing::warn!(%agent, action = %action_id, fence, "refused a result: {why}");
-            return Err(FarmError::Refused(format!("result refused: {why}")));
-        }
-        let (accepted, reason) = self.record_completion(agent, action_id, fence, c, now)?;
-        self.send(
-            agent,
-            AgentCommand::Ack {
-                action: action_id.clone(),
-                fence,
-                accepted,
-                reason,
-            },
-        );
-        Ok(self.dispatch(now)?)
-    }
-
-    /// Why no lease could have produced a result for `action_id` under `fence`, if so: the
-    /// action does not exist, it was never leased to anyone, or the fence was never issued.
-    fn never_leased(&self, action_id: &ActionId, fence: u64) -> anyhow::Result<Option<String>> {
-        let attempts = match self.active.get(action_id) {
-            Some(a) => a.attempts,
-            None => match self.store.action(action_id)? {
-                Some(a) => a.attempts,
-                None => return Ok(Some(format!("{action_id} does not exist"))),
-            },
-        };
-        if attempts == 0 {
-            return Ok(Some(format!("{action_id} was never leased")));
-        }
-        if fence == 0 || fence > self.store.counter("fence")? {
-            return Ok(Some(format!("fence {fence} was never issued")));
-        }
-        Ok(None)
-    }
-
-    fn record_completion(
-        &mut self,
-        agent: &AgentId,
-        action_id: &ActionId,
-        fence: u64,
-        c: Completion,
-        now: u64,
-    ) -> anyhow::Result<(bool, String)> {
-        let Some(action) = self.active.get(action_id).cloned() else {
-            // Final already: a re-sent result of the lease that finished it is fine.
-            return Ok(match self.store.action(action_id)? {
-                Some(done) if done.result.as_ref().is_some_and(|r| r.fence == fence) => {
-                    (true, String::new())
-                }
-                Some(done) => {
-                    if done.state != ActionState::Cancelled {
-                        self.stale_results_refused += 1;
-                    }
-                    (
-                        false,
-                        format!(
-                            "{action_id} is already {} (fence {fence} is stale)",
-                            done.state.name()
-                        ),
-                    )
-                }
-                None => (false, format!("{action_id} does not exist")),
-            });
-        };
-        let current = action.lease.clone();
-        match current {
-            Some(l) if &l.agent == agent && l.fence == fence => {}
-            Some(l) => {
-                self.stale_results_refused += 1;
-                return Ok((
-                    false,
-                    format!(
-                        "stale fence {fence} for {action_id}: the current lease is {} on {}",
-                        l.fence, l.agent
-                    ),
-                ));
-            }
-            None => {
-                self.stale_results_refused += 1;
-                return Ok((
-                    false,
-                    format!(
-                        "stale fence {fence} for {action_id}: it is {} and not leased",
-                        action.state.name()
-                    ),
-                ));
-            }
-        }
-        let mut a = action;
-        a.lease = None;
-        if !a.spec.steps.is_empty() && c.outcome != Outcome::InfraError {
-            let trusted = self.is_trusted(agent);
-            let cacheable = c.outcome != Outcome::LimitExceeded;
-            self.record_steps(&a, trusted, &c, cacheable, now)?;
-        }
-        if c.outcome == Outcome::InfraError {
-            a.infra_failed_on.push(agent.clone());
-            self.agent_infra_failure(agent, &c.message, now)?;
-        } else {
-            self.agent_success(agent, now)?;
-        }
-        let result = ResultRecord {
-            encoded: c.encoded.clone(),
-            fence,
-        };
-        match c.outcome {
-            Outcome::InfraError if a.attempts < self.cfg.max_attempts => {
-                a.state = ActionState::Queued;
-                a.queued_unix_ms = now;
-                a.reason = format!(
-                    "attempt {} on {agent} failed for infra reasons: {}; queued again for \
-                     another agent",
-                    a.attempts, c.message
-                );
-                a.result = None;
-                self.save(&a)?;
-                self.put_active(a);
-                return Ok((true, String::new()));
-            }
-            Outcome::InfraError => {
-                a.state = ActionState::InfraFailed;
-                a.reason = format!(
-                    "infra failure on attempt {} of {}: {}",
-                    a.attempts, self.cfg.max_attempts, c.message
-                );
-            }
-            Outcome::Exited if c.exit_code == 0 => {
-                a.state = ActionState::Succeeded;
-                if !a.action_digest.is_empty() && c.cacheable {
-                    let key = CacheKey::Action(&a.action_digest);
-                    let reported = Reported {
-                        encoded: &c.encoded,
-                        blobs: c.named_blobs.clone(),
-                        output_trees: &c.output_trees,
-                    };
-                    let trusted = self.is_trusted(agent);
-                    self.cache.record(key, &a, trusted, reported, now)?;
-                }
-            }
-            Outcome::Exited => {
-                a.state = ActionState::Failed;
-                a.reason = format!("exit code {}", c.exit_code);
-            }
-            Outcome::TimedOut => {
-                a.state = ActionState::Failed;
-                a.reason = c.message.clone();
-            }
-            Outcome::LimitExceeded => {
-                a.state = ActionState::Failed;
-                a.reason = if c.message.is_empty() {
-                    "exceeded an agent limit".into()
-                } else {
-                    c.message.clone()
-                };
-            }
-            Outcome::Cancelled => {
-                a.state = ActionState::Cancelled;
-                a.reason = c.message.clone();
-            }
-        }
-        a.result = Some(result);
-        self.finish(a)?;
-        Ok((true, String::new()))
-    }
-
-    /// Records the steps' durations, and (if `cacheable`) passing results under their step
-    /// cache keys.
-    fn record_steps(
-        &mut self,
-        a: &ActionRecord,
-        trusted: bool,
-        c: &Completion,
-        cacheable: bool,
-        now: u64,
-    ) -> anyhow::Result<()> {
-        let platform = a.spec.platform.to_string();
-        for s in &c.steps {
-            let Some(spec) = a.spec.steps.iter().find(|x| x.name == s.name) else {
-                continue;
-            };
-            if s.exit_code >= 0 || s.timed_out {
-                self.store
-                    .record_duration(&platform, spec.history_item(), s.duration_ms)?;
-            }
-            let passing = s.exit_code == 0 && !s.timed_out;
-            if passing && cacheable && !spec.cache_key.is_empty() && c.cacheable {
-                if let Some(out) = s.output {
-                    let key = CacheKey::Step(&spec.cache_key);
-                    let reported = Reported {
-                        encoded: &s.encoded,
-                        blobs: vec![out],
-                        output_trees: &[],
-                    };
-                    self.cache.record(key, a, trusted, reported, now)?;
-                }
-            }
-        }
-        Ok(())
     }
 
     /// Records a final action and closes its job when it was the last one.
@@ -930,56 +563,6 @@ impl Farm {
         Ok(ids.len() as u32)
     }
 
-    /// Stops giving an agent new work.
-    pub fn drain(&mut self, agent: &AgentId) -> Result<(), FarmError> {
-        let live = self
-            .agents
-            .get_mut(agent)
-            .ok_or_else(|| FarmError::NotFound(format!("agent {agent} does not exist")))?;
-        live.record.draining = true;
-        let record = live.record.clone();
-        self.store.put_agent(&record)?;
-        self.store.flush()?;
-        self.send(agent, AgentCommand::Drain);
-        Ok(())
-    }
-
-    /// Revokes an agent: its session ends at once and its actions are queued again.
-    pub fn revoke(&mut self, agent: &AgentId, now: u64) -> Result<(), FarmError> {
-        let live = self
-            .agents
-            .get_mut(agent)
-            .ok_or_else(|| FarmError::NotFound(format!("agent {agent} does not exist")))?;
-        live.record.revoked = true;
-        live.session = None;
-        let record = live.record.clone();
-        self.store.put_agent(&record)?;
-        let held: Vec<ActionId> = self
-            .leased
-            .get(agent)
-            .map(|h| h.iter().cloned().collect())
-            .unwrap_or_default();
-        for id in held {
-            self.lease_lost(&id, &format!("agent {agent} was revoked"), now)?;
-        }
-        self.store.flush()?;
-        self.dispatch(now)?;
-        Ok(())
-    }
-
-    /// Whether an agent was joined with a token labelled `trusted=true` (its results are
-    /// cached by default).
-    pub fn is_trusted(&self, agent: &AgentId) -> bool {
-        self.agents
-            .get(agent)
-            .is_some_and(|a| crate::model::is_trusted(&a.record.labels))
-    }
-
-    /// Whether an agent's certificate has been revoked (checked on every stream message).
-    pub fn is_revoked(&self, agent: &AgentId) -> bool {
-        self.agents.get(agent).is_none_or(|a| a.record.revoked)
-    }
-
     /// A lease ended without a result (an infra failure of the attempt): queue again,
     /// preferably for another agent, or fail after the last attempt.
     fn lease_lost(&mut self, id: &ActionId, why: &str, now: u64) -> anyhow::Result<()> {
@@ -1033,7 +616,8 @@ impl Farm {
         // Unschedulable: queued actions no connected agent could ever take. Whether anyone
         // can serve a requirement is asked once per distinct requirement, not per action.
         let views = self.agent_views(now);
-        let mut servable: HashMap<(&Platform, &Labels, bool, bool, bool), bool> = HashMap::new();
+        let mut servable: HashMap<(&Platform, &Labels, bool, bool, bool, bool), bool> =
+            HashMap::new();
         let mut unservable: Vec<ActionId> = Vec::new();
         let mut served_again: Vec<ActionId> = Vec::new();
         for (_, id) in &self.queued {
@@ -1046,6 +630,7 @@ impl Farm {
                 a.spec.allow_emulation,
                 a.spec.exclusive,
                 a.spec.network,
+                !a.spec.submitter.trusted,
             );
             let can = *servable.entry(key).or_insert_with(|| {
                 let req = Requirement {
@@ -1054,6 +639,7 @@ impl Farm {
                     allow_emulation: key.2,
                     exclusive: key.3,
                     network: key.4,
+                    sandbox: key.5,
                     // Whether anyone could ever serve it; where it failed before only ranks.
                     infra_failed_on: &[],
                 };
@@ -1082,6 +668,7 @@ impl Farm {
                 allow_emulation: a.spec.allow_emulation,
                 exclusive: a.spec.exclusive,
                 network: a.spec.network,
+                sandbox: !a.spec.submitter.trusted,
                 infra_failed_on: &a.infra_failed_on,
             };
             let since = *a.unservable_since_unix_ms.get_or_insert(now);
@@ -1096,42 +683,98 @@ impl Farm {
     }
 
     fn agent_views(&self, now: u64) -> Vec<AgentView> {
-        let usage: HashMap<&AgentId, u32> = self
-            .leased
-            .iter()
-            .map(|(agent, held)| (agent, self.slots_used(agent, held)))
-            .collect();
-        self.agents
-            .values()
-            .filter(|a| !a.record.revoked)
-            .map(|a| AgentView {
-                id: a.record.id.clone(),
-                offers: a
-                    .record
-                    .facts
-                    .offers
-                    .iter()
-                    .map(|o| (o.platform.clone(), o.emulated))
-                    .collect(),
-                labels: match &a.record.facts.accept_labels {
-                    None => a.record.labels.clone(),
-                    Some(keys) => a
-                        .record
-                        .labels
+        let mut views = Vec::new();
+        self.refresh_views(&mut views, now);
+        views
+    }
+
+    /// Slots an agent's leases take now.
+    fn used_by(&self, agent: &AgentId) -> u32 {
+        self.leased
+            .get(agent)
+            .map_or(0, |held| self.slots_used(agent, held))
+    }
+
+    /// The labels placement matches against: those bound at join, or only the keys the
+    /// agent's policy accepts.
+    fn placement_labels(a: &AgentLive) -> Labels {
+        match &a.record.facts.accept_labels {
+            None => a.record.labels.clone(),
+            Some(keys) => a
+                .record
+                .labels
+                .iter()
+                .filter(|(k, _)| keys.contains(k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        }
+    }
+
+    /// Whether a view still shows the agent's offers and labels (what costs allocations).
+    fn same_agent(v: &AgentView, a: &AgentLive) -> bool {
+        let r = &a.record;
+        v.id == r.id
+            && v.offers.len() == r.facts.offers.len()
+            && v.offers
+                .iter()
+                .zip(&r.facts.offers)
+                .all(|((p, e), o)| *p == o.platform && *e == o.emulated)
+            && match &r.facts.accept_labels {
+                None => v.labels == r.labels,
+                Some(keys) => {
+                    v.labels.len() == r.labels.keys().filter(|k| keys.contains(*k)).count()
+                        && v.labels
+                            .iter()
+                            .all(|(k, val)| keys.contains(k) && r.labels.get(k) == Some(val))
+                }
+            }
+    }
+
+    /// Brings `views` up to date with the agents (revoked ones left out), in agent order:
+    /// a view whose agent's offers and labels are unchanged is updated in place; only a new
+    /// or changed agent's view is built afresh. Memory only.
+    fn refresh_views(&self, views: &mut Vec<AgentView>, now: u64) {
+        let mut n = 0;
+        for a in self.agents.values().filter(|a| !a.record.revoked) {
+            let r = &a.record;
+            let fresh = match views.get(n) {
+                Some(v) if Self::same_agent(v, a) => None,
+                _ => Some(AgentView {
+                    id: r.id.clone(),
+                    offers: r
+                        .facts
+                        .offers
                         .iter()
-                        .filter(|(k, _)| keys.contains(k))
-                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .map(|o| (o.platform.clone(), o.emulated))
                         .collect(),
-                },
-                slots: a.record.facts.slots,
-                used: usage.get(&a.record.id).copied().unwrap_or(0),
-                connected: a.alive(now, self.cfg.lease_ms),
-                draining: a.record.draining,
-                paused: !a.record.facts.paused_reason.is_empty(),
-                network: a.record.facts.allow_network,
-                quarantined: a.record.quarantine.active(now),
-            })
-            .collect()
+                    labels: Self::placement_labels(a),
+                    slots: 0,
+                    used: 0,
+                    connected: false,
+                    draining: false,
+                    paused: false,
+                    network: false,
+                    quarantined: false,
+                    sandboxed: false,
+                }),
+            };
+            match fresh {
+                Some(v) if n < views.len() => views[n] = v,
+                Some(v) => views.push(v),
+                None => {}
+            }
+            let v = &mut views[n];
+            v.slots = r.facts.slots;
+            v.used = self.used_by(&r.id);
+            v.connected = a.alive(now, self.cfg.lease_ms);
+            v.draining = r.draining;
+            v.paused = !r.facts.paused_reason.is_empty();
+            v.network = r.facts.allow_network;
+            v.quarantined = r.quarantine.active(now);
+            v.sandboxed = archfarm_proto::is_sandboxed(&r.facts.sandbox);
+            n += 1;
+        }
+        views.truncate(n);
     }
 
     /// Places queued actions, oldest job first, on the best free agents. Runs on every
@@ -1141,7 +784,15 @@ impl Farm {
         if self.queued.is_empty() {
             return Ok(());
         }
-        let mut views = self.agent_views(now);
+        let mut views = std::mem::take(&mut self.views);
+        self.refresh_views(&mut views, now);
+        let placed = self.place(&mut views, now);
+        self.views = views;
+        placed
+    }
+
+    /// The placement loop of [`Farm::dispatch`] over up-to-date `views`.
+    fn place(&mut self, views: &mut [AgentView], now: u64) -> anyhow::Result<()> {
         let free = |v: &AgentView| {
             if v.connected && !v.draining {
                 v.slots.saturating_sub(v.used)
@@ -1175,6 +826,7 @@ impl Farm {
                 allow_emulation: a.spec.allow_emulation,
                 exclusive: a.spec.exclusive,
                 network: a.spec.network,
+                sandbox: !a.spec.submitter.trusted,
                 infra_failed_on: &a.infra_failed_on,
             };
             // Placing only ever fills agents, so a requirement that found no agent finds none
@@ -1186,11 +838,12 @@ impl Farm {
             {
                 continue;
             }
-            let Some((agent, emulated)) = scheduler::choose_agent(&views, &req) else {
+            let Some((agent, emulated)) = scheduler::choose_agent(views.iter(), &req) else {
                 unplaceable.insert(fit);
                 continue;
             };
             let fence = self.store.next_counter("fence")?;
+            self.fences_issued = fence;
             let mut a = a.clone();
             a.state = ActionState::Running;
             a.attempts += 1;
@@ -1225,83 +878,17 @@ impl Farm {
         }
         Ok(())
     }
-
-    /// An action failed on `agent` for infra reasons: count it, and quarantine the agent after
-    /// `quarantine_after` in a row, or at once while on probation. Each quarantine in a row
-    /// lasts twice as long as the one before, up to `quarantine_max_ms`.
-    fn agent_infra_failure(&mut self, agent: &AgentId, why: &str, now: u64) -> anyhow::Result<()> {
-        let cfg = &self.cfg;
-        let Some(live) = self.agents.get_mut(agent) else {
-            return Ok(());
-        };
-        let q = &mut live.record.quarantine;
-        q.consecutive_infra_failures = q.consecutive_infra_failures.saturating_add(1);
-        let probation = q.on_probation(now);
-        if !q.active(now) && (probation || q.consecutive_infra_failures >= cfg.quarantine_after) {
-            q.quarantines = q.quarantines.saturating_add(1);
-            let backoff_ms = quarantine_backoff_ms(cfg, q.quarantines);
-            q.until_unix_ms = now + backoff_ms;
-            q.reason = if probation {
-                format!(
-                    "infra failure on probation ({why}); quarantine {} in a row, {} s",
-                    q.quarantines,
-                    backoff_ms / 1000
-                )
-            } else {
-                format!(
-                    "{} infra failures in a row (last: {why}); quarantined for {} s",
-                    q.consecutive_infra_failures,
-                    backoff_ms / 1000
-                )
-            };
-            tracing::warn!(agent = %agent, until_unix_ms = q.until_unix_ms, "agent quarantined: {}", q.reason);
-        }
-        let record = live.record.clone();
-        self.store.put_agent(&record)?;
-        self.unflushed = true;
-        Ok(())
-    }
-
-    /// `agent` ran an action to its end (whatever the command did): its infra-failure count
-    /// and any probation are cleared. An action it started before a quarantine that is still
-    /// on does not end the quarantine: only work taken on probation proves it healthy.
-    fn agent_success(&mut self, agent: &AgentId, now: u64) -> anyhow::Result<()> {
-        let Some(live) = self.agents.get_mut(agent) else {
-            return Ok(());
-        };
-        let q = &live.record.quarantine;
-        if *q == Quarantine::default() || q.active(now) {
-            return Ok(());
-        }
-        if live.record.quarantine.quarantines > 0 {
-            tracing::info!(agent = %agent, "agent passed its probation");
-        }
-        live.record.quarantine = Quarantine::default();
-        let record = live.record.clone();
-        self.store.put_agent(&record)?;
-        self.unflushed = true;
-        Ok(())
-    }
-
-    /// Holds a command for the agent's current session until the next release.
-    fn send(&mut self, agent: &AgentId, cmd: AgentCommand) {
-        if let Some(s) = self.agents.get(agent).and_then(|a| a.session.as_ref()) {
-            self.outbox
-                .push(Announcement::Agent(agent.clone(), s.conn, cmd));
-        }
-    }
 }
+
+mod agents;
+mod outbox;
+mod results;
+pub use agents::quarantine_backoff_ms;
+use outbox::Announcement;
+pub use outbox::Outbox;
 
 #[cfg(test)]
 mod lease_props;
-
-/// Length of the `n`th quarantine in a row (from 1): the base, doubled per quarantine, capped.
-pub fn quarantine_backoff_ms(cfg: &FarmConfig, n: u32) -> u64 {
-    let doublings = n.saturating_sub(1).min(32);
-    cfg.quarantine_base_ms
-        .saturating_mul(1u64 << doublings)
-        .min(cfg.quarantine_max_ms)
-}
 
 #[cfg(test)]
 mod tests;

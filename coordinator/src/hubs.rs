@@ -1,5 +1,11 @@
 //! Per-job event hubs: a bounded history plus a broadcast, so a watcher that attaches at any
 //! time while the job is active sees every state change and the live output, in order.
+//!
+//! Memory stays bounded for a coordinator that runs for months: a hub's broadcast buffer
+//! (its slots are allocated up front) exists only while someone watches, and finished jobs'
+//! hubs are kept for late watchers only for [`KEEP_FINISHED_MS`] and only up to
+//! [`MAX_FINISHED_EVENTS`] events in all, oldest dropped first; a watcher of a job whose hub
+//! is gone gets its stored state.
 use crate::model::{ActionId, ActionRecord, JobId};
 use archfarm_proto::Platform;
 use std::collections::{HashMap, VecDeque};
@@ -30,7 +36,11 @@ pub enum JobUpdate {
 /// Log bytes kept per job for late watchers; older output is dropped first.
 const HISTORY_LOG_BYTES: usize = 8 * 1024 * 1024;
 /// Finished jobs' hubs are kept this long for late watchers.
-const KEEP_FINISHED_MS: u64 = 5 * 60 * 1000;
+pub const KEEP_FINISHED_MS: u64 = 5 * 60 * 1000;
+/// Events kept in all in finished jobs' hubs; beyond, the oldest finished hubs are dropped.
+pub const MAX_FINISHED_EVENTS: usize = 20_000;
+/// Updates a watcher may fall behind by before it must resume.
+const BROADCAST_CAPACITY: usize = 4096;
 
 /// One job's hub.
 struct Hub {
@@ -38,7 +48,8 @@ struct Hub {
     seq: u64,
     history: VecDeque<(u64, JobUpdate)>,
     log_bytes: usize,
-    tx: broadcast::Sender<(u64, JobUpdate)>,
+    /// The live feed, while anyone watches (its buffer is allocated whole when made).
+    tx: Option<broadcast::Sender<(u64, JobUpdate)>>,
     finished_at: Option<std::time::Instant>,
 }
 
@@ -46,6 +57,10 @@ struct Hub {
 #[derive(Default)]
 pub struct Hubs {
     hubs: HashMap<JobId, Hub>,
+    /// Finished hubs in the order they finished, with the events each held then.
+    finished: VecDeque<(std::time::Instant, JobId, usize)>,
+    /// Events held by the hubs in `finished`.
+    finished_events: usize,
 }
 
 /// What a new watcher gets: the history so far and the live feed after it.
@@ -64,7 +79,7 @@ impl Hubs {
             seq: 0,
             history: VecDeque::new(),
             log_bytes: 0,
-            tx: broadcast::channel(4096).0,
+            tx: None,
             finished_at: None,
         });
     }
@@ -94,21 +109,37 @@ impl Hubs {
                 }
             }
         }
-        if matches!(update, JobUpdate::Finished(_)) {
-            hub.finished_at = Some(std::time::Instant::now());
-        }
+        let finished = matches!(update, JobUpdate::Finished(_));
         hub.seq += 1;
         hub.history.push_back((hub.seq, update.clone()));
-        let _ = hub.tx.send((hub.seq, update));
+        if let Some(tx) = &hub.tx {
+            if tx.receiver_count() == 0 {
+                hub.tx = None;
+            } else {
+                let _ = tx.send((hub.seq, update));
+            }
+        }
+        if finished && hub.finished_at.is_none() {
+            let at = std::time::Instant::now();
+            hub.finished_at = Some(at);
+            let events = hub.history.len();
+            self.finished.push_back((at, job.clone(), events));
+            self.finished_events += events;
+        }
     }
 
     /// Subscribes to a job's hub, opening it if needed (e.g. after a restart).
     pub fn subscribe(&mut self, job: &JobId) -> Subscription {
         self.open(job);
-        let hub = &self.hubs[job];
+        let Some(hub) = self.hubs.get_mut(job) else {
+            unreachable!("the hub was opened above");
+        };
+        let tx = hub
+            .tx
+            .get_or_insert_with(|| broadcast::channel(BROADCAST_CAPACITY).0);
         Subscription {
             history: hub.history.iter().cloned().collect(),
-            live: hub.tx.subscribe(),
+            live: tx.subscribe(),
         }
     }
 
@@ -127,9 +158,74 @@ impl Hubs {
     /// Drops the hubs of jobs finished longer ago than watchers are served from memory
     /// (the farm's tick calls it; publishing, which runs per log chunk, does not).
     pub fn prune(&mut self) {
-        self.hubs.retain(|_, h| {
-            h.finished_at
-                .is_none_or(|t| t.elapsed().as_millis() < u128::from(KEEP_FINISHED_MS))
-        });
+        while let Some((at, _, _)) = self.finished.front() {
+            let expired = at.elapsed().as_millis() >= u128::from(KEEP_FINISHED_MS);
+            if !expired && self.finished_events <= MAX_FINISHED_EVENTS {
+                break;
+            }
+            let Some((at, job, events)) = self.finished.pop_front() else {
+                break;
+            };
+            self.finished_events -= events;
+            // Only the hub that finished then (not one opened again since).
+            if self
+                .hubs
+                .get(&job)
+                .is_some_and(|h| h.finished_at == Some(at))
+            {
+                self.hubs.remove(&job);
+            }
+        }
+    }
+
+    /// Hubs held (active and finished jobs').
+    pub fn len(&self) -> usize {
+        self.hubs.len()
+    }
+
+    /// Whether no hub is held.
+    pub fn is_empty(&self) -> bool {
+        self.hubs.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finished_hubs_are_bounded_by_their_events_and_only_watched_hubs_broadcast() {
+        let mut hubs = Hubs::default();
+        let jobs = MAX_FINISHED_EVENTS + 10;
+        for n in 0..jobs {
+            let job = JobId(format!("j-{n}"));
+            hubs.open(&job);
+            hubs.publish(&job, JobUpdate::Finished(job.clone()));
+            assert!(hubs.hubs[&job].tx.is_none(), "nobody watches: no buffer");
+        }
+        // Each finished hub holds one event, so all are kept until the tick prunes.
+        assert_eq!(hubs.len(), jobs);
+        hubs.prune();
+        assert_eq!(hubs.len(), MAX_FINISHED_EVENTS);
+        assert!(!hubs.is_open(&JobId("j-0".into())), "the oldest went first");
+        assert!(hubs.is_open(&JobId(format!("j-{}", jobs - 1))));
+
+        let active = JobId("active".into());
+        hubs.open(&active);
+        let mut watch = hubs.subscribe(&active);
+        hubs.publish(&active, JobUpdate::Finished(active.clone()));
+        assert!(matches!(
+            watch.live.try_recv(),
+            Ok((1, JobUpdate::Finished(_)))
+        ));
+        drop(watch);
+        let again = JobId("again".into());
+        hubs.open(&again);
+        drop(hubs.subscribe(&again));
+        hubs.publish(&again, JobUpdate::Finished(again.clone()));
+        assert!(
+            hubs.hubs[&again].tx.is_none(),
+            "the last watcher left: buffer freed"
+        );
     }
 }

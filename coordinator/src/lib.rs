@@ -1,6 +1,7 @@
 //! The archfarm coordinator: agents join it over mutual TLS, clients submit jobs to it; it
 //! places each action on an agent of the right platform under a lease, and keeps its state in
 //! sled so that a restart loses nothing.
+pub mod cache_scope;
 pub mod cas;
 pub mod config;
 pub mod farm;
@@ -8,7 +9,9 @@ pub mod grpc;
 pub mod hubs;
 pub mod model;
 pub mod pki;
+pub mod planning;
 pub mod result_cache;
+pub mod revocations;
 pub mod scheduler;
 pub mod sharding;
 pub mod store;
@@ -42,6 +45,7 @@ pub fn open(config: &Config) -> anyhow::Result<SharedRef> {
                 role: Role::Admin,
                 name: "admin".into(),
                 revoked: false,
+                trusted: true,
             },
         )?;
         store.flush()?;
@@ -53,6 +57,16 @@ pub fn open(config: &Config) -> anyhow::Result<SharedRef> {
         cas_budget_bytes,
     )?);
     let farm = farm::Farm::load(store.clone(), cas.clone(), farm_config, now_unix_ms())?;
+    let revoked = revocations::Revoked::from_records(
+        store
+            .principals()?
+            .into_iter()
+            .filter(|(_, p)| p.revoked)
+            .map(|(fp, _)| fp),
+        farm.agents()
+            .filter(|a| a.record.revoked)
+            .map(|a| a.record.id.0.clone()),
+    );
     Ok(Arc::new(Shared {
         cache: farm.cache().clone(),
         farm: Mutex::new(farm),
@@ -60,8 +74,10 @@ pub fn open(config: &Config) -> anyhow::Result<SharedRef> {
         cas,
         pki,
         clock: now_unix_ms,
-        revocations: tokio::sync::watch::channel(0).0,
+        revocations: revocations::Revocations::new(revoked),
         committing: tokio::sync::Mutex::new(()),
+        committed: std::sync::atomic::AtomicU64::new(0),
+        store_written: Default::default(),
     }))
 }
 

@@ -1,4 +1,5 @@
 //! The coordinator's records: what the store keeps and the farm state works on.
+pub use crate::cache_scope::{CacheScope, Submitter};
 use archfarm_proto::{Digest, Platform};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -75,6 +76,21 @@ pub struct Principal {
     pub name: String,
     /// Revoked certificates are refused on connect and on every open stream.
     pub revoked: bool,
+    /// Issued as trusted (`credentials create --trusted`): its jobs' results go to the shared
+    /// cache scope. Credentials issued before trust existed are untrusted.
+    #[serde(default)]
+    pub trusted: bool,
+}
+
+impl Principal {
+    /// Whether its jobs write the shared cache scope: admins always, clients when issued so.
+    pub fn is_trusted(&self) -> bool {
+        self.role == Role::Admin || self.trusted
+    }
+    /// Who its jobs are submitted by.
+    pub fn submitter(&self) -> Submitter {
+        Submitter::new(self.name.clone(), self.is_trusted())
+    }
 }
 
 /// A join token (the secret is kept only as its blake3 hash).
@@ -97,6 +113,19 @@ pub struct TokenRecord {
     /// Unix ms of creation (0 for tokens stored before it was recorded).
     #[serde(default)]
     pub created_unix_ms: u64,
+}
+
+impl TokenRecord {
+    /// Whether `secret` is this token's secret half. The hashes are compared in constant time
+    /// (`subtle`), so the time taken says nothing about how much of a guess was right.
+    pub fn secret_matches(&self, secret: &str) -> bool {
+        use subtle::ConstantTimeEq;
+        let Ok(stored) = blake3::Hash::from_hex(self.secret_hash.as_bytes()) else {
+            return false;
+        };
+        let given = blake3::hash(secret.as_bytes());
+        given.as_bytes().ct_eq(stored.as_bytes()).into()
+    }
 }
 
 /// The label that makes an agent trusted: its results are written to the result cache.
@@ -274,6 +303,10 @@ pub struct ActionSpec {
     /// Store the result in the result cache even when it was produced under emulation.
     #[serde(default)]
     pub cache_emulated: bool,
+    /// Who submitted it: decides the cache scopes it reads and writes, and whether it may
+    /// run on an agent without a sandbox.
+    #[serde(default)]
+    pub submitter: Submitter,
 }
 
 #[cfg(test)]
@@ -296,6 +329,7 @@ impl ActionSpec {
             network: false,
             cache_untrusted: false,
             cache_emulated: false,
+            submitter: Submitter::new("tester", true),
         }
     }
 }
@@ -371,6 +405,62 @@ pub enum CacheKey<'a> {
     Step(&'a str),
 }
 
+/// Where a result answered from the result cache came from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheOrigin {
+    /// The scope it was read from.
+    pub scope: CacheScope,
+    /// The principal whose job produced it.
+    pub submitter: String,
+    /// The action that produced it.
+    pub action: ActionId,
+    /// The agent that ran it.
+    pub agent: AgentId,
+    /// Whether it ran under emulation.
+    pub emulated: bool,
+    /// Whether that agent was trusted.
+    pub trusted_agent: bool,
+    /// Unix ms it was recorded.
+    pub recorded_unix_ms: u64,
+}
+
+impl fmt::Display for CacheOrigin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} scope, from {} of {} on {} ({}{})",
+            self.scope,
+            self.action,
+            self.submitter,
+            self.agent,
+            if self.emulated { "emulated" } else { "native" },
+            if self.trusted_agent { ", trusted" } else { "" }
+        )
+    }
+}
+
+/// A result to be written to the result cache at the next group commit.
+#[derive(Clone, Debug)]
+pub struct CacheWrite {
+    /// A step key (else an action key).
+    pub step: bool,
+    /// The key (hex).
+    pub key: String,
+    /// The entry (it names the scope it goes to).
+    pub entry: CacheEntry,
+}
+
+impl CacheWrite {
+    /// Its key.
+    pub fn key(&self) -> CacheKey<'_> {
+        if self.step {
+            CacheKey::Step(&self.key)
+        } else {
+            CacheKey::Action(&self.key)
+        }
+    }
+}
+
 /// A stored result in the result cache, with who produced it. Only results an agent reported
 /// under a valid lease are ever stored.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -387,11 +477,32 @@ pub struct CacheEntry {
     /// Whether the producing agent was trusted (joined with `trusted=true`).
     #[serde(default)]
     pub trusted: bool,
+    /// The scope it was written to.
+    pub scope: CacheScope,
+    /// The principal whose job produced it.
+    pub submitter: String,
+    /// The action that produced it.
+    pub action: ActionId,
     /// Unix ms it was recorded.
     pub recorded_unix_ms: u64,
     /// Every blob the result names (outputs with their whole trees, stdout, stderr): a hit is
     /// only a hit while all of them are stored intact.
     pub blobs: Vec<Digest>,
+}
+
+impl CacheEntry {
+    /// Where it came from, read from `scope`.
+    pub fn origin(&self, scope: &CacheScope) -> CacheOrigin {
+        CacheOrigin {
+            scope: scope.clone(),
+            submitter: self.submitter.clone(),
+            action: self.action.clone(),
+            agent: self.agent.clone(),
+            emulated: self.emulated,
+            trusted_agent: self.trusted,
+            recorded_unix_ms: self.recorded_unix_ms,
+        }
+    }
 }
 
 /// One action of a job.
@@ -437,6 +548,18 @@ pub struct ActionRecord {
     /// INFRA_ERROR): the agent it was on. Placement avoids these agents.
     #[serde(default)]
     pub infra_failed_on: Vec<AgentId>,
+    /// Where its result came from, when answered from the action cache.
+    #[serde(default)]
+    pub cache_origin: Option<CacheOrigin>,
+    /// Where its result was written in the result cache (`shared`, `principal NAME`) or why
+    /// it was not (`not cached: ...`); empty until it finishes.
+    #[serde(default)]
+    pub cache_write: String,
+    /// Fences of the attempts whose INFRA_ERROR result was recorded, so that result sent
+    /// again (its acknowledgement lost, or the coordinator restarted before sending it) is
+    /// acknowledged without change instead of refused and counted as stale.
+    #[serde(default)]
+    pub infra_result_fences: Vec<u64>,
 }
 
 impl ActionRecord {
@@ -460,6 +583,9 @@ impl ActionRecord {
             started_unix_ms: 0,
             predicted_ms: 0,
             infra_failed_on: Vec::new(),
+            cache_origin: None,
+            cache_write: String::new(),
+            infra_result_fences: Vec::new(),
         }
     }
 }
@@ -504,4 +630,40 @@ pub fn now_unix_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(secret: &str) -> TokenRecord {
+        TokenRecord {
+            id: "abc123".into(),
+            secret_hash: blake3::hash(secret.as_bytes()).to_hex().to_string(),
+            labels: Labels::new(),
+            expires_unix_ms: u64::MAX,
+            single_use: false,
+            uses: 0,
+            description: String::new(),
+            created_unix_ms: 0,
+        }
+    }
+
+    #[test]
+    fn a_token_secret_matches_only_itself() {
+        let t = token("0123456789abcdef");
+        assert!(t.secret_matches("0123456789abcdef"));
+        assert!(!t.secret_matches("0123456789abcdee"));
+        assert!(!t.secret_matches(""));
+        assert!(!t.secret_matches("0123456789abcdef0"));
+    }
+
+    #[test]
+    fn a_token_whose_stored_hash_is_damaged_matches_nothing() {
+        let mut t = token("0123456789abcdef");
+        t.secret_hash = "not hex".into();
+        assert!(!t.secret_matches("0123456789abcdef"));
+        t.secret_hash.clear();
+        assert!(!t.secret_matches(""));
+    }
 }

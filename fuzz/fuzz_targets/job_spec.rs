@@ -4,8 +4,9 @@
 #![no_main]
 
 use archfarm_coordinator::farm::AgentCommand;
-use archfarm_coordinator::grpc::{convert, jobs, step_sets};
-use archfarm_coordinator::model::JobId;
+use archfarm_coordinator::grpc::convert;
+use archfarm_coordinator::model::{JobId, Submitter};
+use archfarm_coordinator::planning::{spec as jobs, step_sets};
 use archfarm_proto::v1;
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
@@ -42,10 +43,11 @@ fuzz_target!(|data: &[u8]| {
         "env sorted and unique"
     );
     let job = JobId("j-000001".into());
-    let actions = jobs::plan_actions(&spec, &valid, &job, 1, 0);
+    let submitter = Submitter::new("fuzz", false);
+    let actions = jobs::plan_actions(&spec, &valid, &submitter, &job, 1, 0);
     assert_eq!(actions.len(), valid.platforms.len());
     for a in actions {
-        assert_eq!(convert::action_digest(&a.spec).hex(), a.action_digest);
+        assert_eq!(jobs::action_digest(&a.spec).hex(), a.action_digest);
         assert!(a.spec.argv.iter().all(|arg| !arg.contains('\0')));
         let msg = convert::command_to_proto(AgentCommand::Assign {
             action: Box::new(a.clone()),

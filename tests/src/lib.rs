@@ -4,11 +4,13 @@
 use anyhow::{bail, Context};
 use archfarm_proto::tls::{connect, Credentials, ServerTrust};
 use archfarm_proto::v1;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
+
+pub mod go;
+pub use go::*;
 
 /// The directory holding the workspace's built binaries (target/debug).
 pub fn bin_dir() -> PathBuf {
@@ -89,6 +91,25 @@ pub struct RawSession {
     pub rx: tonic::Streaming<v1::CoordinatorMessage>,
 }
 
+/// Package verdicts from a `go test -json` stream: import path -> "pass" | "fail" | "skip".
+pub fn go_test_verdicts(stream: &str) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::new();
+    for line in stream.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if v.get("Test").is_some_and(|t| !t.is_null()) {
+            continue;
+        }
+        if let (Some(pkg), Some(action)) = (v["Package"].as_str(), v["Action"].as_str()) {
+            if matches!(action, "pass" | "fail" | "skip") {
+                out.insert(pkg.to_string(), action.to_string());
+            }
+        }
+    }
+    out
+}
+
 /// A Hello offering one native platform with one slot.
 pub fn hello(platform: &str) -> v1::AgentMessage {
     hello_message(v1::Hello {
@@ -98,6 +119,8 @@ pub fn hello(platform: &str) -> v1::AgentMessage {
         }],
         slots: 1,
         hostname: "raw-session".into(),
+        // Says it sandboxes, so untrusted clients' jobs may be assigned to it.
+        sandbox: "bwrap (raw session)".into(),
         ..Default::default()
     })
 }
@@ -157,10 +180,8 @@ impl Farm {
             .prefix("archfarm-e2e-")
             .tempdir()
             .expect("tempdir");
-        // Agents running as root run actions as an unprivileged user, who must be able to
-        // reach the work dirs below (listing stays the owner's).
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))
-            .expect("chmod the farm dir");
+        // Left 0700 (tempfile's mode): a root agent's sandbox user must not need to reach the
+        // data dirs below (tests/tests/sandbox.rs checks it).
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -427,11 +448,21 @@ impl Farm {
         v["agent_id"].as_str().expect("agent_id").to_string()
     }
 
-    /// Issues client credentials named `name` through `farm credentials create`; returns
-    /// their directory.
+    /// Issues untrusted client credentials named `name` (as for pull-request jobs) through
+    /// `archfarm credentials create`; returns their directory.
     pub fn client_credentials(&self, name: &str) -> PathBuf {
+        self.issue_client_credentials(name, false)
+    }
+
+    /// Issues trusted client credentials named `name` (`--trusted`: its results go to the
+    /// shared cache scope); returns their directory.
+    pub fn trusted_client_credentials(&self, name: &str) -> PathBuf {
+        self.issue_client_credentials(name, true)
+    }
+
+    fn issue_client_credentials(&self, name: &str, trusted: bool) -> PathBuf {
         let out = self.dir.path().join(format!("client-{name}"));
-        let o = self.cli(&[
+        let mut args = vec![
             "credentials",
             "create",
             "--role",
@@ -440,7 +471,11 @@ impl Farm {
             name,
             "--out",
             out.to_str().expect("utf-8 path"),
-        ]);
+        ];
+        if trusted {
+            args.push("--trusted");
+        }
+        let o = self.cli(&args);
         assert!(
             o.status.success(),
             "credentials create failed: {}",
@@ -593,8 +628,15 @@ impl Farm {
     /// A copy of the repository's GOPATH tree of Go fixtures (tests/fixtures/go) in the farm's
     /// directory, so tests may change it.
     pub fn copy_go_fixtures(&self) -> PathBuf {
-        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/go");
-        let dst = self.dir.path().join("gopath");
+        self.copy_fixture("go", "gopath")
+    }
+
+    /// A copy of tests/fixtures/`fixture` as `name` in the farm's directory.
+    pub fn copy_fixture(&self, fixture: &str, name: &str) -> PathBuf {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures")
+            .join(fixture);
+        let dst = self.dir.path().join(name);
         let st = Command::new("cp")
             .arg("-r")
             .arg(&src)
@@ -603,6 +645,23 @@ impl Farm {
             .expect("run cp");
         assert!(st.success(), "copy {}", src.display());
         dst
+    }
+
+    /// A farm with a native linux/amd64 agent and an agent that serves linux/arm64 only under
+    /// qemu-user, both ready.
+    pub fn start_amd64_and_emulated_arm64() -> Farm {
+        let mut farm = Farm::start(&[]);
+        farm.add_agent("amd64", &[]);
+        farm.add_agent(
+            "arm64",
+            &[
+                "--no-native",
+                "--emulate",
+                &format!("linux/arm64={}", qemu_for("arm64")),
+            ],
+        );
+        farm.wait_ready_agents(2);
+        farm
     }
 
     /// Go's GOPATH mode on `gopath` (a list of paths is fine), cgo off, with this farm's own
@@ -627,7 +686,19 @@ impl Farm {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> (Output, String) {
-        let mut cmd = self.cli_command(args, &self.admin_dir());
+        self.go_cli_as(&self.admin_dir(), cwd, gopath, args, env)
+    }
+
+    /// Like [`Farm::go_cli`], with the client credentials in `creds`.
+    pub fn go_cli_as(
+        &self,
+        creds: &Path,
+        cwd: &Path,
+        gopath: impl AsRef<std::ffi::OsStr>,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> (Output, String) {
+        let mut cmd = self.cli_command(args, creds);
         cmd.current_dir(cwd).envs(env.iter().copied());
         self.go_env(&mut cmd, gopath);
         let out = self.run_logged(cmd, args);

@@ -19,17 +19,7 @@ fn row<'a>(text: &'a str, pkg: &str) -> &'a str {
 }
 
 fn start() -> (Farm, PathBuf) {
-    let mut farm = Farm::start(&[]);
-    farm.add_agent("amd64", &[]);
-    farm.add_agent(
-        "arm64",
-        &[
-            "--no-native",
-            "--emulate",
-            &format!("linux/arm64={}", qemu_for("arm64")),
-        ],
-    );
-    farm.wait_ready_agents(2);
+    let farm = Farm::start_amd64_and_emulated_arm64();
     let gp = farm.copy_go_fixtures();
     (farm, gp)
 }

@@ -26,25 +26,6 @@ fn gopath(dir: &Path) -> PathBuf {
     dst
 }
 
-/// Package verdicts from a `go test -json` stream: import path -> "pass" | "fail" | "skip".
-fn verdicts(stream: &str) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    for line in stream.lines() {
-        let Ok(v) = serde_json::from_str::<Value>(line) else {
-            continue;
-        };
-        if v.get("Test").is_some_and(|t| !t.is_null()) {
-            continue;
-        }
-        if let (Some(pkg), Some(action)) = (v["Package"].as_str(), v["Action"].as_str()) {
-            if matches!(action, "pass" | "fail" | "skip") {
-                out.insert(pkg.to_string(), action.to_string());
-            }
-        }
-    }
-    out
-}
-
 /// Runs the package's test binary for `arch` directly (natively or under qemu-user) in the
 /// package directory, as `go test` would; returns "pass" or "fail".
 fn direct_verdict(farm: &Farm, gopath: &Path, bins: &Path, pkg: &str, arch: &str) -> String {
@@ -140,7 +121,7 @@ fn k8s_utils_unit_tests_on_five_platforms_match_direct_runs_and_cache() {
     let mut any_fail = false;
     for arch in std::iter::once("amd64").chain(FOREIGN) {
         let stream = std::fs::read_to_string(json.join(format!("linux_{arch}.json"))).unwrap();
-        let farm_verdicts = verdicts(&stream);
+        let farm_verdicts = go_test_verdicts(&stream);
         assert!(
             farm_verdicts.len() >= 20,
             "{arch}: only {} packages in the stream",

@@ -976,17 +976,41 @@ fn malformed_requests_to_every_service_get_precise_statuses() {
             .map(drop)
         }),
     );
-    let issue = |role: &str, name: &str, csr: &str| {
-        farm.block_on(
-            admin(&admin_ch).issue_credentials(v1::IssueCredentialsRequest {
-                role: role.into(),
-                name: name.into(),
-                csr_pem: csr.into(),
-                days: 0,
-            }),
-        )
+    let issue_as = |ch: &Channel, role: &str, name: &str, csr: &str, trusted: bool| {
+        farm.block_on(admin(ch).issue_credentials(v1::IssueCredentialsRequest {
+            role: role.into(),
+            name: name.into(),
+            csr_pem: csr.into(),
+            days: 0,
+            trusted,
+        }))
         .map(drop)
     };
+    let issue = |role: &str, name: &str, csr: &str| issue_as(&admin_ch, role, name, csr, false);
+    row(
+        &mut rows,
+        "Admin",
+        "issue trusted admin credentials",
+        Code::InvalidArgument,
+        "only client credentials",
+        Box::new(|| issue_as(&admin_ch, "admin", "root", "", true)),
+    );
+    row(
+        &mut rows,
+        "Admin",
+        "issue trusted credentials as a client",
+        Code::PermissionDenied,
+        "this call needs role admin",
+        Box::new(|| issue_as(&client_ch, "client", "sneaky", "", true)),
+    );
+    row(
+        &mut rows,
+        "Admin",
+        "issue trusted credentials under an untrusted client's name",
+        Code::FailedPrecondition,
+        "were issued untrusted",
+        Box::new(|| issue_as(&admin_ch, "client", "ci", "", true)),
+    );
     row(
         &mut rows,
         "Admin",

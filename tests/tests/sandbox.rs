@@ -1,8 +1,9 @@
 //! A donated machine is safe to lend: actions that write outside their work dir, open a TCP
 //! connection, fork thousands of processes, allocate past their memory limit, fill their disk
 //! budget, flood their output or hang fail with a clear limit or infra reason, and the agent
-//! stays healthy and takes the next action; a stuck run quarantines its agent. Needs
-//! bubblewrap (CI installs it).
+//! stays healthy and takes the next action; a stuck run quarantines its agent. A root agent
+//! whose data dir lies under a directory only root may enter still sandboxes its actions, and
+//! one without a sandbox is marked UNSANDBOXED. Needs bubblewrap (CI installs it).
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 use archfarm_proto::v1;
 use archfarm_tests::*;
@@ -262,4 +263,126 @@ fn a_stuck_run_quarantines_its_agent() {
     );
     waiting.kill().unwrap();
     waiting.wait().unwrap();
+}
+
+/// The lab operator's case: an agent run as root with its data dir under a 0700 directory
+/// (`mktemp -d`, /root/x) and `sandbox = "auto"`. It must still sandbox: the probe passes,
+/// actions run as the sandbox user, and a file an action writes to /tmp never reaches the
+/// host's /tmp.
+#[test]
+fn a_root_agent_under_a_closed_directory_still_sandboxes() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!(
+            "SKIPPED a_root_agent_under_a_closed_directory_still_sandboxes: the agent must run \
+             as root for this test (CI runs as root)"
+        );
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mut farm = Farm::start(&["--max-attempts", "1"]);
+    std::fs::set_permissions(farm.dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let policy = farm.dir.path().join("policy.toml");
+    std::fs::write(&policy, "sandbox = \"auto\"\nmin_free_disk_bytes = 0\n").unwrap();
+    farm.add_agent("closed", &["--policy", policy.to_str().unwrap()]);
+    farm.wait_ready_agents(1);
+
+    let status = farm.status().unwrap();
+    let agent = &status.agents[0];
+    assert!(
+        archfarm_proto::is_sandboxed(&agent.sandbox) && agent.sandbox.contains("uid 65534"),
+        "the root agent is not sandboxed: {:?}",
+        agent.sandbox
+    );
+    let text = String::from_utf8_lossy(&farm.cli(&["status"]).stdout).into_owned();
+    assert!(text.contains("bwrap (uid 65534"), "{text}");
+    assert!(!text.contains("UNSANDBOXED"), "{text}");
+
+    let name = format!(
+        "archfarm-e2e-escape-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    let host_file = std::path::Path::new("/tmp").join(&name);
+    let script =
+        format!("echo escaped > /tmp/{name} && cat /tmp/{name} && echo \"uid=$(id -u)\" && pwd");
+    let out = farm.cli(&[
+        "run",
+        "--platform",
+        &native(),
+        "--no-cache",
+        "--timeout",
+        "60s",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    // The write itself succeeded (in the sandbox's private /tmp), as the sandbox user, in the
+    // work dir under the closed directory.
+    assert!(stdout.contains("escaped"), "{stdout}\n{stderr}");
+    assert!(stdout.contains("uid=65534"), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains(&*farm.dir.path().join("agent-closed/work").to_string_lossy()),
+        "{stdout}\n{stderr}"
+    );
+    assert!(
+        !host_file.exists(),
+        "the action wrote {} on the host",
+        host_file.display()
+    );
+    // Nothing was opened up for it.
+    for dir in [
+        farm.dir.path().to_path_buf(),
+        farm.dir.path().join("agent-closed"),
+    ] {
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "{} is {mode:o}", dir.display());
+    }
+    farm.assert_no_unexpected_errors(&[]);
+}
+
+/// A root agent runs actions without a sandbox only when its policy says `sandbox = "none"`;
+/// then status marks it UNSANDBOXED. (That `auto` never falls back to none for a root agent is
+/// `sandbox::tests::auto_falls_back_only_for_...` in the agent: this host has bubblewrap.)
+#[test]
+fn a_root_agent_without_a_sandbox_is_marked_unsandboxed() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!(
+            "SKIPPED a_root_agent_without_a_sandbox_is_marked_unsandboxed: the agent must run \
+             as root for this test (CI runs as root)"
+        );
+        return;
+    }
+    let mut farm = Farm::start(&[]);
+    let policy = farm.dir.path().join("policy.toml");
+    std::fs::write(&policy, "sandbox = \"none\"\nmin_free_disk_bytes = 0\n").unwrap();
+    farm.add_agent("open", &["--policy", policy.to_str().unwrap()]);
+    farm.wait_ready_agents(1);
+    let status = farm.status().unwrap();
+    let agent = &status.agents[0];
+    assert!(!archfarm_proto::is_sandboxed(&agent.sandbox), "{agent:?}");
+    assert!(agent.sandbox.contains("actions run as root"), "{agent:?}");
+    let text = String::from_utf8_lossy(&farm.cli(&["status"]).stdout).into_owned();
+    assert!(
+        text.contains("UNSANDBOXED (none: turned off by policy"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "WARNING: 1 agent runs actions UNSANDBOXED, with the access of the agent's user: {}",
+            agent.agent_id
+        )),
+        "{text}"
+    );
+    let log = farm.agents[0].log_text();
+    assert!(
+        log.contains("running actions without a sandbox"),
+        "the agent must warn in its log:\n{log}"
+    );
 }

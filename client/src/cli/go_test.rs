@@ -36,13 +36,25 @@ pub fn show_progress(sh: &mut Shell, verbose: bool, p: &GoTestProgress) {
             packages,
             platforms,
             cached,
+            cached_by_scope,
             to_run,
-        } => sh.err(format!(
-            "{packages} package{} with tests on {platforms} platform{}: {cached} cached, \
-             {to_run} to build and run",
-            s(*packages),
-            s(*platforms)
-        )),
+        } => {
+            let scopes = if cached_by_scope.is_empty() {
+                String::new()
+            } else {
+                let parts: Vec<String> = cached_by_scope
+                    .iter()
+                    .map(|(scope, n)| format!("{n} from the {scope} scope"))
+                    .collect();
+                format!(" ({})", parts.join(", "))
+            };
+            sh.err(format!(
+                "{packages} package{} with tests on {platforms} platform{}: {cached} \
+                 cached{scopes}, {to_run} to build and run",
+                s(*packages),
+                s(*platforms)
+            ))
+        }
         GoTestProgress::BuildFailed { package, platform } => {
             sh.err(format!("FAIL\t{package} [build failed on {platform}]"));
         }
@@ -129,7 +141,16 @@ mod tests {
                 packages: 1,
                 platforms: 2,
                 cached: 0,
+                cached_by_scope: Default::default(),
                 to_run: 2,
+            },
+            GoTestProgress::Planned {
+                packages: 2,
+                platforms: 2,
+                cached: 3,
+                cached_by_scope: [("principal pr-1".to_string(), 1), ("shared".to_string(), 2)]
+                    .into(),
+                to_run: 1,
             },
             GoTestProgress::Built {
                 built: 1,
@@ -154,6 +175,8 @@ mod tests {
             [
                 "FAIL\texample.com/fixtures/broken [setup failed]: no such file",
                 "1 package with tests on 2 platforms: 0 cached, 2 to build and run",
+                "2 packages with tests on 2 platforms: 3 cached (1 from the principal pr-1 \
+                 scope, 2 from the shared scope), 1 to build and run",
                 "built 1 of 1 test binary in 1.5s",
                 "job j1: running 2 packages on 2 platforms in 1 shard",
             ]

@@ -1,4 +1,4 @@
-//! `archfarm credentials create --role client --name NAME --out DIR`: a key pair made
+//! `archfarm credentials create --role client --name NAME [--trusted] --out DIR`: a key pair made
 //! here (the private key never leaves this machine), its CSR signed by the farm CA through
 //! Admin.IssueCredentials, written as a credentials directory for `--credentials`;
 //! `credentials revoke NAME` makes them useless at once.
@@ -32,6 +32,11 @@ pub struct CreateCredentialsArgs {
     /// Lifetime in days.
     #[arg(long, default_value_t = 365)]
     pub days: u32,
+    /// Trusted: its jobs' results go to the shared cache scope every job reads (for
+    /// postsubmit and periodic CI). Without it (e.g. for pull-request jobs) its results are
+    /// cached for its own jobs only, and its jobs never run on an agent without a sandbox.
+    #[arg(long)]
+    pub trusted: bool,
     /// Directory to write cert.pem, key.pem (owner-only), ca.pem and `coordinator` (this
     /// farm's URL) into; must not hold credentials already.
     #[arg(long, value_name = "DIR")]
@@ -75,6 +80,7 @@ pub async fn command(client: &mut FarmClient, command: &CredentialsCommand) -> a
             name: args.name.clone(),
             csr_pem,
             days: args.days,
+            trusted: args.trusted,
         })
         .await)
     .with_context(|| {
@@ -96,8 +102,9 @@ pub async fn command(client: &mut FarmClient, command: &CredentialsCommand) -> a
     std::fs::write(&url_file, format!("{}\n", client.coordinator_url()))
         .with_context(|| format!("failed to write {}", url_file.display()))?;
     println!(
-        "{} credentials for {} in {} (use them with --credentials {} or \
+        "{} {} credentials for {} in {} (use them with --credentials {} or \
          ARCHFARM_CREDENTIALS; {} names this coordinator)",
+        if args.trusted { "trusted" } else { "untrusted" },
         args.role,
         args.name,
         args.out.display(),

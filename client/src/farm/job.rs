@@ -63,7 +63,81 @@ pub fn render_job(job: &JobStatus, now_unix_ms: u64) -> String {
         "{}\n",
         actions_table(&spec.platforms, &job.actions)
     ));
+    for line in cache_lines(&spec.platforms, &job.actions) {
+        out.push_str(&format!("{line}\n"));
+    }
     out
+}
+
+/// `producer (mode)` of a cache origin: `j-000012/linux/s390x of ci on lab-s390x-1 (native,
+/// trusted agent)`.
+fn origin_words(o: &v1::CacheOrigin) -> String {
+    format!(
+        "{} of {} on {} ({}{})",
+        o.action_id,
+        o.submitter,
+        o.agent_id,
+        mode(o.emulated),
+        if o.trusted_agent {
+            ", trusted agent"
+        } else {
+            ""
+        }
+    )
+}
+
+/// What the result cache did for each action: where a cached result came from (the scope
+/// and what produced it; for steps, how many came from each scope), or where a result that
+/// ran was written, or why it was not.
+pub fn cache_lines(platforms: &[String], actions: &[ActionStatus]) -> Vec<String> {
+    let mut lines = Vec::new();
+    for a in ordered_actions(platforms, actions) {
+        let steps: Vec<&v1::StepResult> = a
+            .result
+            .iter()
+            .flat_map(|r| &r.step_results)
+            .filter(|s| s.cached)
+            .collect();
+        if let Some(o) = &a.cache_origin {
+            lines.push(format!(
+                "{}: cached from the {} scope: {}",
+                a.platform,
+                o.scope,
+                origin_words(o)
+            ));
+        } else if !steps.is_empty() {
+            let mut by_scope: std::collections::BTreeMap<&str, usize> = Default::default();
+            for s in &steps {
+                let scope = s
+                    .cache_origin
+                    .as_ref()
+                    .map_or("unknown", |o| o.scope.as_str());
+                *by_scope.entry(scope).or_default() += 1;
+            }
+            let scopes: Vec<String> = by_scope
+                .iter()
+                .map(|(scope, n)| format!("{n} from the {scope} scope"))
+                .collect();
+            lines.push(format!(
+                "{}: {} step{} cached: {}",
+                a.platform,
+                steps.len(),
+                if steps.len() == 1 { "" } else { "s" },
+                scopes.join(", ")
+            ));
+        } else if !a.cache_write.is_empty() {
+            let written = if a.cache_write.starts_with("not cached") {
+                a.cache_write.clone()
+            } else {
+                format!("result written to the {} cache scope", a.cache_write)
+            };
+            lines.push(format!("{}: {written}", a.platform));
+        }
+    }
+    if !lines.is_empty() {
+        lines.insert(0, "result cache:".to_string());
+    }
+    lines
 }
 
 /// The actions in the order of `platforms` (the order they were asked for), then any others.
@@ -204,6 +278,19 @@ pub fn result_json(r: &v1::ExecutionResult) -> Value {
     })
 }
 
+/// The JSON form of a cache origin.
+pub fn origin_json(o: &v1::CacheOrigin) -> Value {
+    json!({
+        "scope": o.scope,
+        "submitter": o.submitter,
+        "action_id": o.action_id,
+        "agent_id": o.agent_id,
+        "emulated": o.emulated,
+        "trusted_agent": o.trusted_agent,
+        "recorded_unix_ms": o.recorded_unix_ms,
+    })
+}
+
 /// The JSON form of an action status.
 pub fn action_json(a: &ActionStatus) -> Value {
     json!({
@@ -218,6 +305,8 @@ pub fn action_json(a: &ActionStatus) -> Value {
         "queued_unix_ms": a.queued_unix_ms,
         "started_unix_ms": a.started_unix_ms,
         "cached": a.cached,
+        "cache_origin": a.cache_origin.as_ref().map_or(Value::Null, origin_json),
+        "cache_write": a.cache_write,
         "action_digest": a.action_digest,
         "result": a.result.as_ref().map_or(Value::Null, result_json),
     })
@@ -322,6 +411,51 @@ mod tests {
             table.contains("infra failed") && table.contains("emulated"),
             "{table}"
         );
+    }
+
+    #[test]
+    fn the_cache_lines_name_each_results_scope_and_producer() {
+        let origin = |scope: &str| v1::CacheOrigin {
+            scope: scope.into(),
+            submitter: "ci".into(),
+            action_id: "j-000007/linux/arm64".into(),
+            agent_id: "lab-arm-1".into(),
+            trusted_agent: true,
+            ..Default::default()
+        };
+        let mut hit = action("linux/arm64", ActionState::Succeeded);
+        hit.cached = true;
+        hit.cache_origin = Some(origin("shared"));
+        let mut steps = action("linux/s390x", ActionState::Succeeded);
+        steps.cached = true;
+        let step = |scope: &str| v1::StepResult {
+            cached: true,
+            cache_origin: Some(origin(scope)),
+            ..Default::default()
+        };
+        steps.result = Some(v1::ExecutionResult {
+            step_results: vec![step("shared"), step("principal pr-1"), step("shared")],
+            ..Default::default()
+        });
+        let mut ran = action("linux/amd64", ActionState::Succeeded);
+        ran.cache_write = "principal pr-1".into();
+        let mut refused = action("linux/ppc64le", ActionState::Succeeded);
+        refused.cache_write = "not cached: it ran under emulation".into();
+        let running = action("linux/riscv64", ActionState::Running);
+        let lines = cache_lines(&[], &[hit, steps, ran, refused, running]);
+        assert_eq!(
+            lines,
+            [
+                "result cache:",
+                "linux/amd64: result written to the principal pr-1 cache scope",
+                "linux/arm64: cached from the shared scope: j-000007/linux/arm64 of ci on \
+                 lab-arm-1 (native, trusted agent)",
+                "linux/ppc64le: not cached: it ran under emulation",
+                "linux/s390x: 3 steps cached: 1 from the principal pr-1 scope, 2 from the \
+                 shared scope",
+            ]
+        );
+        assert!(cache_lines(&[], &[action("linux/amd64", ActionState::Queued)]).is_empty());
     }
 
     #[test]

@@ -363,7 +363,7 @@ pub async fn run_job(
         };
         match watched {
             Watched::Event(event) => {
-                let (emits, finished) = watch.on_event(event);
+                let (emits, finished) = watch.on_event(*event);
                 if first_line.is_none() && emits.iter().any(Emit::is_output) {
                     first_line = Some(started.elapsed());
                 }
@@ -385,7 +385,7 @@ pub async fn run_job(
             }),
             Watched::FinishedMeanwhile(job) => {
                 emit(watch.on_finished(&job), progress);
-                break job;
+                break *job;
             }
         }
     };

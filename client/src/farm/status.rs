@@ -173,7 +173,7 @@ pub fn render_status(s: &FarmStatusResponse, now_unix_ms: u64) -> String {
         for a in agents {
             t.add_row(vec![
                 a.agent_id.clone(),
-                or_unknown(&a.sandbox),
+                sandbox_words(&a.sandbox),
                 or_unknown(&a.limits),
                 if a.paused_reason.is_empty() {
                     "yes".to_string()
@@ -183,6 +183,26 @@ pub fn render_status(s: &FarmStatusResponse, now_unix_ms: u64) -> String {
             ]);
         }
         let _ = writeln!(out, "{t}");
+        let mut unsandboxed: Vec<&str> = s
+            .agents
+            .iter()
+            .filter(|a| !archfarm_proto::is_sandboxed(&a.sandbox))
+            .map(|a| a.agent_id.as_str())
+            .collect();
+        unsandboxed.sort_unstable();
+        if !unsandboxed.is_empty() {
+            let _ = writeln!(
+                out,
+                "WARNING: {} {} actions UNSANDBOXED, with the access of the agent's user: {}",
+                unsandboxed.len(),
+                if unsandboxed.len() == 1 {
+                    "agent runs"
+                } else {
+                    "agents run"
+                },
+                unsandboxed.join(", ")
+            );
+        }
     }
 
     let _ = writeln!(out, "\nqueues");
@@ -264,6 +284,15 @@ pub fn render_status(s: &FarmStatusResponse, now_unix_ms: u64) -> String {
         let _ = writeln!(out, "{t}");
     }
     out
+}
+
+/// An agent's sandbox as reported, marked `UNSANDBOXED` unless it is bubblewrap.
+fn sandbox_words(sandbox: &str) -> String {
+    if archfarm_proto::is_sandboxed(sandbox) {
+        sandbox.to_string()
+    } else {
+        format!("UNSANDBOXED ({})", or_unknown(sandbox))
+    }
 }
 
 /// The text, or "unknown (older agent)" when an agent did not say.
@@ -394,6 +423,7 @@ pub fn status_json(s: &FarmStatusResponse) -> Value {
                 "load_1m": a.load_1m,
                 "running_actions": a.running_actions,
                 "sandbox": a.sandbox,
+                "sandboxed": archfarm_proto::is_sandboxed(&a.sandbox),
                 "limits": a.limits,
                 "paused_reason": a.paused_reason,
                 "quarantined_until_unix_ms": a.quarantined_until_unix_ms,
@@ -478,6 +508,7 @@ mod tests {
                     cores: 8,
                     memory_bytes: 16 << 30,
                     load_1m: 1.5,
+                    sandbox: "bwrap (uid 65534, no network)".into(),
                     ..Default::default()
                 },
                 v1::AgentStatus {
@@ -490,6 +521,8 @@ mod tests {
                     state: v1::AgentState::Ready as i32,
                     slots: 2,
                     last_seen_unix_ms: now - 1_000,
+                    sandbox: "none: turned off by policy (sandbox = \"none\"); actions run as root"
+                        .into(),
                     ..Default::default()
                 },
                 v1::AgentStatus {
@@ -644,6 +677,37 @@ mod tests {
         assert_eq!(v["cas"]["cache_hits_last_hour"], 7);
         assert_eq!(v["cas"]["deduplicated_bytes"], 2200u64 << 20);
         assert_eq!(v["cas"].as_object().unwrap().len(), 11);
+    }
+
+    #[test]
+    fn unsandboxed_agents_are_marked_plainly() {
+        let text = render_status(&sample(), 1_000_000_000);
+        assert!(text.contains("bwrap (uid 65534, no network)"), "{text}");
+        assert!(
+            text.contains("UNSANDBOXED (none: turned off by policy"),
+            "{text}"
+        );
+        assert!(
+            text.contains("UNSANDBOXED (unknown (older agent))"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "WARNING: 2 agents run actions UNSANDBOXED, with the access of the agent's \
+                 user: a-emu, a-flaky"
+            ),
+            "{text}"
+        );
+        let v = status_json(&sample());
+        assert_eq!(v["agents"][0]["sandboxed"], true);
+        assert_eq!(v["agents"][1]["sandboxed"], false);
+        assert_eq!(v["agents"][2]["sandboxed"], false);
+        let mut all = sample();
+        for a in &mut all.agents {
+            a.sandbox = "bwrap (uid 65534, no network)".into();
+        }
+        let text = render_status(&all, 1_000_000_000);
+        assert!(!text.contains("UNSANDBOXED"), "{text}");
     }
 
     #[test]

@@ -23,13 +23,13 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub enum Watched {
     /// An event of the job, in order.
-    Event(v1::JobEvent),
+    Event(Box<v1::JobEvent>),
     /// The stream broke (the words say why); the next call reconnects.
     Lost(String),
     /// Watching again after a break, from the last numbered event.
     Resumed,
     /// The job finished while the watch was broken: its final status, read with GetJob.
-    FinishedMeanwhile(JobStatus),
+    FinishedMeanwhile(Box<JobStatus>),
 }
 
 /// A job's event stream that survives breaks. Call [`JobEvents::next`] until it yields the
@@ -95,7 +95,7 @@ impl JobEvents {
             return Ok(match stream.message().await {
                 Ok(Some(event)) => {
                     self.point.follow(&event);
-                    Watched::Event(event)
+                    Watched::Event(Box::new(event))
                 }
                 broken => {
                     self.stream = None;
@@ -139,7 +139,7 @@ impl JobEvents {
         match job::get_job(&mut self.client, &self.job_id).await {
             Ok(job) if job.finished => {
                 self.broken_since = None;
-                return Ok(Some(Watched::FinishedMeanwhile(job)));
+                return Ok(Some(Watched::FinishedMeanwhile(Box::new(job))));
             }
             Ok(_) => {}
             Err(e) => {

@@ -296,7 +296,7 @@ async fn wait_job(client: FarmClient, job_id: String) -> anyhow::Result<JobStatu
                     return Ok(job);
                 }
             }
-            Watched::FinishedMeanwhile(job) => return Ok(job),
+            Watched::FinishedMeanwhile(job) => return Ok(*job),
             Watched::Lost(_) | Watched::Resumed => {}
         }
     }

@@ -63,6 +63,13 @@ pub struct GoModule {
     pub version: String,
     /// The `go` line of its go.mod (changes the language the compiler accepts).
     pub go_version: String,
+    /// The main module (the one `go` runs in), not a dependency.
+    pub main: bool,
+    /// Its root directory (for a vendored module: empty).
+    pub dir: String,
+    /// The go.mod file `go` read for it (for the main module: the one in its root; for a
+    /// module from the module cache: the cache's copy; for a vendored module: empty).
+    pub go_mod: String,
 }
 
 /// A load error of `go list -e`.

@@ -2,17 +2,20 @@
 //! compiling or linking: a blake3 over the Go version, the platform and build settings, the
 //! test arguments, and the source and embedded files of the package's test main and of every
 //! package it depends on (standard packages are covered by the Go version), plus the files the
-//! test run sees (the package directory's regular files and its testdata tree). A changed file
-//! changes exactly the keys of the packages whose tests depend on it.
-use super::golist::{source_file_lists, PackageIndex};
+//! test run sees (the package directory's regular files and its testdata tree). In module mode
+//! also the go.mod of every module involved, and the main module's go.sum and
+//! vendor/modules.txt (they choose the dependencies' versions and language versions; the
+//! vendored or cached files themselves are hashed as any package's). A changed file changes
+//! exactly the keys of the packages whose tests depend on it.
+use super::golist::{source_file_lists, GoModule, PackageIndex};
 use anyhow::Context;
 use archfarm_proto::tree::{build_local_tree, hash_file};
 use archfarm_proto::{Digest, Platform};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 /// Version tag hashed first: bump it when what a key covers changes.
-pub const KEY_VERSION: &str = "archfarm-go-test-v1";
+pub const KEY_VERSION: &str = "archfarm-go-test-v2";
 
 /// Everything a key covers besides the packages' files.
 #[derive(Debug, Clone)]
@@ -51,6 +54,7 @@ pub struct FileHashes {
     files: HashMap<PathBuf, Digest>,
     dirs: HashMap<PathBuf, Vec<String>>,
     testdata: HashMap<PathBuf, Option<Digest>>,
+    optional: HashMap<PathBuf, Option<Digest>>,
 }
 
 impl FileHashes {
@@ -61,6 +65,20 @@ impl FileHashes {
         }
         let d = hash_file(path).with_context(|| format!("failed to hash {}", path.display()))?;
         self.files.insert(path.to_path_buf(), d);
+        Ok(d)
+    }
+
+    /// The digest of the file at `path`, None when there is no regular file there.
+    pub fn file_if_present(&mut self, path: &Path) -> anyhow::Result<Option<Digest>> {
+        if let Some(d) = self.optional.get(path) {
+            return Ok(*d);
+        }
+        let d = if path.is_file() {
+            Some(self.file(path)?)
+        } else {
+            None
+        };
+        self.optional.insert(path.to_path_buf(), d);
         Ok(d)
     }
 
@@ -163,6 +181,7 @@ pub fn package_key(
     // then every dependency in go list's (sorted) order, test variants included.
     let mut paths: Vec<&str> = vec![main.import_path.as_str()];
     paths.extend(main.deps.iter().map(String::as_str));
+    let mut modules_hashed: HashSet<&str> = HashSet::new();
     for path in paths {
         let Some(p) = index.get(path) else {
             h.field("unlisted", path.as_bytes());
@@ -177,6 +196,9 @@ pub fn package_key(
                 "module",
                 format!("{}@{} go{}", m.path, m.version, m.go_version).as_bytes(),
             );
+            if modules_hashed.insert(m.path.as_str()) {
+                module_files(&mut h, m, hashes)?;
+            }
         }
         let dir = Path::new(&p.dir);
         for (list, files) in source_file_lists(p) {
@@ -201,6 +223,27 @@ pub fn package_key(
         h.field("testdata", td.hash_bytes());
     }
     Ok(CacheKey(*h.0.finalize().as_bytes()))
+}
+
+/// The files of module `m` that steer the build besides its packages' sources: the go.mod `go`
+/// read for it, and for the main module its go.sum and vendor/modules.txt when present.
+fn module_files(h: &mut KeyHasher, m: &GoModule, hashes: &mut FileHashes) -> anyhow::Result<()> {
+    let mut files: Vec<(&str, PathBuf)> = Vec::new();
+    if !m.go_mod.is_empty() {
+        files.push(("go.mod", PathBuf::from(&m.go_mod)));
+    }
+    if m.main && !m.dir.is_empty() {
+        let root = Path::new(&m.dir);
+        files.push(("go.sum", root.join("go.sum")));
+        files.push(("vendor/modules.txt", root.join("vendor/modules.txt")));
+    }
+    for (name, path) in files {
+        if let Some(d) = hashes.file_if_present(&path)? {
+            h.field("module file", format!("{} {name}", m.path).as_bytes());
+            h.field("blake3", d.hash_bytes());
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -388,6 +431,74 @@ mod tests {
         let more = vec!["-test.v".to_string(), "-test.short".to_string()];
         differs(f.keys(&ctx(&amd64, &more)));
         assert_eq!(base[0].hex().len(), 64);
+    }
+
+    /// A module with a vendored dependency: what `go list -deps -test example.com/m/a`
+    /// prints in module mode, roughly.
+    fn module_index(root: &Path) -> PackageIndex {
+        let main = json!({"Path": "example.com/m", "Main": true, "GoVersion": "1.19",
+                          "Dir": root.display().to_string(),
+                          "GoMod": root.join("go.mod").display().to_string()});
+        let dep = json!({"Path": "example.com/dep", "Version": "v0.1.0", "GoVersion": "1.19"});
+        let dir = |rel: &str| root.join(rel).display().to_string();
+        let records = [
+            json!({"ImportPath": "example.com/dep", "Dir": dir("vendor/example.com/dep"),
+                   "GoFiles": ["dep.go"], "Module": dep}),
+            json!({"ImportPath": "example.com/m/a", "Dir": dir("a"), "GoFiles": ["a.go"],
+                   "TestGoFiles": ["a_test.go"], "Deps": ["example.com/dep"],
+                   "Module": main}),
+            json!({"ImportPath": "example.com/m/a [example.com/m/a.test]", "Dir": dir("a"),
+                   "GoFiles": ["a.go", "a_test.go"], "Deps": ["example.com/dep"],
+                   "Module": main}),
+            json!({"ImportPath": "example.com/m/a.test", "Dir": dir("a"),
+                   "GoFiles": ["/cache/_testmain.go"],
+                   "Deps": ["example.com/dep", "example.com/m/a [example.com/m/a.test]"],
+                   "Module": main}),
+        ];
+        let text: String = records.iter().map(|r| format!("{r}\n")).collect();
+        PackageIndex::new(parse_go_list(text.as_bytes()).unwrap())
+    }
+
+    #[test]
+    fn module_mode_keys_cover_go_mod_go_sum_and_vendor_modules_txt() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for (p, body) in [
+            ("go.mod", "module example.com/m\n\ngo 1.19\n"),
+            (
+                "vendor/modules.txt",
+                "# example.com/dep v0.1.0\n## explicit; go 1.19\n",
+            ),
+            ("vendor/example.com/dep/dep.go", "package dep"),
+            ("a/a.go", "package a"),
+            ("a/a_test.go", "package a // test"),
+        ] {
+            let path = root.join(p);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, body).unwrap();
+        }
+        let amd64: Platform = "linux/amd64".parse().unwrap();
+        let key = || {
+            let index = module_index(root);
+            let mut hashes = FileHashes::default();
+            package_key(&index, "example.com/m/a", &ctx(&amd64, &[]), &mut hashes).unwrap()
+        };
+        let mut seen = vec![key()];
+        assert_eq!(key(), seen[0], "deterministic");
+        let mut changed = |rel: &str, body: &str| {
+            std::fs::write(root.join(rel), body).unwrap();
+            let k = key();
+            assert!(!seen.contains(&k), "changing {rel} changes the key");
+            seen.push(k);
+        };
+        changed("go.mod", "module example.com/m\n\ngo 1.19\n// edited\n");
+        changed("go.sum", "example.com/dep v0.1.0 h1:x\n"); // a go.sum appears
+        changed("go.sum", "example.com/dep v0.1.0 h1:y\n");
+        changed(
+            "vendor/modules.txt",
+            "# example.com/dep v0.1.0\n## explicit; go 1.21\n",
+        );
+        changed("vendor/example.com/dep/dep.go", "package dep // new");
     }
 
     #[test]

@@ -201,6 +201,8 @@ pub enum GoTestProgress {
         platforms: usize,
         /// (package, platform) runs the farm holds a passing result for.
         cached: usize,
+        /// How many of those came from each cache scope (`shared`, `principal NAME`).
+        cached_by_scope: std::collections::BTreeMap<String, usize>,
         /// Runs to build and run.
         to_run: usize,
     },
@@ -412,10 +414,19 @@ pub async fn go_test(
             )
         })
         .collect();
+    let mut cached_by_scope = std::collections::BTreeMap::new();
+    for (_, _, r) in &cached {
+        let scope = r
+            .cache_origin
+            .as_ref()
+            .map_or("unknown", |o| o.scope.as_str());
+        *cached_by_scope.entry(scope.to_string()).or_insert(0) += 1;
+    }
     progress(GoTestProgress::Planned {
         packages: targets.len(),
         platforms: platforms.len(),
         cached: cached.len(),
+        cached_by_scope,
         to_run: misses.len(),
     });
 

@@ -90,13 +90,13 @@ pub async fn follow_job(
                 if let Some(job_event::Kind::Action(a)) = &event.kind {
                     shards.on_status(a, progress);
                 }
-                let (emits, finished) = watch.on_event(event);
+                let (emits, finished) = watch.on_event(*event);
                 emit(emits, progress);
                 finished
             }
             Watched::FinishedMeanwhile(job) => {
                 emit(watch.on_finished(&job), progress);
-                Some(job)
+                Some(*job)
             }
             Watched::Lost(why) => {
                 progress(WatchProgress::Lost {

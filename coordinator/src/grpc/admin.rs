@@ -3,6 +3,7 @@
 use super::auth::authorize;
 use super::{internal, SharedRef};
 use crate::model::{AgentId, Labels, Principal, Role, TokenRecord};
+use crate::store::Store;
 use archfarm_proto::v1::{self, admin_server::Admin};
 use rand::Rng;
 use tonic::{Request, Response, Status};
@@ -21,39 +22,9 @@ fn random_chars(n: usize) -> String {
         .collect()
 }
 
-/// Checks wire labels: keys `[a-z0-9][a-z0-9._/-]*` up to 63 bytes, printable values.
+/// Checks wire labels (see [`crate::planning::spec::parse_labels`]).
 pub fn parse_labels(labels: &[v1::Label]) -> Result<Labels, Status> {
-    let mut out = Labels::new();
-    for l in labels {
-        let key_ok = !l.key.is_empty()
-            && l.key.len() <= 63
-            && l.key
-                .bytes()
-                .next()
-                .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-            && l.key
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._/-".contains(&b));
-        if !key_ok {
-            return Err(Status::invalid_argument(format!(
-                "label key {:?} must match [a-z0-9][a-z0-9._/-]* (at most 63 bytes)",
-                l.key
-            )));
-        }
-        if l.value.len() > 255 || !l.value.bytes().all(|b| (0x20..0x7f).contains(&b)) {
-            return Err(Status::invalid_argument(format!(
-                "label {} has a value that is not printable ASCII of at most 255 bytes",
-                l.key
-            )));
-        }
-        if out.insert(l.key.clone(), l.value.clone()).is_some() {
-            return Err(Status::invalid_argument(format!(
-                "label {} given twice",
-                l.key
-            )));
-        }
-    }
-    Ok(out)
+    crate::planning::spec::parse_labels(labels).map_err(Status::invalid_argument)
 }
 
 #[tonic::async_trait]
@@ -73,20 +44,20 @@ impl Admin for AdminService {
         let labels = parse_labels(&r.labels)?;
         let (id, secret) = (random_chars(6), random_chars(16));
         let expires = self.0.now() + ttl_s * 1000;
+        let token = TokenRecord {
+            id: id.clone(),
+            secret_hash: blake3::hash(secret.as_bytes()).to_hex().to_string(),
+            labels,
+            expires_unix_ms: expires,
+            single_use: r.single_use,
+            uses: 0,
+            description: r.description,
+            created_unix_ms: self.0.now(),
+        };
         self.0
-            .store
-            .put_token(&TokenRecord {
-                id: id.clone(),
-                secret_hash: blake3::hash(secret.as_bytes()).to_hex().to_string(),
-                labels,
-                expires_unix_ms: expires,
-                single_use: r.single_use,
-                uses: 0,
-                description: r.description,
-                created_unix_ms: self.0.now(),
-            })
-            .map_err(internal)?;
-        self.0.store.flush().map_err(internal)?;
+            .blocking("store a join token", move |store| store.put_token(&token))
+            .await?;
+        self.0.commit_store_writes().await?;
         tracing::info!(token = %id, by = %who.name, ttl_s, single_use = r.single_use, "join token created");
         Ok(Response::new(v1::CreateTokenResponse {
             token: format!("{id}.{secret}"),
@@ -116,19 +87,43 @@ impl Admin for AdminService {
         authorize(&self.0, &req, &[Role::Admin])?;
         let id = AgentId(req.into_inner().agent_id);
         let now = self.0.now();
+        // Its certificates, found by a walk of the principals off the async workers.
+        let certificates = {
+            let name = id.0.clone();
+            self.0
+                .blocking("find an agent's certificates", move |store| {
+                    Ok(store
+                        .principals()?
+                        .into_iter()
+                        .filter(|(_, p)| p.role == Role::Agent && p.name == name && !p.revoked)
+                        .collect::<Vec<_>>())
+                })
+                .await?
+        };
         {
             let mut farm = self.0.farm()?;
+            if !farm.agents().any(|a| a.record.id == id) {
+                return Err(Status::not_found(format!("agent {id} does not exist")));
+            }
+            // Announced before the farm drops the agent's session, so the session's end
+            // already reads as a revocation; its other streams end on the announcement.
+            self.0.revocations.revoke(
+                certificates.iter().map(|(fp, _)| fp.clone()),
+                [id.0.clone()],
+            );
             farm.revoke(&id, now)?;
         }
-        self.0.commit().await?;
-        for (fp, mut p) in self.0.store.principals().map_err(internal)? {
-            if p.role == Role::Agent && p.name == id.0 && !p.revoked {
-                p.revoked = true;
-                self.0.store.put_principal(&fp, &p).map_err(internal)?;
-            }
-        }
-        self.0.store.flush().map_err(internal)?;
-        self.0.announce_revocation();
+        self.0
+            .blocking("mark an agent's certificates revoked", move |store| {
+                for (fp, mut p) in certificates {
+                    p.revoked = true;
+                    store.put_principal(&fp, &p)?;
+                }
+                Ok(())
+            })
+            .await?;
+        // The farm's changes and the principals, durable in one group commit.
+        self.0.commit_store_writes().await?;
         tracing::info!(agent = %id, "agent revoked");
         Ok(Response::new(v1::AdminResponse {
             message: format!("agent {id} is revoked: its certificate is refused and its actions were queued again"),
@@ -142,9 +137,8 @@ impl Admin for AdminService {
         authorize(&self.0, &req, &[Role::Admin])?;
         let tokens = self
             .0
-            .store
-            .tokens()
-            .map_err(internal)?
+            .blocking("list the join tokens", |store| store.tokens())
+            .await?
             .into_iter()
             .map(|t| v1::TokenInfo {
                 labels: super::convert::labels_to_proto(&t.labels),
@@ -165,13 +159,15 @@ impl Admin for AdminService {
     ) -> Result<Response<v1::AdminResponse>, Status> {
         let who = authorize(&self.0, &req, &[Role::Admin])?;
         let id = req.into_inner().token_id;
-        // Under the farm lock, as Join checks and uses tokens under it.
+        // A join racing with this either used the token before it went or finds it gone
+        // (Join changes tokens by compare and swap).
         let deleted = {
-            let _farm = self.0.farm()?;
-            let deleted = self.0.store.delete_token(&id).map_err(internal)?;
-            self.0.store.flush().map_err(internal)?;
-            deleted
+            let id = id.clone();
+            self.0
+                .blocking("delete a join token", move |store| store.delete_token(&id))
+                .await?
         };
+        self.0.commit_store_writes().await?;
         if !deleted {
             return Err(Status::not_found(format!(
                 "join token {id:?} is not known to this farm"
@@ -198,6 +194,29 @@ impl Admin for AdminService {
             )));
         }
         check_principal_name(&r.name)?;
+        // One name, one trust level: the name is the submitter jobs are recorded under and
+        // the cache scope of untrusted credentials.
+        let (name, trusted) = (r.name.clone(), r.trusted);
+        let clash = self
+            .0
+            .blocking("read the principals", move |store| {
+                Ok(store.principals()?.into_iter().find(|(_, p)| {
+                    p.role == Role::Client && p.name == name && !p.revoked && p.trusted != trusted
+                }))
+            })
+            .await?;
+        if let Some((_, p)) = clash {
+            let (was, asked) = if p.trusted {
+                ("trusted", "untrusted")
+            } else {
+                ("untrusted", "trusted")
+            };
+            return Err(Status::failed_precondition(format!(
+                "credentials for {} were issued {was}; {asked} ones need another name (or \
+                 revoke the {was} ones first)",
+                r.name
+            )));
+        }
         let days = match r.days {
             0 => 365,
             d if d <= 3650 => d,
@@ -210,24 +229,30 @@ impl Admin for AdminService {
         if r.csr_pem.len() > 64 * 1024 {
             return Err(Status::invalid_argument("CSR is larger than 64 KiB"));
         }
-        let (certificate_pem, fingerprint) = self
-            .0
-            .pki
-            .sign_client_csr(&r.csr_pem, &r.name, i64::from(days))
+        let (certificate_pem, fingerprint) = {
+            let (shared, csr, name) = (self.0.clone(), r.csr_pem, r.name.clone());
+            tokio::task::spawn_blocking(move || {
+                shared.pki.sign_client_csr(&csr, &name, i64::from(days))
+            })
+            .await
+            .map_err(|e| internal(anyhow::anyhow!("sign a CSR: {e}")))?
             .map_err(|e| {
                 Status::invalid_argument(format!("bad certificate signing request: {e:#}"))
-            })?;
+            })?
+        };
         let principal = Principal {
             role: Role::Client,
             name: r.name.clone(),
             revoked: false,
+            trusted: r.trusted,
         };
         self.0
-            .store
-            .put_principal(&fingerprint, &principal)
-            .map_err(internal)?;
-        self.0.store.flush().map_err(internal)?;
-        tracing::info!(name = %r.name, by = %who.name, days, "client credentials issued");
+            .blocking("store a client principal", move |store| {
+                store.put_principal(&fingerprint, &principal)
+            })
+            .await?;
+        self.0.commit_store_writes().await?;
+        tracing::info!(name = %r.name, by = %who.name, days, trusted = r.trusted, "client credentials issued");
         Ok(Response::new(v1::IssueCredentialsResponse {
             certificate_pem,
             ca_certificate_pem: self.0.pki.ca_pem().to_string(),
@@ -240,13 +265,23 @@ impl Admin for AdminService {
     ) -> Result<Response<v1::AdminResponse>, Status> {
         let who = authorize(&self.0, &req, &[Role::Admin])?;
         let name = req.into_inner().name;
-        let n = self.revoke_clients(&name)?;
+        let revoked = {
+            let name = name.clone();
+            self.0
+                .blocking("revoke client credentials", move |store| {
+                    revoke_clients(store, &name)
+                })
+                .await?
+        };
+        let n = revoked.len();
         if n == 0 {
             return Err(Status::not_found(format!(
                 "no valid client credentials are issued for {name:?}"
             )));
         }
-        self.0.announce_revocation();
+        // Open streams end now; the answer waits for the flush.
+        self.0.revocations.revoke(revoked, []);
+        self.0.commit_store_writes().await?;
         tracing::info!(%name, by = %who.name, certificates = n, "client credentials revoked");
         Ok(Response::new(v1::AdminResponse {
             message: format!("client credentials of {name} are revoked ({n} certificate(s)): refused at once, open streams end"),
@@ -254,20 +289,18 @@ impl Admin for AdminService {
     }
 }
 
-impl AdminService {
-    /// Marks the client principals named `name` revoked; returns how many.
-    fn revoke_clients(&self, name: &str) -> Result<usize, Status> {
-        let mut n = 0;
-        for (fp, mut p) in self.0.store.principals().map_err(internal)? {
-            if p.role == Role::Client && p.name == name && !p.revoked {
-                p.revoked = true;
-                self.0.store.put_principal(&fp, &p).map_err(internal)?;
-                n += 1;
-            }
+/// Marks the client principals named `name` revoked (not yet flushed); returns their
+/// certificates' fingerprints.
+fn revoke_clients(store: &Store, name: &str) -> anyhow::Result<Vec<String>> {
+    let mut revoked = Vec::new();
+    for (fp, mut p) in store.principals()? {
+        if p.role == Role::Client && p.name == name && !p.revoked {
+            p.revoked = true;
+            store.put_principal(&fp, &p)?;
+            revoked.push(fp);
         }
-        self.0.store.flush().map_err(internal)?;
-        Ok(n)
     }
+    Ok(revoked)
 }
 
 /// Checks a principal name for issued credentials: `[a-z0-9][a-z0-9._-]*`, at most 63 bytes.

@@ -1,14 +1,15 @@
 //! Who is calling: the client certificate's SHA-256 names a principal in the store, whose
 //! role each RPC checks. Revoked certificates are refused on connect, and every long-lived
-//! stream is guarded: re-checked before each message and woken by every revocation, so a
-//! revoked certificate's open streams end at once.
+//! stream is guarded: it watches the farm's revocations ([`crate::revocations`]), so a
+//! revoked certificate's open streams end at once, without a store read or the farm's lock
+//! per message.
 use super::{Shared, SharedRef};
-use crate::model::{AgentId, Principal, Role};
+use crate::model::{Principal, Role};
+use crate::revocations::RevocationWatch;
 use archfarm_proto::tls::cert_fingerprint;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use tokio::sync::watch;
 use tokio_stream::Stream;
 use tonic::{Request, Status};
 
@@ -26,25 +27,15 @@ fn fingerprint<T>(req: &Request<T>) -> Result<String, Status> {
 }
 
 /// The principal of a certificate fingerprint, if it is known, not revoked and may act in
-/// one of `roles`.
+/// one of `roles`. Reads the store once (a point read) and never locks the farm.
 fn check(shared: &Shared, fp: &str, roles: &[Role]) -> Result<Principal, Status> {
     let principal = shared
         .store
         .principal(fp)
         .map_err(super::internal)?
         .ok_or_else(|| Status::unauthenticated("client certificate is not known to this farm"))?;
-    if principal.revoked {
-        return Err(Status::unauthenticated(format!(
-            "certificate of {} has been revoked",
-            principal.name
-        )));
-    }
-    if principal.role == Role::Agent && shared.farm()?.is_revoked(&AgentId(principal.name.clone()))
-    {
-        return Err(Status::unauthenticated(format!(
-            "agent {} has been revoked",
-            principal.name
-        )));
+    if principal.revoked || shared.revocations.covers(fp, agent_of(&principal)) {
+        return Err(revoked(&principal));
     }
     let allowed = roles.contains(&principal.role)
         || (principal.role == Role::Admin && roles.contains(&Role::Client));
@@ -60,6 +51,19 @@ fn check(shared: &Shared, fp: &str, roles: &[Role]) -> Result<Principal, Status>
     Ok(principal)
 }
 
+/// The agent id an agent's certificate names.
+fn agent_of(p: &Principal) -> Option<&str> {
+    (p.role == Role::Agent).then_some(p.name.as_str())
+}
+
+/// The refusal for a revoked caller.
+fn revoked(p: &Principal) -> Status {
+    match p.role {
+        Role::Agent => Status::unauthenticated(format!("agent {} has been revoked", p.name)),
+        _ => Status::unauthenticated(format!("certificate of {} has been revoked", p.name)),
+    }
+}
+
 /// The caller of `req`, if it may act in one of `roles`.
 pub fn authorize<T>(
     shared: &Shared,
@@ -73,66 +77,43 @@ pub fn authorize<T>(
 pub fn authorize_stream<T>(
     shared: &SharedRef,
     req: &Request<T>,
-    roles: &'static [Role],
+    roles: &[Role],
 ) -> Result<(Principal, StreamGuard), Status> {
     let fp = fingerprint(req)?;
     let principal = check(shared, &fp, roles)?;
+    // Subscribed after the check: a revocation in between is seen when the guard first polls.
     let guard = StreamGuard {
-        shared: shared.clone(),
-        fingerprint: fp,
-        roles,
+        refusal: revoked(&principal),
+        watch: shared.revocations.watch(&fp, agent_of(&principal)),
     };
     Ok((principal, guard))
 }
 
-/// What a long-lived stream re-checks: the certificate it was opened with, still valid.
-#[derive(Clone)]
+/// What a long-lived stream watches: the revocations that could cover its caller.
 pub struct StreamGuard {
-    shared: SharedRef,
-    fingerprint: String,
-    roles: &'static [Role],
+    refusal: Status,
+    watch: RevocationWatch,
 }
 
 impl StreamGuard {
-    /// Whether the caller may still use the stream.
-    pub fn check(&self) -> Result<(), Status> {
-        check(&self.shared, &self.fingerprint, self.roles).map(|_| ())
-    }
-
-    /// Resolves with the refusal once the caller is revoked (checked at once and after every
-    /// revocation anywhere in the farm).
-    async fn revoked(self) -> Status {
-        let mut revocations: watch::Receiver<u64> = self.shared.revocations.subscribe();
-        loop {
-            if let Err(refusal) = self.check() {
-                return refusal;
-            }
-            if revocations.changed().await.is_err() {
-                // The farm is going away; the server ends the stream.
-                std::future::pending::<()>().await;
-            }
-        }
-    }
-
-    /// `items`, ended with the refusal as soon as the caller is revoked: each item is
-    /// checked before it is passed on, and an idle stream is woken by the revocation.
+    /// `items`, ended with the refusal as soon as the caller is revoked: the revocation is
+    /// looked for before each item is passed on, and an idle stream is woken by it.
     pub fn guard<S>(self, items: S) -> Guarded<S> {
         Guarded {
-            check: self.clone(),
-            revoked: Box::pin(self.revoked()),
+            refusal: Some(self.refusal),
+            revoked: Box::pin(self.watch.revoked()),
             items,
-            done: false,
         }
     }
 }
 
-/// A stream that ends with PERMISSION_DENIED or UNAUTHENTICATED once its caller is revoked
-/// (see [`StreamGuard::guard`]).
+/// A stream that ends with UNAUTHENTICATED once its caller is revoked (see
+/// [`StreamGuard::guard`]).
 pub struct Guarded<S> {
-    check: StreamGuard,
-    revoked: Pin<Box<dyn Future<Output = Status> + Send>>,
+    /// Taken when the stream ends with it.
+    refusal: Option<Status>,
+    revoked: Pin<Box<dyn Future<Output = ()> + Send>>,
     items: S,
-    done: bool,
 }
 
 impl<S, T> Stream for Guarded<S>
@@ -142,22 +123,14 @@ where
     type Item = Result<T, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if self.done {
+        if self.refusal.is_none() {
             return Poll::Ready(None);
         }
-        if let Poll::Ready(refusal) = self.revoked.as_mut().poll(cx) {
-            self.done = true;
-            return Poll::Ready(Some(Err(refusal)));
+        // Polled before every item: a revocation announced since the last poll is seen here
+        // (one version compare while nothing changed).
+        if self.revoked.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(self.refusal.take().map(Err));
         }
-        match Pin::new(&mut self.items).poll_next(cx) {
-            Poll::Ready(Some(item)) => match self.check.check() {
-                Ok(()) => Poll::Ready(Some(item)),
-                Err(refusal) => {
-                    self.done = true;
-                    Poll::Ready(Some(Err(refusal)))
-                }
-            },
-            other => other,
-        }
+        Pin::new(&mut self.items).poll_next(cx)
     }
 }

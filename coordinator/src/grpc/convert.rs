@@ -19,14 +19,7 @@ pub fn labels_to_proto(l: &Labels) -> Vec<v1::Label> {
 pub fn action_to_proto(spec: &ActionSpec) -> v1::Action {
     v1::Action {
         argv: spec.argv.clone(),
-        env: spec
-            .env
-            .iter()
-            .map(|(n, v)| v1::EnvVar {
-                name: n.clone(),
-                value: v.clone(),
-            })
-            .collect(),
+        env: crate::planning::spec::env_to_proto(&spec.env),
         working_directory: spec.working_directory.clone(),
         input_root: spec.input_root.map(|d| d.to_proto()),
         platform: spec.platform.to_string(),
@@ -90,6 +83,11 @@ pub fn action_status(a: &ActionRecord) -> v1::ActionStatus {
         predicted_ms: a.predicted_ms,
         step_names: a.spec.steps.iter().map(|s| s.name.clone()).collect(),
         infra_failures: a.infra_failed_on.len() as u32,
+        cache_origin: a
+            .cache_origin
+            .as_ref()
+            .map(crate::result_cache::origin_to_proto),
+        cache_write: a.cache_write.clone(),
     }
 }
 
@@ -183,6 +181,13 @@ pub fn completion_from_proto(r: &v1::ExecutionResult) -> Completion {
             output_trees.push(root);
         }
     }
+    // Only the coordinator says a result came from the cache: whatever an agent claims of its
+    // steps' provenance is dropped before the result is recorded.
+    let mut r = r.clone();
+    for st in &mut r.step_results {
+        st.cached = false;
+        st.cache_origin = None;
+    }
     let steps = r
         .step_results
         .iter()
@@ -200,27 +205,16 @@ pub fn completion_from_proto(r: &v1::ExecutionResult) -> Completion {
         exit_code: r.exit_code,
         message,
         encoded: r.encode_to_vec(),
+        output_tree_blobs: if output_trees.is_empty() {
+            Ok(vec![])
+        } else {
+            Err("its output trees were not walked".into())
+        },
         named_blobs,
         output_trees,
         cacheable,
         steps,
     }
-}
-
-/// The action cache key of an action: blake3 of its canonical ActionKey encoding, the
-/// fields of its wire Action that decide the result.
-pub fn action_digest(spec: &ActionSpec) -> Digest {
-    let a = action_to_proto(spec);
-    let key = v1::ActionKey {
-        digest_function: "blake3".into(),
-        argv: a.argv,
-        env: a.env,
-        working_directory: a.working_directory,
-        input_root: a.input_root,
-        platform: a.platform,
-        output_paths: a.output_paths,
-    };
-    Digest::of(&key.encode_to_vec())
 }
 
 /// A hub update to the wire event (Finished needs the job's final status from the store).

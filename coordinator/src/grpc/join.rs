@@ -1,6 +1,6 @@
 //! Join: a join token and a CSR in, an agent certificate out (kubeadm-style bootstrap).
 use super::{internal, SharedRef};
-use crate::model::{AgentFacts, AgentId, AgentRecord, Principal, Role};
+use crate::model::{AgentFacts, AgentId, AgentRecord, Principal, Role, TokenRecord};
 use archfarm_proto::v1::{self, join_server::Join};
 use tonic::{Request, Response, Status};
 
@@ -46,6 +46,35 @@ pub fn agent_id_for(hostname: &str) -> String {
     )
 }
 
+/// Whether `token` (the record of token `id`, if any) lets a caller with `secret` join now.
+fn check_token(
+    token: Option<&TokenRecord>,
+    id: &str,
+    secret: &str,
+    now: u64,
+) -> Result<(), Status> {
+    let token = token.ok_or_else(|| {
+        Status::unauthenticated(format!("join token {id} is not known to this farm"))
+    })?;
+    if !token.secret_matches(secret) {
+        return Err(Status::unauthenticated(format!(
+            "join token {id}: wrong secret"
+        )));
+    }
+    if now > token.expires_unix_ms {
+        return Err(Status::unauthenticated(format!(
+            "join token {id} expired {} s ago",
+            (now - token.expires_unix_ms) / 1000
+        )));
+    }
+    if token.single_use && token.uses > 0 {
+        return Err(Status::unauthenticated(format!(
+            "join token {id} is single-use and was already used"
+        )));
+    }
+    Ok(())
+}
+
 #[tonic::async_trait]
 impl Join for JoinService {
     async fn join(
@@ -64,45 +93,58 @@ impl Join for JoinService {
             return Err(Status::invalid_argument("CSR is larger than 64 KiB"));
         }
         let now = shared.now();
-        // Under the farm lock, so two joins cannot both use a single-use token.
-        let mut farm = shared.farm()?;
-        let mut token = shared.store.token(id).map_err(internal)?.ok_or_else(|| {
-            Status::unauthenticated(format!("join token {id} is not known to this farm"))
-        })?;
-        if blake3::hash(secret.as_bytes()).to_hex().as_str() != token.secret_hash {
-            return Err(Status::unauthenticated(format!(
-                "join token {id}: wrong secret"
-            )));
-        }
-        if now > token.expires_unix_ms {
-            return Err(Status::unauthenticated(format!(
-                "join token {id} expired {} s ago",
-                (now - token.expires_unix_ms) / 1000
-            )));
-        }
-        if token.single_use && token.uses > 0 {
-            return Err(Status::unauthenticated(format!(
-                "join token {id} is single-use and was already used"
-            )));
-        }
+        // Checked before signing, so a caller without a valid token has nothing signed; checked
+        // again as the use is recorded (atomically in the store, not under the farm's lock).
+        let token = shared.store.token(id).map_err(internal)?;
+        check_token(token.as_ref(), id, secret, now)?;
         let agent_id = agent_id_for(&r.hostname);
-        let (cert_pem, fingerprint) = shared.pki.sign_csr(&r.csr_pem, &agent_id).map_err(|e| {
-            Status::invalid_argument(format!("bad certificate signing request: {e:#}"))
-        })?;
-        token.uses += 1;
-        shared.store.put_token(&token).map_err(internal)?;
-        shared
-            .store
-            .put_principal(
-                &fingerprint,
-                &Principal {
-                    role: Role::Agent,
-                    name: agent_id.clone(),
-                    revoked: false,
-                },
-            )
-            .map_err(internal)?;
-        farm.add_agent(AgentRecord {
+        let (cert_pem, fingerprint) = {
+            let (shared, csr, agent_id) = (shared.clone(), r.csr_pem, agent_id.clone());
+            tokio::task::spawn_blocking(move || shared.pki.sign_csr(&csr, &agent_id))
+                .await
+                .map_err(|e| internal(anyhow::anyhow!("sign a CSR: {e}")))?
+                .map_err(|e| {
+                    Status::invalid_argument(format!("bad certificate signing request: {e:#}"))
+                })?
+        };
+        let token = {
+            let (id, secret, agent_id, fingerprint) = (
+                id.to_string(),
+                secret.to_string(),
+                agent_id.clone(),
+                fingerprint.clone(),
+            );
+            shared
+                .blocking("record a join", move |store| {
+                    let used = store.update_token(&id, |t| {
+                        check_token(Some(t), &id, &secret, now)?;
+                        t.uses += 1;
+                        Ok::<(), Status>(())
+                    })?;
+                    let token = match used {
+                        // Deleted since the first check.
+                        None => {
+                            return Ok(Err(Status::unauthenticated(format!(
+                                "join token {id} is not known to this farm"
+                            ))))
+                        }
+                        Some(Err(refusal)) => return Ok(Err(refusal)),
+                        Some(Ok(token)) => token,
+                    };
+                    store.put_principal(
+                        &fingerprint,
+                        &Principal {
+                            role: Role::Agent,
+                            name: agent_id,
+                            revoked: false,
+                            trusted: false,
+                        },
+                    )?;
+                    Ok(Ok(token))
+                })
+                .await??
+        };
+        shared.farm()?.add_agent(AgentRecord {
             id: AgentId(agent_id.clone()),
             hostname: r.hostname.clone(),
             labels: token.labels.clone(),
@@ -112,8 +154,9 @@ impl Join for JoinService {
             draining: false,
             revoked: false,
             quarantine: Default::default(),
-        })
-        .map_err(internal)?;
+        });
+        // The token's use, the principal and the agent, made durable by one group commit.
+        shared.commit_store_writes().await?;
         tracing::info!(agent = %agent_id, hostname = %r.hostname, token = %id, "agent joined");
         Ok(Response::new(v1::JoinResponse {
             agent_id,

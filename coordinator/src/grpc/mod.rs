@@ -7,12 +7,13 @@ pub mod convert;
 pub mod jobs;
 pub mod join;
 pub mod session;
-pub mod step_sets;
 
 use crate::cas::Cas;
 use crate::farm::{Farm, FarmError};
 use crate::pki::Pki;
+use crate::revocations::Revocations;
 use crate::store::Store;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tonic::Status;
 
@@ -30,10 +31,15 @@ pub struct Shared {
     pub pki: Pki,
     /// Wall clock in Unix ms (injected in tests).
     pub clock: fn() -> u64,
-    /// Bumped on every revocation: open streams re-check their caller when it changes.
-    pub revocations: tokio::sync::watch::Sender<u64>,
+    /// Revoked certificates and agents; open streams watch it (see [`auth::StreamGuard`]).
+    pub revocations: Revocations,
     /// One group commit at a time (see [`Shared::commit`]).
     pub committing: tokio::sync::Mutex<()>,
+    /// The last of the farm's outboxes made durable and released (they are numbered from 1
+    /// as they are taken, [`Farm::pending_outbox`]).
+    pub committed: AtomicU64,
+    /// The store was written outside the farm (tokens, principals) since the last flush.
+    pub store_written: AtomicBool,
 }
 
 /// Shared state handle.
@@ -46,9 +52,13 @@ impl Shared {
             .lock()
             .map_err(|_| Status::internal("farm state lock poisoned by an earlier panic"))
     }
-    /// Wakes every open stream to re-check its caller (after a revocation).
-    pub fn announce_revocation(&self) {
-        self.revocations.send_modify(|n| *n += 1);
+    /// What job planning reads.
+    pub fn plan_context(&self) -> crate::planning::PlanContext<'_> {
+        crate::planning::PlanContext {
+            store: &self.store,
+            cas: &self.cas,
+            cache: &self.cache,
+        }
     }
     /// Now, in Unix ms.
     pub fn now(&self) -> u64 {
@@ -57,23 +67,64 @@ impl Shared {
 
     /// Makes every change the farm made so far durable, then releases what it announced
     /// (commands to agents, events to watchers) in order. Every caller that changed the farm
-    /// awaits this before answering; callers that arrive while a flush runs are covered by
-    /// the next one, so one fsync serves them all. The flush runs outside the farm's lock.
+    /// awaits this before answering. Group commit: a caller's changes are in the outbox
+    /// pending when it calls; if, while it waited for its turn, another commit took that
+    /// outbox (or a later one), its changes are durable and released already and it returns
+    /// without a flush of its own. So one fsync serves every caller that arrived while the
+    /// previous one ran, however many they are. The agent records' writes and the flush run
+    /// outside the farm's lock, on a blocking thread.
     pub async fn commit(&self) -> Result<(), Status> {
+        let mine = self.farm()?.pending_outbox();
         let _turn = self.committing.lock().await;
-        let outbox = self.farm()?.take_outbox();
-        if outbox.is_empty() {
+        if self.committed.load(Ordering::SeqCst) >= mine {
             return Ok(());
         }
-        if outbox.needs_flush {
-            let store = self.store.clone();
-            tokio::task::spawn_blocking(move || store.flush())
-                .await
-                .map_err(|e| internal(anyhow::anyhow!("flush the state store: {e}")))?
-                .map_err(internal)?;
+        let (taken, outbox) = {
+            let mut farm = self.farm()?;
+            (farm.pending_outbox(), farm.take_outbox())
+        };
+        // Taken after the outbox: a write made before the flag was set is covered by this
+        // flush.
+        let written_outside = self.store_written.swap(false, Ordering::SeqCst);
+        if outbox.is_empty() && !written_outside {
+            self.committed.store(taken, Ordering::SeqCst);
+            return Ok(());
         }
+        let (store, cas) = (self.store.clone(), self.cas.clone());
+        let outbox = tokio::task::spawn_blocking(move || {
+            outbox.write(&store, &cas)?;
+            if written_outside && !outbox.needs_flush {
+                store.flush()?;
+            }
+            anyhow::Ok(outbox)
+        })
+        .await
+        .map_err(|e| internal(anyhow::anyhow!("commit the farm's changes: {e}")))?
+        .map_err(internal)?;
         self.farm()?.release(outbox);
+        self.committed.store(taken, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// Makes writes the caller made to the store outside the farm (tokens, principals)
+    /// durable, in the same group commit as the farm's changes; never blocks the caller's
+    /// thread on the flush.
+    pub async fn commit_store_writes(&self) -> Result<(), Status> {
+        self.store_written.store(true, Ordering::SeqCst);
+        self.commit().await
+    }
+
+    /// Runs store work (writes, walks) on a blocking thread, off the async workers.
+    pub async fn blocking<T: Send + 'static>(
+        &self,
+        what: &'static str,
+        work: impl FnOnce(&Store) -> anyhow::Result<T> + Send + 'static,
+    ) -> Result<T, Status> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || work(&store))
+            .await
+            .map_err(|e| internal(anyhow::anyhow!("{what}: {e}")))?
+            .map_err(|e| internal(e.context(what)))
     }
 }
 
@@ -81,6 +132,17 @@ impl Shared {
 pub fn internal(e: anyhow::Error) -> Status {
     tracing::error!("failed to {e:#}");
     Status::internal(format!("internal error: {e:#}"))
+}
+
+impl From<crate::planning::PlanError> for Status {
+    fn from(e: crate::planning::PlanError) -> Self {
+        use crate::planning::PlanError;
+        match e {
+            PlanError::Invalid(m) => Status::invalid_argument(m),
+            PlanError::Precondition(m) => Status::failed_precondition(m),
+            PlanError::Internal(e) => internal(e),
+        }
+    }
 }
 
 impl From<FarmError> for Status {

@@ -2,7 +2,7 @@
 use super::auth::authorize_stream;
 use super::convert::{command_to_proto, completion_from_proto};
 use super::{internal, SharedRef};
-use crate::farm::HeartbeatReport;
+use crate::farm::{Completion, HeartbeatReport, Outcome};
 use crate::model::{ActionId, AgentFacts, AgentId, Offer, Role};
 use archfarm_proto::v1::{
     self, agent_message::Kind, agent_session_server::AgentSession, coordinator_message,
@@ -140,7 +140,8 @@ impl AgentSession for SessionService {
                             }
                         }
                         None => {
-                            let msg = if shared.farm().map(|f| f.is_revoked(&agent)).unwrap_or(false) {
+                            // Revoke adds the agent to the set before it drops the session.
+                            let msg = if shared.revocations.agent_revoked(&agent.0) {
                                 Status::unauthenticated(format!("agent {agent} has been revoked"))
                             } else {
                                 Status::aborted("a newer session of this agent replaced this one")
@@ -151,7 +152,11 @@ impl AgentSession for SessionService {
                     },
                     msg = inbound.message() => match msg {
                         Ok(Some(m)) => {
-                            if let Err(e) = handle(&shared, &agent, conn, m) {
+                            let handled = match prepare_completion(&shared, &m).await {
+                                Ok(completion) => handle(&shared, &agent, conn, m, completion),
+                                Err(e) => Err(e),
+                            };
+                            if let Err(e) = handled {
                                 let _ = out_tx.send(Err(e.clone())).await;
                                 break format!("refused a message: {}", e.message());
                             }
@@ -167,10 +172,9 @@ impl AgentSession for SessionService {
                 }
             };
             tracing::info!(%agent, conn, "agent session ended: {why}");
+            // Memory only: the record is written by the next commit (the ticker's at the latest).
             if let Ok(mut farm) = shared.farm() {
-                if let Err(e) = farm.session_closed(&agent, conn) {
-                    tracing::error!("failed to record the end of {agent}'s session: {e:#}");
-                }
+                farm.session_closed(&agent, conn);
             }
         });
         Ok(Response::new(Box::pin(
@@ -179,11 +183,36 @@ impl AgentSession for SessionService {
     }
 }
 
+/// A reported result as the farm records it, its output trees walked (blocking reads of every
+/// directory) before the farm is locked; `None` for other messages.
+async fn prepare_completion(
+    shared: &SharedRef,
+    m: &v1::AgentMessage,
+) -> Result<Option<Completion>, Status> {
+    let Some(Kind::Completed(c)) = &m.kind else {
+        return Ok(None);
+    };
+    let result = c.result.as_ref().ok_or_else(|| {
+        Status::invalid_argument(format!("completion of {} has no result", c.action_id))
+    })?;
+    let mut completion = completion_from_proto(result);
+    let passed = completion.outcome == Outcome::Exited && completion.exit_code == 0;
+    if passed && !completion.output_trees.is_empty() {
+        let (cache, roots) = (shared.cache.clone(), completion.output_trees.clone());
+        completion.output_tree_blobs =
+            tokio::task::spawn_blocking(move || cache.output_tree_blobs(&roots))
+                .await
+                .map_err(|e| Status::internal(format!("walking output trees failed: {e}")))?;
+    }
+    Ok(Some(completion))
+}
+
 fn handle(
     shared: &SharedRef,
     agent: &AgentId,
     conn: u64,
     m: v1::AgentMessage,
+    completion: Option<Completion>,
 ) -> Result<(), Status> {
     let now = shared.now();
     let mut farm = shared.farm()?;
@@ -212,14 +241,14 @@ fn handle(
             Ok(())
         }
         Some(Kind::Completed(c)) => {
-            let result = c.result.as_ref().ok_or_else(|| {
-                Status::invalid_argument(format!("completion of {} has no result", c.action_id))
+            let completion = completion.ok_or_else(|| {
+                Status::internal(format!("completion of {} was not prepared", c.action_id))
             })?;
             farm.completed(
                 agent,
                 &ActionId(c.action_id.clone()),
                 c.fence,
-                completion_from_proto(result),
+                completion,
                 now,
             )
             .map_err(Status::from)

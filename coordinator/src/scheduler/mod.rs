@@ -38,6 +38,8 @@ pub struct AgentView {
     pub network: bool,
     /// Quarantined for infra failures: no new work until the backoff passes.
     pub quarantined: bool,
+    /// Runs actions in a sandbox.
+    pub sandboxed: bool,
 }
 
 /// What an action requires.
@@ -53,6 +55,8 @@ pub struct Requirement<'a> {
     pub exclusive: bool,
     /// Needs the network.
     pub network: bool,
+    /// Needs an agent with a sandbox (jobs of untrusted submitters).
+    pub sandbox: bool,
     /// Agents on which the action failed for infra reasons, one entry per failure.
     pub infra_failed_on: &'a [AgentId],
 }
@@ -73,6 +77,7 @@ impl Requirement<'_> {
             allow_emulation,
             exclusive,
             network,
+            sandbox,
             infra_failed_on,
         } = self;
         let mut avoid = infra_failed_on.to_vec();
@@ -84,6 +89,7 @@ impl Requirement<'_> {
             allow_emulation: *allow_emulation,
             exclusive: *exclusive,
             network: *network,
+            sandbox: *sandbox,
             infra_failed_on: avoid,
         }
     }
@@ -102,18 +108,19 @@ pub struct FitKey {
     allow_emulation: bool,
     exclusive: bool,
     network: bool,
+    sandbox: bool,
     /// The agents it failed on for infra reasons, sorted, each once: which agents are skipped
     /// depends on which they are; how often it failed on each only ranks.
     infra_failed_on: Vec<AgentId>,
 }
 
 impl FitKey {
-    /// The same requirement without what only narrows the agents that fit (the network, an
-    /// idle agent, agents to avoid); `None` when it asks for none of these. Every agent
+    /// The same requirement without what only narrows the agents that fit (the network, a
+    /// sandbox, an idle agent, agents to avoid); `None` when it asks for none of these. Every agent
     /// [`choose_agent`] could pick for `self` it could pick for the relaxed requirement, so
     /// when that found no agent, neither does `self`.
     pub fn relaxed(&self) -> Option<FitKey> {
-        if !self.network && !self.exclusive && self.infra_failed_on.is_empty() {
+        if !self.network && !self.sandbox && !self.exclusive && self.infra_failed_on.is_empty() {
             return None;
         }
         Some(FitKey {
@@ -122,6 +129,7 @@ impl FitKey {
             allow_emulation: self.allow_emulation,
             exclusive: false,
             network: false,
+            sandbox: false,
             infra_failed_on: Vec::new(),
         })
     }
@@ -129,15 +137,15 @@ impl FitKey {
 
 /// Placement preference; smaller is better.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Score {
+pub struct Score<'a> {
     /// Emulated agents only when no native one is free.
     pub emulated: bool,
     /// Times the action failed on this agent for infra reasons: fewest first.
     pub infra_failures_here: u32,
     /// Used slots per thousand offered.
     pub load_permille: u32,
-    /// Tie-break.
-    pub agent: AgentId,
+    /// Tie-break (borrowed: only the winner's id is cloned).
+    pub agent: &'a AgentId,
 }
 
 fn has_labels(agent: &AgentView, want: &Labels) -> bool {
@@ -150,6 +158,7 @@ pub fn can_serve(agent: &AgentView, req: &Requirement<'_>) -> Option<bool> {
         || agent.draining
         || agent.paused
         || (req.network && !agent.network)
+        || (req.sandbox && !agent.sandboxed)
         || !has_labels(agent, req.labels)
     {
         return None;
@@ -170,9 +179,11 @@ pub fn choose_agent<'a>(
     agents: impl IntoIterator<Item = &'a AgentView> + Clone,
     req: &Requirement<'_>,
 ) -> Option<(AgentId, bool)> {
-    let another_could = agents.clone().into_iter().any(|a| {
-        !a.quarantined && req.infra_failures_on(&a.id) == 0 && can_serve(a, req).is_some()
-    });
+    // Only an action that failed somewhere asks whether another agent could take it.
+    let another_could = !req.infra_failed_on.is_empty()
+        && agents.clone().into_iter().any(|a| {
+            !a.quarantined && req.infra_failures_on(&a.id) == 0 && can_serve(a, req).is_some()
+        });
     agents
         .into_iter()
         .filter(|a| !a.quarantined && a.used < a.slots && (!req.exclusive || a.used == 0))
@@ -185,11 +196,11 @@ pub fn choose_agent<'a>(
                 emulated,
                 infra_failures_here,
                 load_permille: a.used.saturating_mul(1000) / a.slots.max(1),
-                agent: a.id.clone(),
+                agent: &a.id,
             })
         })
         .min()
-        .map(|s| (s.agent, s.emulated))
+        .map(|s| (s.agent.clone(), s.emulated))
 }
 
 /// Why no agent can serve `req`, naming the platform, the labels, and how many agents of
@@ -200,7 +211,7 @@ pub fn unservable_reason<'a>(
 ) -> String {
     let mut of_platform = 0;
     let (mut emulated_only, mut lost, mut draining, mut wrong_labels) = (0, 0, 0, 0);
-    let (mut paused, mut no_network) = (0, 0);
+    let (mut paused, mut no_network, mut unsandboxed) = (0, 0, 0);
     for a in agents {
         let offers: Vec<bool> = a
             .offers
@@ -220,6 +231,8 @@ pub fn unservable_reason<'a>(
             paused += 1;
         } else if req.network && !a.network {
             no_network += 1;
+        } else if req.sandbox && !a.sandboxed {
+            unsandboxed += 1;
         } else if !has_labels(a, req.labels) {
             wrong_labels += 1;
         } else if !req.allow_emulation && offers.iter().all(|e| *e) {
@@ -250,6 +263,11 @@ pub fn unservable_reason<'a>(
     if no_network > 0 {
         why.push(format!(
             "{no_network} whose policy does not allow the network the job asks for"
+        ));
+    }
+    if unsandboxed > 0 {
+        why.push(format!(
+            "{unsandboxed} without a sandbox, and jobs of untrusted submitters run only in one"
         ));
     }
     if lost > 0 {
@@ -287,6 +305,7 @@ mod tests {
             paused: false,
             network: false,
             quarantined: false,
+            sandboxed: true,
         }
     }
 
@@ -297,6 +316,7 @@ mod tests {
             allow_emulation: allow,
             exclusive: false,
             network: false,
+            sandbox: false,
             infra_failed_on: &[],
         }
     }
@@ -358,6 +378,31 @@ mod tests {
         a.draining = false;
         a.connected = false;
         assert_eq!(choose_agent([&a], &req(&amd, &want, false)), None);
+    }
+
+    #[test]
+    fn untrusted_work_runs_only_on_a_sandboxed_agent_and_says_why_not() {
+        let amd = p("linux/amd64");
+        let none = Labels::new();
+        let mut r = req(&amd, &none, false);
+        r.sandbox = true;
+        let mut bare = agent("bare", &[("linux/amd64", false)], 0);
+        bare.sandboxed = false;
+        assert_eq!(choose_agent([&bare], &r), None);
+        assert!(
+            choose_agent([&bare], &req(&amd, &none, false)).is_some(),
+            "trusted work may run there"
+        );
+        let why = unservable_reason([&bare], &r);
+        assert!(why.contains("1 without a sandbox"), "{why}");
+        let boxed = agent("boxed", &[("linux/amd64", false)], 1);
+        assert_eq!(
+            choose_agent([&bare, &boxed], &r),
+            Some((AgentId("boxed".into()), false)),
+            "the busier sandboxed agent, not the idle bare one"
+        );
+        let fit = r.fit_key();
+        assert_eq!(fit.relaxed(), Some(req(&amd, &none, false).fit_key()));
     }
 
     #[test]

@@ -1,13 +1,22 @@
 //! The only code that touches sled: typed trees for agents, tokens, principals, jobs and
-//! actions, counters, and a schema version. Every mutating call is flushed before it returns,
-//! so a `kill -9` after a reply loses nothing the reply promised.
+//! actions, counters, and a schema version. Writes become durable at the commit points'
+//! [`Store::flush`] (the farm's group commit flushes before anything is announced), so a
+//! `kill -9` after a reply loses nothing the reply promised.
 use crate::model::{
-    ActionId, ActionRecord, AgentId, AgentRecord, CacheEntry, CacheKey, JobId, JobRecord,
-    Principal, TokenRecord,
+    ActionId, ActionRecord, AgentId, AgentRecord, CacheEntry, CacheKey, CacheScope, JobId,
+    JobRecord, Principal, TokenRecord,
 };
 use anyhow::{bail, Context};
 use serde::{de::DeserializeOwned, Serialize};
 use std::path::Path;
+
+#[cfg(test)]
+pub mod disk_image;
+
+/// sled's page cache (its default is 1 GiB, which a coordinator running for months fills
+/// with the history of finished actions it never reads again). sled counts on-disk bytes,
+/// so the memory it takes is a multiple of this.
+const CACHE_CAPACITY_BYTES: u64 = 64 << 20;
 
 /// Schema of the records below; bumped on incompatible change.
 pub const SCHEMA_VERSION: &str = "2";
@@ -28,14 +37,20 @@ pub struct Store {
     durations: sled::Tree,
 }
 
-/// Action and step keys live in one tree, apart by prefix: a client-chosen step key can never
-/// name an action's entry.
-fn cache_key(key: CacheKey<'_>) -> String {
+/// Action and step keys of every scope live in one tree, apart by prefix: the scope first
+/// (a principal's entries can never be read as the shared scope's), then the kind (a
+/// client-chosen step key can never name an action's entry).
+fn cache_key(scope: &CacheScope, key: CacheKey<'_>) -> String {
+    let prefix = scope.key_prefix();
     match key {
-        CacheKey::Action(k) => format!("action/{k}"),
-        CacheKey::Step(k) => format!("step/{k}"),
+        CacheKey::Action(k) => format!("{prefix}action/{k}"),
+        CacheKey::Step(k) => format!("{prefix}step/{k}"),
     }
 }
+
+/// The tree of result-cache entries before scopes existed: any client could write the entry
+/// everyone read, so what it holds cannot be trusted; it is dropped on open.
+const UNSCOPED_RESULT_CACHE: &str = "result_cache";
 
 fn encode<T: Serialize>(v: &T) -> anyhow::Result<Vec<u8>> {
     serde_json::to_vec(v).context("failed to encode record")
@@ -60,6 +75,7 @@ impl Store {
             match sled::Config::new()
                 .path(dir)
                 .mode(sled::Mode::HighThroughput)
+                .cache_capacity(CACHE_CAPACITY_BYTES)
                 .open()
             {
                 Ok(db) => break db,
@@ -90,6 +106,12 @@ impl Store {
                 String::from_utf8_lossy(&v)
             ),
         }
+        if db.drop_tree(UNSCOPED_RESULT_CACHE)? {
+            tracing::warn!(
+                "dropped the result cache kept before cache scopes: its entries could have \
+                 been written by any client"
+            );
+        }
         let store = Self {
             agents: db.open_tree("agents")?,
             tokens: db.open_tree("tokens")?,
@@ -97,7 +119,7 @@ impl Store {
             jobs: db.open_tree("jobs")?,
             actions: db.open_tree("actions")?,
             unfinished: db.open_tree("unfinished_actions")?,
-            result_cache: db.open_tree("result_cache")?,
+            result_cache: db.open_tree("scoped_results")?,
             durations: db.open_tree("durations")?,
             meta,
             db,
@@ -133,13 +155,41 @@ impl Store {
         self.add_counter(name, 0)
     }
 
-    /// Stores a result cache entry.
-    pub fn put_cache_entry(&self, key: CacheKey<'_>, e: &CacheEntry) -> anyhow::Result<()> {
-        self.put(&self.result_cache, &cache_key(key), e)
+    /// Stores a result cache entry in `scope`.
+    pub fn put_cache_entry(
+        &self,
+        scope: &CacheScope,
+        key: CacheKey<'_>,
+        e: &CacheEntry,
+    ) -> anyhow::Result<()> {
+        self.put(&self.result_cache, &cache_key(scope, key), e)
     }
-    /// The result cache entry for a key.
-    pub fn cache_entry(&self, key: CacheKey<'_>) -> anyhow::Result<Option<CacheEntry>> {
-        self.get("result cache", &self.result_cache, &cache_key(key))
+    /// The result cache entry for a key in `scope`. An entry that does not decode is a miss
+    /// with one WARN naming it, never an error that fails the job, never a result.
+    pub fn cache_entry(
+        &self,
+        scope: &CacheScope,
+        key: CacheKey<'_>,
+    ) -> anyhow::Result<Option<CacheEntry>> {
+        let k = cache_key(scope, key);
+        let Some(bytes) = self.result_cache.get(&k)? else {
+            return Ok(None);
+        };
+        // Only a record that does not decode is a miss; a store that cannot be read is an error.
+        match decode::<CacheEntry>("result cache", k.as_bytes(), &bytes) {
+            Ok(e) => Ok(Some(e)),
+            Err(e) => {
+                tracing::warn!(key = %k, "result cache entry ignored (a miss): {e:#}");
+                Ok(None)
+            }
+        }
+    }
+    /// Writes raw bytes as a cache entry: how the tests damage one.
+    #[cfg(test)]
+    pub fn put_raw_cache_entry(&self, scope: &CacheScope, key: CacheKey<'_>, raw: &[u8]) {
+        self.result_cache
+            .insert(cache_key(scope, key), raw)
+            .expect("write a raw cache entry");
     }
 
     /// Records a run of a work item on a platform: the history is a moving average
@@ -219,6 +269,32 @@ impl Store {
     /// Every token, by id.
     pub fn tokens(&self) -> anyhow::Result<Vec<TokenRecord>> {
         self.all("token", &self.tokens)
+    }
+    /// Changes a token atomically (compare and swap, so two joins cannot both use a
+    /// single-use token and a join cannot use a token deleted meanwhile). `change` may run more
+    /// than once, on the newest record each time; when it refuses, nothing is written.
+    /// Returns None when the token does not exist, else what `change` returned and the record
+    /// as written.
+    pub fn update_token<E>(
+        &self,
+        id: &str,
+        mut change: impl FnMut(&mut TokenRecord) -> Result<(), E>,
+    ) -> anyhow::Result<Option<Result<TokenRecord, E>>> {
+        loop {
+            let Some(old) = self.tokens.get(id)? else {
+                return Ok(None);
+            };
+            let mut token: TokenRecord = decode("token", id.as_bytes(), &old)?;
+            if let Err(refusal) = change(&mut token) {
+                return Ok(Some(Err(refusal)));
+            }
+            let swapped = self
+                .tokens
+                .compare_and_swap(id, Some(old), Some(encode(&token)?))?;
+            if swapped.is_ok() {
+                return Ok(Some(Ok(token)));
+            }
+        }
     }
     /// Removes a token; returns whether it existed.
     pub fn delete_token(&self, id: &str) -> anyhow::Result<bool> {
@@ -365,6 +441,39 @@ mod tests {
         let second = Store::open(dir.path());
         closer.join().unwrap();
         assert!(second.is_ok(), "{:?}", second.err());
+    }
+
+    #[test]
+    fn a_token_update_sees_the_newest_record_and_refusals_write_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let token = TokenRecord {
+            id: "abcdef".into(),
+            secret_hash: String::new(),
+            labels: Labels::new(),
+            expires_unix_ms: 10,
+            single_use: true,
+            uses: 0,
+            description: String::new(),
+            created_unix_ms: 0,
+        };
+        s.put_token(&token).unwrap();
+        let use_once = |t: &mut TokenRecord| {
+            if t.single_use && t.uses > 0 {
+                return Err("used");
+            }
+            t.uses += 1;
+            Ok(())
+        };
+        let first = s.update_token("abcdef", use_once).unwrap().unwrap();
+        assert_eq!(first.unwrap().uses, 1);
+        assert!(matches!(
+            s.update_token("abcdef", use_once).unwrap(),
+            Some(Err("used"))
+        ));
+        assert_eq!(s.token("abcdef").unwrap().unwrap().uses, 1);
+        assert!(s.delete_token("abcdef").unwrap());
+        assert!(s.update_token("abcdef", use_once).unwrap().is_none());
     }
 
     #[test]

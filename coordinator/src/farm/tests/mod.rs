@@ -1,6 +1,8 @@
 //! Unit tests of the farm state machine, driven with fake agent sessions and injected time.
 use super::*;
 
+mod scopes;
+
 const LEASE: u64 = 15_000;
 
 struct Harness {
@@ -19,17 +21,42 @@ struct Harness {
     network: bool,
     /// Blobs every action of the next submits needs (its input tree).
     inputs: Vec<Digest>,
+    /// Who submits the next jobs.
+    submitter: Submitter,
 }
 
-/// A process exit that names `blobs` (encoded as three marker bytes).
+/// An encoded ExecutionResult of an exit (what the cache stores and must decode).
+fn result_bytes(exit_code: i32) -> Vec<u8> {
+    use prost::Message;
+    archfarm_proto::v1::ExecutionResult {
+        exit_code,
+        message: "marker".into(),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+/// An encoded StepResult of a step.
+fn step_bytes(name: &str, exit_code: i32) -> Vec<u8> {
+    use prost::Message;
+    archfarm_proto::v1::StepResult {
+        name: name.into(),
+        exit_code,
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+/// A process exit that names `blobs`.
 fn exited(exit_code: i32, blobs: &[Digest]) -> Completion {
     Completion {
         outcome: Outcome::Exited,
         exit_code,
         message: String::new(),
-        encoded: vec![1, 2, 3],
+        encoded: result_bytes(exit_code),
         named_blobs: blobs.to_vec(),
         output_trees: vec![],
+        output_tree_blobs: Ok(vec![]),
         cacheable: true,
         steps: vec![],
     }
@@ -45,6 +72,7 @@ fn offers(list: &[(&str, bool)]) -> AgentFacts {
             })
             .collect(),
         slots: 1,
+        sandbox: "bwrap (test)".into(),
         ..Default::default()
     }
 }
@@ -70,6 +98,7 @@ impl Harness {
             cache_emulated: false,
             network: false,
             inputs: vec![],
+            submitter: Submitter::new("ci", true),
         }
     }
 
@@ -86,7 +115,7 @@ impl Harness {
             quarantine: Default::default(),
         };
         if !self.farm.agents.contains_key(&record.id) {
-            self.farm.add_agent(record).unwrap();
+            self.farm.add_agent(record);
         }
         let (tx, rx) = mpsc::unbounded_channel();
         let conn = self
@@ -120,6 +149,7 @@ impl Harness {
                     network: self.network,
                     cache_untrusted: self.cache_untrusted,
                     cache_emulated: self.cache_emulated,
+                    submitter: self.submitter.clone(),
                     ..ActionSpec::trivial(platform.clone())
                 };
                 let mut a =
@@ -212,6 +242,27 @@ impl Harness {
     fn report(&mut self, agent: &str, action: &str, fence: u64, c: Completion, now: u64) {
         let (agent, action) = (AgentId(agent.into()), ActionId(action.into()));
         self.farm.completed(&agent, &action, fence, c, now).unwrap();
+        // What it decided to cache is written at the group commit.
+        self.commit_cache_writes();
+    }
+
+    /// Writes the cache entries the farm queued (as the group commit does), leaving its
+    /// announcements for `assigns` and `acks`.
+    fn commit_cache_writes(&mut self) {
+        for w in std::mem::take(&mut self.farm.cache_writes) {
+            let store = &self.farm.store;
+            store
+                .put_cache_entry(&w.entry.scope, w.key(), &w.entry)
+                .unwrap();
+        }
+    }
+
+    fn lookup(&self, key: CacheKey<'_>, allow_emulation: bool, now: u64) -> Option<CacheEntry> {
+        self.farm
+            .cache()
+            .lookup(&self.submitter.read_scopes(), key, allow_emulation, now)
+            .unwrap()
+            .map(|(_, e)| e)
     }
 
     fn complete_with(&mut self, agent: &str, action: &str, fence: u64, blobs: &[Digest], now: u64) {
@@ -461,6 +512,8 @@ fn a_quarantine_survives_a_coordinator_restart() {
     assert_eq!(h.state(&id).state, ActionState::InfraFailed);
     let before = h.quarantine("a");
     assert_eq!(before.until_unix_ms, 3 + 60_000);
+    // As the session does after every message: the commit writes the agent's record.
+    h.farm.commit().unwrap();
     let store = h.farm.store.clone();
     let cas = h.farm.cas.clone();
     h.farm = Farm::load(store, cas, FarmConfig::default(), 1_000).unwrap();
@@ -489,11 +542,19 @@ fn a_cached_result_completes_the_same_action_without_any_agent() {
     assert!(h.assigns("a").is_empty(), "a hit runs nowhere");
     let hit = h.state(&format!("{second}/linux/amd64"));
     assert_eq!((hit.state, hit.cached), (ActionState::Succeeded, true));
-    assert_eq!(hit.result.unwrap().encoded, vec![1, 2, 3]);
+    assert_eq!(hit.result.unwrap().encoded, result_bytes(0));
     assert!(
-        hit.reason.contains("cached result of a (native)"),
+        hit.reason.contains(&format!(
+            "shared scope, from {id} of ci on a (native, trusted)"
+        )),
         "{}",
         hit.reason
+    );
+    let origin = hit.cache_origin.expect("a hit names its origin");
+    assert_eq!((origin.scope, origin.action.0), (CacheScope::Shared, id));
+    assert_eq!(
+        h.state(&format!("{first}/linux/amd64")).cache_write,
+        "shared"
     );
     assert!(h.farm.store.job(&second).unwrap().unwrap().finished);
     // Another key misses; no_cache skips the lookup.
@@ -552,28 +613,20 @@ fn passing_steps_are_cached_and_every_step_duration_is_recorded() {
         duration_ms: ms,
         timed_out: false,
         output: Some(out),
-        encoded: vec![9],
+        encoded: step_bytes(name, exit_code),
     };
     let c = Completion {
         steps: vec![done("ok", 0, 1_500), done("bad", 1, 700)],
         ..exited(1, &[])
     };
     h.report("a", &id, fence, c, 5);
-    let hit = h
-        .farm
-        .cache()
-        .lookup(CacheKey::Step(&"a".repeat(64)), false, 6)
-        .unwrap()
-        .unwrap();
+    let hit = h.lookup(CacheKey::Step(&"a".repeat(64)), false, 6).unwrap();
     assert_eq!(
         (hit.encoded, hit.platform.to_string()),
-        (vec![9], "linux/s390x".to_string())
+        (step_bytes("ok", 0), "linux/s390x".to_string())
     );
     assert!(
-        h.farm
-            .cache()
-            .lookup(CacheKey::Step(&"b".repeat(64)), false, 6)
-            .unwrap()
+        h.lookup(CacheKey::Step(&"b".repeat(64)), false, 6)
             .is_none(),
         "failures are not cached"
     );
@@ -738,11 +791,7 @@ fn only_trusted_native_results_are_cached_unless_the_job_asks() {
         let (_, fence, ran_emulated) = h.assigns("a")[0].clone();
         assert_eq!(ran_emulated, emulated, "{what}");
         h.complete_with("a", &format!("{first}/linux/arm64"), fence, &[out], 1);
-        let entry = h
-            .farm
-            .cache()
-            .lookup(CacheKey::Action("key-1"), true, 2)
-            .unwrap();
+        let entry = h.lookup(CacheKey::Action("key-1"), true, 2);
         assert_eq!(entry.is_some(), stored, "{what}");
         if let Some(e) = entry {
             assert_eq!((e.trusted, e.emulated), (trusted, emulated), "{what}");
@@ -765,12 +814,7 @@ fn a_result_with_the_network_is_neither_stored_nor_served() {
     let first = h.submit_keyed(&["linux/arm64"], false, "key-1", 0);
     let (_, fence, _) = h.assigns("a")[0].clone();
     h.complete_with("a", &format!("{first}/linux/arm64"), fence, &[out], 1);
-    let lookup = |h: &Harness| {
-        h.farm
-            .cache()
-            .lookup(CacheKey::Action("key-1"), false, 2)
-            .unwrap()
-    };
+    let lookup = |h: &Harness| h.lookup(CacheKey::Action("key-1"), false, 2);
     assert!(lookup(&h).is_none(), "a network result was stored");
     // A stored result of the same key does not answer an action with the network.
     h.network = false;
@@ -960,6 +1004,36 @@ fn announcements_wait_for_the_flush_and_a_later_hub_gets_none_of_the_old_ones() 
         later.history.is_empty(),
         "nothing from before the hub opened"
     );
+}
+
+#[test]
+fn agent_changes_reach_the_store_only_through_the_committer() {
+    let mut h = Harness::new();
+    h.join("a", &[("linux/arm64", false)], 0);
+    h.farm.commit().unwrap();
+    let a = AgentId("a".into());
+    let stored = |h: &Harness| h.farm.store.agent(&a).unwrap().unwrap();
+    assert!(!stored(&h).draining);
+    h.farm.drain(&a).unwrap();
+    // The farm changed memory only; the record and the command wait for the committer.
+    assert!(!stored(&h).draining, "the farm wrote the store itself");
+    assert!(h.rx.get_mut("a").unwrap().try_recv().is_err());
+    let outbox = h.farm.take_outbox();
+    assert!(
+        outbox.needs_flush,
+        "a drain is durable before it is answered"
+    );
+    assert_eq!(outbox.agents.len(), 1);
+    assert!(outbox.agents[0].draining);
+    outbox.write(&h.farm.store, &h.farm.cas).unwrap();
+    assert!(stored(&h).draining);
+    h.farm.release(outbox);
+    assert!(matches!(
+        h.rx.get_mut("a").unwrap().try_recv(),
+        Ok(AgentCommand::Drain)
+    ));
+    // Nothing changed since: the next commit writes nothing.
+    assert!(h.farm.take_outbox().is_empty());
 }
 
 #[test]

@@ -1,13 +1,14 @@
-//! Jobs made of step sets: validation, the step cache, sharding by recorded durations, and
-//! composing each shard's input root from its steps' trees.
-use super::{internal, SharedRef};
+//! Jobs made of step sets: validation, the step cache (read in the submitter's scopes),
+//! sharding by recorded durations, and composing each shard's input root from its steps'
+//! trees.
+use super::spec::{check_input_tree, MAX_ARGV_BYTES, MAX_PLATFORMS, MAX_TIMEOUT_MS};
+use super::{PlanContext, PlanError};
 use crate::cas::VerifiedBlob;
 use crate::model::*;
 use crate::sharding::{self, Item, ShardCount};
 use archfarm_proto::{tree, v1, Digest, Platform};
 use prost::Message;
 use std::collections::{BTreeMap, HashSet};
-use tonic::Status;
 
 /// Most steps per platform.
 pub const MAX_STEPS: usize = 10_000;
@@ -16,8 +17,8 @@ pub const DEFAULT_ESTIMATE_MS: u64 = 10_000;
 /// Default shard target.
 pub const DEFAULT_SHARD_TARGET_MS: u64 = 120_000;
 
-fn invalid(m: impl Into<String>) -> Status {
-    Status::invalid_argument(m.into())
+fn invalid(m: impl Into<String>) -> PlanError {
+    PlanError::Invalid(m.into())
 }
 
 /// A validated step set.
@@ -37,16 +38,16 @@ fn valid_name(n: &str) -> bool {
 }
 
 /// Checks the step sets of a spec (wire form) and converts them.
-pub fn validate(spec: &v1::JobSpec) -> Result<Vec<ValidStepSet>, Status> {
+pub fn validate(spec: &v1::JobSpec) -> Result<Vec<ValidStepSet>, PlanError> {
     if !spec.platforms.is_empty() || !spec.argv.is_empty() {
         return Err(invalid(
             "step_sets: platforms and argv must be empty when step sets are given",
         ));
     }
-    if spec.step_sets.len() > super::jobs::MAX_PLATFORMS {
+    if spec.step_sets.len() > MAX_PLATFORMS {
         return Err(invalid(format!(
             "step_sets: at most {} platforms",
-            super::jobs::MAX_PLATFORMS
+            MAX_PLATFORMS
         )));
     }
     let mut out: Vec<ValidStepSet> = Vec::new();
@@ -82,7 +83,7 @@ pub fn validate(spec: &v1::JobSpec) -> Result<Vec<ValidStepSet>, Status> {
                 return Err(invalid(format!("{at}: argv is empty or contains NUL")));
             }
             let argv_bytes: usize = st.argv.iter().map(|a| a.len() + 1).sum();
-            if argv_bytes > super::jobs::MAX_ARGV_BYTES {
+            if argv_bytes > MAX_ARGV_BYTES {
                 return Err(invalid(format!("{at}: argv is {argv_bytes} bytes")));
             }
             let wd = &st.working_directory;
@@ -97,7 +98,7 @@ pub fn validate(spec: &v1::JobSpec) -> Result<Vec<ValidStepSet>, Status> {
             {
                 return Err(invalid(format!("{at}: cache_key must be 64 hex digits")));
             }
-            if st.timeout_ms > super::jobs::MAX_TIMEOUT_MS {
+            if st.timeout_ms > MAX_TIMEOUT_MS {
                 return Err(invalid(format!(
                     "{at}: timeout_ms {} is more than 24 h",
                     st.timeout_ms
@@ -137,23 +138,32 @@ pub struct Expansion {
     pub actions: Vec<ActionRecord>,
     /// Digests to pin per action id.
     pub pins: BTreeMap<ActionId, Vec<Digest>>,
+    /// The shards' composed input roots, checked but not stored: the Submit stores them (a
+    /// few in the group commit that makes the job durable, [`crate::farm::Farm::stage_blobs`],
+    /// so a small job costs no sync of its own; many as a batch of their own).
+    pub roots: Vec<VerifiedBlob>,
 }
 
-/// Expands validated step sets into actions (blocking: reads trees, writes composed roots).
-#[allow(clippy::too_many_arguments)]
+/// Expands validated step sets into actions (blocking: reads trees; the composed roots are
+/// returned for the caller to store).
 pub fn expand(
-    shared: &SharedRef,
-    job_id: &JobId,
-    seq: u64,
-    spec: &v1::JobSpec,
+    ctx: &PlanContext<'_>,
+    job: &super::JobPlan<'_>,
     sets: Vec<ValidStepSet>,
     env: &[(String, String)],
     labels: &Labels,
-    now: u64,
-) -> Result<Expansion, Status> {
+) -> Result<Expansion, PlanError> {
+    let super::JobPlan {
+        id: job_id,
+        seq,
+        spec,
+        submitter,
+        now,
+    } = *job;
     let mut exp = Expansion {
         actions: vec![],
         pins: BTreeMap::new(),
+        roots: Vec::new(),
     };
     let count = if spec.shards > 0 {
         ShardCount::Fixed(spec.shards)
@@ -166,15 +176,16 @@ pub fn expand(
             },
         }
     };
-    // Every shard's composed root, stored with one group commit at the end (a job of 10,000
-    // one-step shards would otherwise pay 10,000 fsyncs before its first action is queued).
+    // Every shard's composed root, stored by the caller in one batch (a job of 10,000
+    // one-step shards would otherwise pay 10,000 fsyncs before its first action is queued),
+    // or in the group commit when they are few (1,000 one-action jobs a second would
+    // otherwise pay 2,000 syncs of the filesystem, and pile up on blocking threads).
     let mut roots: Vec<VerifiedBlob> = Vec::new();
     let empty_dir = tree::encode_directory(&v1::Directory::default());
     let empty_digest = Digest::of(&empty_dir);
-    shared
-        .cas
+    ctx.cas
         .put(&empty_digest, &empty_dir)
-        .map_err(|e| internal(anyhow::anyhow!("{e}")))?;
+        .map_err(|e| PlanError::Internal(anyhow::anyhow!("store the empty directory: {e}")))?;
     for set in sets {
         let platform = set.platform;
         // The step cache: hits need no agent.
@@ -185,15 +196,12 @@ pub fn expand(
             let hit = if spec.no_cache || spec.network || st.cache_key.is_empty() {
                 None
             } else {
-                shared
-                    .cache
-                    .lookup(CacheKey::Step(&st.cache_key), spec.allow_emulation, now)
-                    .map_err(internal)?
+                ctx.cache
+                    .lookup_step(submitter, &st.cache_key, spec.allow_emulation, now)
+                    .map_err(PlanError::Internal)?
             };
             match hit {
-                Some(e) => {
-                    let mut r = v1::StepResult::decode(e.encoded.as_slice()).unwrap_or_default();
-                    r.cached = true;
+                Some((mut r, _)) => {
                     r.name = st.name.clone();
                     hits.push(r);
                 }
@@ -204,9 +212,8 @@ pub fn expand(
         let mut step_digests: BTreeMap<String, Vec<Digest>> = BTreeMap::new();
         for st in &misses {
             let digests = match st.input_root {
-                Some(r) => super::jobs::check_input_tree(shared, r).map_err(|s| {
-                    Status::new(s.code(), format!("step {}: {}", st.name, s.message()))
-                })?,
+                Some(r) => check_input_tree(ctx.cas, r)
+                    .map_err(|e| e.map_message(|m| format!("step {}: {m}", st.name)))?,
                 None => vec![empty_digest],
             };
             step_digests.insert(st.name.clone(), digests);
@@ -227,6 +234,7 @@ pub fn expand(
             network: spec.network,
             cache_untrusted: spec.cache_untrusted,
             cache_emulated: spec.cache_emulated,
+            submitter: submitter.clone(),
         };
         let record =
             |id: ActionId, spec: ActionSpec| ActionRecord::queued(id, job_id, seq, spec, now);
@@ -260,10 +268,9 @@ pub fn expand(
         let known: Vec<Option<u64>> = misses
             .iter()
             .map(|st| {
-                shared
-                    .store
+                ctx.store
                     .duration(&platform.to_string(), st.history_item())
-                    .map_err(internal)
+                    .map_err(PlanError::Internal)
             })
             .collect::<Result<_, _>>()?;
         let seen: Vec<u64> = known.iter().flatten().copied().collect();
@@ -302,10 +309,10 @@ pub fn expand(
             steps.sort_by_key(|s| order.iter().position(|n| n == &s.name));
             let bytes = tree::encode_directory(&root);
             let root_digest = Digest::of(&bytes);
-            roots.push(
-                VerifiedBlob::check(root_digest, bytes)
-                    .map_err(|e| internal(anyhow::anyhow!("check a shard root: {e}")))?,
-            );
+            roots
+                .push(VerifiedBlob::check(root_digest, bytes).map_err(|e| {
+                    PlanError::Internal(anyhow::anyhow!("check a shard root: {e}"))
+                })?);
             pins.push(root_digest);
             let id = ActionId(format!("{job_id}/{platform}/shard-{}", k + 1));
             let mut a = record(id.clone(), base_spec(steps, Some(root_digest)));
@@ -323,27 +330,23 @@ pub fn expand(
                     }
                 })
                 .fold(0, u64::saturating_add);
-            a.spec.timeout_ms = budget
-                .saturating_add(60_000)
-                .min(super::jobs::MAX_TIMEOUT_MS);
+            a.spec.timeout_ms = budget.saturating_add(60_000).min(MAX_TIMEOUT_MS);
             exp.pins.insert(id, pins);
             exp.actions.push(a);
         }
     }
-    shared
-        .cas
-        .put_batch(&roots)
-        .map_err(|e| internal(anyhow::anyhow!("store the shard roots: {e}")))?;
+    exp.roots = roots;
     Ok(exp)
 }
 
-/// Answers Jobs.LookupSteps.
+/// Answers Jobs.LookupSteps for a job of `submitter`: its own scope, then the shared one.
 pub fn lookup(
-    shared: &SharedRef,
+    ctx: &PlanContext<'_>,
+    submitter: &Submitter,
     keys: &[String],
     allow_emulation: bool,
     now: u64,
-) -> Result<Vec<v1::StepCacheHit>, Status> {
+) -> Result<Vec<v1::StepCacheHit>, PlanError> {
     if keys.len() > 100_000 {
         return Err(invalid("cache_keys: at most 100000 per call"));
     }
@@ -353,13 +356,11 @@ pub fn lookup(
             return Err(invalid(format!("cache_keys: {k:?} is not 64 hex digits")));
         }
         let key = k.to_ascii_lowercase();
-        if let Some(e) = shared
+        if let Some((r, e)) = ctx
             .cache
-            .lookup(CacheKey::Step(&key), allow_emulation, now)
-            .map_err(internal)?
+            .lookup_step(submitter, &key, allow_emulation, now)
+            .map_err(PlanError::Internal)?
         {
-            let mut r = v1::StepResult::decode(e.encoded.as_slice()).unwrap_or_default();
-            r.cached = true;
             hits.push(v1::StepCacheHit {
                 cache_key: k.clone(),
                 result: Some(r),
