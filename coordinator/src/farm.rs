@@ -2,12 +2,14 @@
 //! and what happens on submit, hello, heartbeat, result, cancel, drain, revoke and each tick.
 //!
 //! Every method takes `now_unix_ms`, so leases, requeues and unschedulable grace are tested
-//! with injected time. Every change is written to the store before it is announced, and
-//! announced only once durable: agent commands and job events wait in an outbox until a
-//! flush covers them ([`Farm::take_outbox`], [`Outbox::write`], [`Farm::release`]), so one
-//! flush serves every change made meanwhile (group commit) instead of one fsync per result and
-//! placement. The farm never flushes: the committer does, outside the farm's lock; agent
-//! records (farm/agents.rs) are written by the committer too.
+//! with injected time. Every change is announced only once durable: the changed records
+//! (actions, jobs, agents, durations, the fence ceiling) and the agent commands and job
+//! events wait in an outbox until the committer writes the records and a flush covers them
+//! ([`Farm::take_outbox`], [`Outbox::write`], [`Farm::release`]), so one flush serves every
+//! change made meanwhile (group commit) instead of one fsync per result and placement. The
+//! farm never writes the store: the committer does, outside the farm's lock. It reads the
+//! store only when it is loaded, and for a result resent for an action it no longer holds it
+//! asks the caller to read that record first ([`FarmError::NeedsStored`]).
 use crate::cas::Cas;
 use crate::hubs::{Hubs, JobUpdate};
 use crate::model::*;
@@ -59,7 +61,7 @@ pub enum AgentCommand {
     /// Run this action under this lease.
     Assign {
         /// The action (id, spec, attempt count).
-        action: Box<ActionRecord>,
+        action: Arc<ActionRecord>,
         /// Fence of the lease.
         fence: u64,
         /// Run it through the emulator.
@@ -137,6 +139,8 @@ pub struct Completion {
     pub cacheable: bool,
     /// Per step, for actions made of steps.
     pub steps: Vec<StepCompletion>,
+    /// The action's stored record, when the farm asked for it ([`FarmError::NeedsStored`]).
+    pub stored: StoredRecord,
 }
 
 /// What one step of an action did, as the farm needs it.
@@ -192,6 +196,22 @@ pub enum FarmError {
     /// Storage failed.
     #[error(transparent)]
     Store(#[from] anyhow::Error),
+    /// A result for an action the farm no longer holds in memory (final and written): the
+    /// caller reads its stored record without the farm's lock, puts it in
+    /// [`Completion::stored`] and reports the result again.
+    #[error("the stored record of the action must be read first")]
+    NeedsStored(Box<Completion>),
+}
+
+/// The stored record of an action the farm no longer holds, as the caller read it (outside
+/// the farm's lock) for a result resent after the action finished.
+#[derive(Clone, Debug, Default)]
+pub enum StoredRecord {
+    /// Not read: if the farm needs it, it answers [`FarmError::NeedsStored`].
+    #[default]
+    NotRead,
+    /// What the store held (`None`: no such action).
+    Read(Option<Box<ActionRecord>>),
 }
 
 /// The whole mutable state; callers hold it behind one mutex.
@@ -229,10 +249,18 @@ pub struct Farm {
     staged_blobs: Vec<crate::cas::VerifiedBlob>,
     /// Agents whose record changed since the outbox was last taken: the commit writes them.
     dirty_agents: BTreeSet<AgentId>,
+    /// Actions, jobs, durations changed since the outbox was last taken.
+    unwritten: outbox::Records,
+    /// Those of the outbox taken and not yet released (being written by the committer).
+    writing: Arc<outbox::Records>,
+    /// The unfinished jobs' records (a finished job's is in the store).
+    active_jobs: HashMap<JobId, JobRecord>,
     next_conn: u64,
-    /// The highest fence handed out (the store's counter, kept here so that checking a
-    /// result's fence reads no store under the lock).
+    /// The highest fence handed out (kept here so that placing and checking a result's fence
+    /// touch no store under the lock).
     fences_issued: u64,
+    /// The highest fence reserved in the store: fences up to it may be handed out.
+    fence_ceiling: u64,
     stale_results_refused: u64,
     started_unix_ms: u64,
     /// Results are recorded here as they come in (lookups happen outside the farm's lock).
@@ -261,8 +289,13 @@ impl Farm {
             cache_writes: Vec::new(),
             staged_blobs: Vec::new(),
             dirty_agents: BTreeSet::new(),
+            unwritten: outbox::Records::default(),
+            writing: Arc::default(),
+            active_jobs: HashMap::new(),
             next_conn: 0,
+            // Fences reserved before a restart but not handed out are skipped, never reused.
             fences_issued: store.counter("fence")?,
+            fence_ceiling: store.counter("fence")?,
             stale_results_refused: 0,
             started_unix_ms: now,
             store,
@@ -285,6 +318,12 @@ impl Farm {
                 .or_default()
                 .insert(a.id.clone());
             farm.put_active(a);
+        }
+        let jobs: Vec<JobId> = farm.active_by_job.keys().cloned().collect();
+        for id in jobs {
+            if let Some(job) = farm.store.job(&id)? {
+                farm.active_jobs.insert(id, job);
+            }
         }
         // Pin the input trees of the queued and running actions again.
         let mut trees: HashMap<Digest, Vec<Digest>> = HashMap::new();
@@ -395,6 +434,46 @@ impl Farm {
     pub fn active_action(&self, id: &ActionId) -> Option<&ActionRecord> {
         self.active.get(id)
     }
+    /// An action's record as it stands: the farm's memory, else the store (tests: this
+    /// reads the store, which the coordinator never does under the farm's lock).
+    #[cfg(test)]
+    pub fn action_now(&self, id: &ActionId) -> anyhow::Result<Option<ActionRecord>> {
+        match self.active.get(id).or_else(|| self.unwritten_action(id)) {
+            Some(a) => Ok(Some(a.clone())),
+            None => self.store.action(id),
+        }
+    }
+    /// A job's record as it stands (tests, like [`Farm::action_now`]).
+    #[cfg(test)]
+    pub fn job_now(&self, id: &JobId) -> anyhow::Result<Option<JobRecord>> {
+        let unwritten = self.unwritten.jobs.get(id);
+        match unwritten.or_else(|| self.writing.jobs.get(id)) {
+            Some(j) => Ok(Some(j.clone())),
+            None => match self.active_jobs.get(id) {
+                Some(j) => Ok(Some(j.clone())),
+                None => self.store.job(id),
+            },
+        }
+    }
+    /// Reports a result as an agent's session does: when the farm asks for the action's
+    /// stored record, reads it and reports again (tests; the session reads it off the lock).
+    #[cfg(test)]
+    pub fn completed_reading_store(
+        &mut self,
+        agent: &AgentId,
+        id: &ActionId,
+        fence: u64,
+        c: Completion,
+        now: u64,
+    ) -> Result<(), FarmError> {
+        match self.completed(agent, id, fence, c, now) {
+            Err(FarmError::NeedsStored(mut c)) => {
+                c.stored = StoredRecord::Read(self.store.action(id)?.map(Box::new));
+                self.completed(agent, id, fence, *c, now)
+            }
+            other => other,
+        }
+    }
     /// Whether the agent is lost (no session or no recent heartbeat).
     pub fn agent_alive(&self, a: &AgentLive, now: u64) -> bool {
         a.alive(now, self.cfg.lease_ms)
@@ -427,11 +506,13 @@ impl Farm {
         }
     }
 
-    fn save(&mut self, action: &ActionRecord) -> anyhow::Result<()> {
-        self.store.put_action(action)?;
-        self.unflushed = true;
-        self.announce(&action.job, JobUpdate::Action(Box::new(action.clone())));
-        Ok(())
+    /// Holds an action's changed record for the next commit and announces it to the job's
+    /// watchers: one copy of the record, shared by both (and by an Assign).
+    fn save(&mut self, action: &ActionRecord) -> anyhow::Result<Arc<ActionRecord>> {
+        let shared = Arc::new(action.clone());
+        self.write_action(shared.clone());
+        self.announce(&action.job, JobUpdate::Action(shared.clone()));
+        Ok(shared)
     }
 
     /// Accepts a validated job and its actions, then places what it can.
@@ -449,21 +530,17 @@ impl Farm {
         let (done, queued): (Vec<ActionRecord>, Vec<ActionRecord>) =
             actions.into_iter().partition(|a| a.state.is_final());
         job.finished = queued.is_empty();
-        self.store.put_job(&job)?;
-        for a in done.iter().chain(queued.iter()) {
-            self.store.put_action(a)?;
-        }
-        self.unflushed = true;
+        self.write_job(&job);
         self.hubs.open(&job.id);
         for a in &done {
-            self.announce(&job.id, JobUpdate::Action(Box::new(a.clone())));
+            self.save(a)?;
         }
         for a in queued {
             self.cas.pin(
                 a.id.as_str(),
                 pins.get(&a.id).into_iter().flatten().copied(),
             );
-            self.announce(&job.id, JobUpdate::Action(Box::new(a.clone())));
+            self.save(&a)?;
             self.active_by_job
                 .entry(job.id.clone())
                 .or_default()
@@ -472,6 +549,8 @@ impl Farm {
         }
         if job.finished {
             self.announce(&job.id, JobUpdate::Finished(job.id.clone()));
+        } else {
+            self.active_jobs.insert(job.id.clone(), job);
         }
         self.dispatch(now)
     }
@@ -522,20 +601,23 @@ impl Farm {
         };
         if job_done {
             self.active_by_job.remove(&job_id);
-            if let Some(mut job) = self.store.job(&job_id)? {
+            let job = match self.active_jobs.remove(&job_id) {
+                Some(job) => Some(job),
+                // Loaded without its job record (a store from before jobs were kept here).
+                None => self.store.job(&job_id)?,
+            };
+            if let Some(mut job) = job {
                 job.finished = true;
-                self.store.put_job(&job)?;
+                self.write_job(&job);
             }
             self.announce(&job_id, JobUpdate::Finished(job_id.clone()));
         }
         Ok(())
     }
 
-    /// Cancels a job's unfinished actions; returns how many.
+    /// Cancels a job's unfinished actions; returns how many (none for a job that finished;
+    /// the caller checks that the job exists, in the store, without the farm's lock).
     pub fn cancel_job(&mut self, job: &JobId, reason: &str, now: u64) -> Result<u32, FarmError> {
-        if self.store.job(job)?.is_none() {
-            return Err(FarmError::NotFound(format!("job {job} does not exist")));
-        }
         let ids: Vec<ActionId> = self
             .active_by_job
             .get(job)
@@ -842,9 +924,9 @@ impl Farm {
                 unplaceable.insert(fit);
                 continue;
             };
-            let fence = self.store.next_counter("fence")?;
-            self.fences_issued = fence;
             let mut a = a.clone();
+            let agent = agent.clone();
+            let fence = self.next_fence();
             a.state = ActionState::Running;
             a.attempts += 1;
             a.unservable_since_unix_ms = None;
@@ -856,7 +938,7 @@ impl Farm {
             });
             a.last_agent = Some((agent.clone(), emulated));
             a.started_unix_ms = now;
-            self.save(&a)?;
+            let shared = self.save(&a)?;
             if let Some(v) = views.iter_mut().find(|v| v.id == agent) {
                 let before = free(v);
                 v.used = if a.spec.exclusive {
@@ -869,7 +951,7 @@ impl Farm {
             self.send(
                 &agent,
                 AgentCommand::Assign {
-                    action: Box::new(a.clone()),
+                    action: shared,
                     fence,
                     emulated,
                 },
@@ -885,7 +967,7 @@ mod outbox;
 mod results;
 pub use agents::quarantine_backoff_ms;
 use outbox::Announcement;
-pub use outbox::Outbox;
+pub use outbox::{Outbox, Records};
 
 #[cfg(test)]
 mod lease_props;

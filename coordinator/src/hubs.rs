@@ -15,7 +15,7 @@ use tokio::sync::broadcast;
 #[derive(Clone, Debug)]
 pub enum JobUpdate {
     /// An action changed state.
-    Action(Box<ActionRecord>),
+    Action(std::sync::Arc<ActionRecord>),
     /// Live output.
     Log {
         /// The action.

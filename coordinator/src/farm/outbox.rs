@@ -1,8 +1,54 @@
 //! What the farm announces (commands to agents' sessions, events to jobs' watchers) and the
-//! agent records it changed, held in an outbox until the group commit makes the changes
-//! behind them durable: the committer takes the outbox under the farm's lock, writes and
-//! flushes without it ([`Outbox::write`]), then releases it under the lock again.
+//! records it changed (actions, jobs, agents, step durations, the fence ceiling), held in an
+//! outbox until the group commit makes the changes behind them durable: the committer takes
+//! the outbox under the farm's lock, writes and flushes without it ([`Outbox::write`]), then
+//! releases it under the lock again. So no store write happens under the farm's lock.
 use super::*;
+
+/// Fences are reserved from the store this many at a time: the farm hands them out from
+/// memory and writes a new ceiling (in the group commit, before anything it fenced is
+/// announced) once per block, not one counter update per placement.
+pub(super) const FENCE_BLOCK: u64 = 4_096;
+
+/// Records the farm changed since the outbox was last taken, each as it is now (a record
+/// changed twice is written once), for the committer to write before its flush.
+#[derive(Debug, Default)]
+pub struct Records {
+    /// Actions, final or not (shared with the announcements that carry them).
+    pub actions: HashMap<ActionId, Arc<ActionRecord>>,
+    /// Jobs.
+    pub jobs: HashMap<JobId, JobRecord>,
+    /// Step run times to fold into the duration history: (platform, work item, ms).
+    pub durations: Vec<(String, String, u64)>,
+    /// A new ceiling for the fence counter (every fence handed out is at most this).
+    pub fence_ceiling: Option<u64>,
+}
+
+impl Records {
+    fn is_empty(&self) -> bool {
+        self.actions.is_empty()
+            && self.jobs.is_empty()
+            && self.durations.is_empty()
+            && self.fence_ceiling.is_none()
+    }
+
+    /// Writes them (the order does not matter: one flush covers them all).
+    fn write(&self, store: &Store) -> anyhow::Result<()> {
+        if let Some(ceiling) = self.fence_ceiling {
+            store.raise_counter("fence", ceiling)?;
+        }
+        for job in self.jobs.values() {
+            store.put_job(job)?;
+        }
+        for action in self.actions.values() {
+            store.put_action(action)?;
+        }
+        for (platform, item, ms) in &self.durations {
+            store.record_duration(platform, item, *ms)?;
+        }
+        Ok(())
+    }
+}
 
 /// Something the farm announced, held until a flush makes the change behind it durable.
 #[derive(Debug)]
@@ -22,6 +68,10 @@ pub struct Outbox {
     /// Agent records changed since the last take, as they are now: written by the committer
     /// (outside the farm's lock), in take order, before the flush.
     pub agents: Vec<AgentRecord>,
+    /// Actions, jobs, durations and the fence ceiling to write before the flush (the farm
+    /// keeps a handle on them until they are released, so it can still answer for an action
+    /// that finished and left its memory while the committer writes it).
+    pub records: Arc<Records>,
     /// Results to write to the result cache before the flush.
     pub cache_writes: Vec<CacheWrite>,
     /// Blobs to store in the CAS (one batch, its own syncs) before anything else.
@@ -34,13 +84,14 @@ impl Outbox {
     /// Nothing to write, flush or release.
     pub fn is_empty(&self) -> bool {
         self.announcements.is_empty()
+            && self.records.is_empty()
             && self.agents.is_empty()
             && self.cache_writes.is_empty()
             && self.blobs.is_empty()
             && !self.needs_flush
     }
 
-    /// Writes the agent records and result-cache entries it carries, then flushes when it
+    /// Writes the records and result-cache entries it carries, then flushes when it
     /// needs to: the IO of a commit, done by the caller without the farm's lock (commits are
     /// taken and written one at a time, so records reach the store in the order they changed).
     pub fn write(&self, store: &Store, cas: &Cas) -> anyhow::Result<()> {
@@ -48,6 +99,7 @@ impl Outbox {
             cas.put_batch(&self.blobs)
                 .map_err(|e| anyhow::anyhow!("store composed input roots: {e}"))?;
         }
+        self.records.write(store)?;
         for record in &self.agents {
             store.put_agent(record)?;
         }
@@ -70,16 +122,19 @@ impl Farm {
     }
 
     /// Takes what was announced so far, with the changed agent records, to release after
-    /// [`Outbox::write`] (which makes every change behind it durable: actions and jobs were
-    /// written to the store before they were announced, agent records are written by it).
+    /// [`Outbox::write`] (which makes every change behind it durable: it writes the changed
+    /// records, then flushes). Until that outbox is released the farm still reads the records
+    /// it carries ([`Farm::unwritten_action`]).
     pub fn take_outbox(&mut self) -> Outbox {
         self.outboxes_taken += 1;
+        self.writing = Arc::new(std::mem::take(&mut self.unwritten));
         let agents = std::mem::take(&mut self.dirty_agents)
             .iter()
             .filter_map(|id| self.agents.get(id).map(|a| a.record.clone()))
             .collect();
         Outbox {
             announcements: std::mem::take(&mut self.outbox),
+            records: self.writing.clone(),
             agents,
             cache_writes: std::mem::take(&mut self.cache_writes),
             blobs: std::mem::take(&mut self.staged_blobs),
@@ -96,6 +151,9 @@ impl Farm {
     /// Delivers taken announcements, in order: commands to the sessions they were meant for,
     /// events to the jobs' watchers.
     pub fn release(&mut self, outbox: Outbox) {
+        if Arc::ptr_eq(&self.writing, &outbox.records) {
+            self.writing = Arc::default();
+        }
         for a in outbox.announcements {
             match a {
                 Announcement::Agent(agent, conn, cmd) => {
@@ -117,6 +175,46 @@ impl Farm {
         outbox.write(&self.store, &self.cas)?;
         self.release(outbox);
         Ok(())
+    }
+
+    /// An action's record changed but not yet written to the store (a final one no longer
+    /// in the active set lives only here until the committer has written it).
+    pub fn unwritten_action(&self, id: &ActionId) -> Option<&ActionRecord> {
+        self.unwritten
+            .actions
+            .get(id)
+            .or_else(|| self.writing.actions.get(id))
+            .map(|a| &**a)
+    }
+
+    /// Holds an action's changed record for the next commit.
+    pub(super) fn write_action(&mut self, action: Arc<ActionRecord>) {
+        self.unwritten.actions.insert(action.id.clone(), action);
+        self.unflushed = true;
+    }
+
+    /// Holds a job's changed record for the next commit.
+    pub(super) fn write_job(&mut self, job: &JobRecord) {
+        self.unwritten.jobs.insert(job.id.clone(), job.clone());
+        self.unflushed = true;
+    }
+
+    /// Holds a step's run time for the duration history, written by the next commit.
+    pub(super) fn write_duration(&mut self, platform: String, item: String, ms: u64) {
+        self.unwritten.durations.push((platform, item, ms));
+        self.unflushed = true;
+    }
+
+    /// The next fence: from memory, reserving a new block (its ceiling written by the next
+    /// commit, before the placement that uses the fence is announced) when one runs out.
+    pub(super) fn next_fence(&mut self) -> u64 {
+        if self.fences_issued >= self.fence_ceiling {
+            self.fence_ceiling = self.fences_issued + FENCE_BLOCK;
+            self.unwritten.fence_ceiling = Some(self.fence_ceiling);
+            self.unflushed = true;
+        }
+        self.fences_issued += 1;
+        self.fences_issued
     }
 
     /// Holds blobs a plan composed (checked, not yet stored) for the next commit, which

@@ -18,7 +18,11 @@ impl Farm {
         c: Completion,
         now: u64,
     ) -> Result<(), FarmError> {
-        if let Some(why) = self.never_leased(action_id, fence)? {
+        let held = self.active.contains_key(action_id) || self.unwritten_action(action_id).is_some();
+        if !held && matches!(c.stored, StoredRecord::NotRead) {
+            return Err(FarmError::NeedsStored(Box::new(c)));
+        }
+        if let Some(why) = self.never_leased(action_id, fence, &c.stored) {
             tracing::warn!(%agent, action = %action_id, fence, "refused a result: {why}");
             return Err(FarmError::Refused(format!("result refused: {why}")));
         }
@@ -37,21 +41,38 @@ impl Farm {
 
     /// Why no lease could have produced a result for `action_id` under `fence`, if so: the
     /// action does not exist, it was never leased to anyone, or the fence was never issued.
-    fn never_leased(&self, action_id: &ActionId, fence: u64) -> anyhow::Result<Option<String>> {
-        let attempts = match self.active.get(action_id) {
-            Some(a) => a.attempts,
-            None => match self.store.action(action_id)? {
-                Some(a) => a.attempts,
-                None => return Ok(Some(format!("{action_id} does not exist"))),
-            },
+    fn never_leased(
+        &self,
+        action_id: &ActionId,
+        fence: u64,
+        stored: &StoredRecord,
+    ) -> Option<String> {
+        let Some(a) = self.known_action(action_id, stored) else {
+            return Some(format!("{action_id} does not exist"));
         };
-        if attempts == 0 {
-            return Ok(Some(format!("{action_id} was never leased")));
+        if a.attempts == 0 {
+            return Some(format!("{action_id} was never leased"));
         }
         if fence == 0 || fence > self.fences_issued {
-            return Ok(Some(format!("fence {fence} was never issued")));
+            return Some(format!("fence {fence} was never issued"));
         }
-        Ok(None)
+        None
+    }
+
+    /// An action as the farm knows it: active, changed and not yet written, or as the caller
+    /// read it from the store.
+    fn known_action<'a>(
+        &'a self,
+        id: &ActionId,
+        stored: &'a StoredRecord,
+    ) -> Option<&'a ActionRecord> {
+        self.active
+            .get(id)
+            .or_else(|| self.unwritten_action(id))
+            .or(match stored {
+                StoredRecord::Read(a) => a.as_deref(),
+                StoredRecord::NotRead => None,
+            })
     }
 
     fn record_completion(
@@ -65,7 +86,8 @@ impl Farm {
         let Some(action) = self.active.get(action_id).cloned() else {
             // Final already: a re-sent result of the lease that finished it, or of one that
             // failed for infra reasons before, is fine.
-            return Ok(match self.store.action(action_id)? {
+            let done = self.known_action(action_id, &c.stored).cloned();
+            return Ok(match done {
                 Some(done)
                     if done.result.as_ref().is_some_and(|r| r.fence == fence)
                         || done.infra_result_fences.contains(&fence) =>
@@ -214,8 +236,8 @@ impl Farm {
                 continue;
             };
             if s.exit_code >= 0 || s.timed_out {
-                self.store
-                    .record_duration(&platform, spec.history_item(), s.duration_ms)?;
+                let item = spec.history_item().to_string();
+                self.write_duration(platform.clone(), item, s.duration_ms);
             }
             let passing = s.exit_code == 0 && !s.timed_out;
             if passing && cacheable && !spec.cache_key.is_empty() && c.cacheable {

@@ -213,6 +213,7 @@ pub fn completion_from_proto(r: &v1::ExecutionResult) -> Completion {
         named_blobs,
         output_trees,
         cacheable,
+        stored: Default::default(),
         steps,
     }
 }

@@ -162,9 +162,12 @@ impl Jobs for JobsService {
                 None => {
                     let mut current = Vec::with_capacity(actions.len());
                     for a in &actions {
-                        let now = match farm.active_action(&a.id) {
+                        let live = farm.active_action(&a.id);
+                        let now = match live.or_else(|| farm.unwritten_action(&a.id)) {
                             Some(live) => Some(live.clone()),
                             None if a.state.is_final() => Some(a.clone()),
+                            // Finished and written between the read above and the lock (a
+                            // narrow race of a watch opened after a restart): read again.
                             None => shared.store.action(&a.id).map_err(internal)?,
                         };
                         let missing = || Status::internal(format!("action {} is missing", a.id));
@@ -174,7 +177,7 @@ impl Jobs for JobsService {
                     let hubs = farm.hubs();
                     hubs.open(&id);
                     for a in current {
-                        hubs.publish(&id, JobUpdate::Action(Box::new(a)));
+                        hubs.publish(&id, JobUpdate::Action(std::sync::Arc::new(a)));
                     }
                     if finished {
                         hubs.publish(&id, JobUpdate::Finished(id.clone()));
@@ -197,7 +200,7 @@ impl Jobs for JobsService {
         if first.is_empty() {
             first = actions
                 .into_iter()
-                .map(|a| (0, JobUpdate::Action(Box::new(a))))
+                .map(|a| (0, JobUpdate::Action(std::sync::Arc::new(a))))
                 .collect();
             if job.finished {
                 first.push((0, JobUpdate::Finished(id.clone())));
@@ -272,11 +275,18 @@ impl Jobs for JobsService {
         } else {
             r.reason
         };
+        let job = JobId(r.job_id.clone());
+        let known = {
+            let job = job.clone();
+            self.0
+                .blocking("read the job", move |store| store.job(&job))
+                .await?
+        };
+        if known.is_none() {
+            return Err(Status::not_found(format!("job {job} does not exist")));
+        }
         let now = self.0.now();
-        let cancelled = self
-            .0
-            .farm()?
-            .cancel_job(&JobId(r.job_id.clone()), &reason, now)?;
+        let cancelled = self.0.farm()?.cancel_job(&job, &reason, now)?;
         self.0.commit().await?;
         tracing::info!(job = %r.job_id, by = %who.name, cancelled, "job cancelled");
         Ok(Response::new(v1::CancelJobResponse { cancelled }))

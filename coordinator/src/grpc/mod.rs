@@ -151,6 +151,9 @@ impl From<FarmError> for Status {
             FarmError::NotFound(m) => Status::not_found(m),
             FarmError::Refused(m) => Status::permission_denied(m),
             FarmError::Store(e) => internal(e),
+            FarmError::NeedsStored(_) => Status::internal(
+                "internal error: a result needed its action's stored record and was not retried",
+            ),
         }
     }
 }

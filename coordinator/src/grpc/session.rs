@@ -2,7 +2,7 @@
 use super::auth::authorize_stream;
 use super::convert::{command_to_proto, completion_from_proto};
 use super::{internal, SharedRef};
-use crate::farm::{Completion, HeartbeatReport, Outcome};
+use crate::farm::{Completion, FarmError, HeartbeatReport, Outcome, StoredRecord};
 use crate::model::{ActionId, AgentFacts, AgentId, Offer, Role};
 use archfarm_proto::v1::{
     self, agent_message::Kind, agent_session_server::AgentSession, coordinator_message,
@@ -153,7 +153,11 @@ impl AgentSession for SessionService {
                     msg = inbound.message() => match msg {
                         Ok(Some(m)) => {
                             let handled = match prepare_completion(&shared, &m).await {
-                                Ok(completion) => handle(&shared, &agent, conn, m, completion),
+                                Ok(completion) => match handle(&shared, &agent, conn, m, completion) {
+                                    Ok(Some(resent)) => resent.report(&shared, &agent).await,
+                                    Ok(None) => Ok(()),
+                                    Err(e) => Err(e),
+                                },
                                 Err(e) => Err(e),
                             };
                             if let Err(e) = handled {
@@ -207,13 +211,43 @@ async fn prepare_completion(
     Ok(Some(completion))
 }
 
+/// A result for an action the farm no longer holds in memory (resent after the action
+/// finished and was written): reported again with the action's stored record, read on a
+/// blocking thread without the farm's lock.
+struct NeedsStored {
+    action: ActionId,
+    fence: u64,
+    completion: Completion,
+}
+
+impl NeedsStored {
+    async fn report(mut self, shared: &SharedRef, agent: &AgentId) -> Result<(), Status> {
+        let id = self.action.clone();
+        let stored = shared
+            .blocking("read a finished action", move |store| store.action(&id))
+            .await?;
+        self.completion.stored = StoredRecord::Read(stored.map(Box::new));
+        let now = shared.now();
+        let mut farm = shared.farm()?;
+        if farm.is_revoked(agent) {
+            return Err(Status::unauthenticated(format!(
+                "agent {agent} has been revoked"
+            )));
+        }
+        farm.completed(agent, &self.action, self.fence, self.completion, now)
+            .map_err(Status::from)
+    }
+}
+
+/// Applies one message of the agent to the farm. `Some` for a result the farm needs the
+/// action's stored record for ([`NeedsStored::report`]).
 fn handle(
     shared: &SharedRef,
     agent: &AgentId,
     conn: u64,
     m: v1::AgentMessage,
     completion: Option<Completion>,
-) -> Result<(), Status> {
+) -> Result<Option<NeedsStored>, Status> {
     let now = shared.now();
     let mut farm = shared.farm()?;
     if farm.is_revoked(agent) {
@@ -234,24 +268,27 @@ fn handle(
                 &running(&h.running),
                 now,
             )
+            .map(|()| None)
             .map_err(internal),
         Some(Kind::Log(l)) => {
             let stderr = l.stream == v1::LogStream::Stderr as i32;
             farm.log(agent, &ActionId(l.action_id), l.fence, stderr, l.data);
-            Ok(())
+            Ok(None)
         }
         Some(Kind::Completed(c)) => {
             let completion = completion.ok_or_else(|| {
                 Status::internal(format!("completion of {} was not prepared", c.action_id))
             })?;
-            farm.completed(
-                agent,
-                &ActionId(c.action_id.clone()),
-                c.fence,
-                completion,
-                now,
-            )
-            .map_err(Status::from)
+            let action = ActionId(c.action_id.clone());
+            match farm.completed(agent, &action, c.fence, completion, now) {
+                Ok(()) => Ok(None),
+                Err(FarmError::NeedsStored(completion)) => Ok(Some(NeedsStored {
+                    action,
+                    fence: c.fence,
+                    completion: *completion,
+                })),
+                Err(e) => Err(e.into()),
+            }
         }
         Some(Kind::Hello(_)) => Err(Status::invalid_argument("hello sent twice in one session")),
         None => Err(Status::invalid_argument("empty agent message")),

@@ -150,6 +150,22 @@ impl Store {
         Ok(u64::from_be_bytes(arr))
     }
 
+    /// Raises a persistent counter to at least `to`; returns its value.
+    pub fn raise_counter(&self, name: &str, to: u64) -> anyhow::Result<u64> {
+        let v = self
+            .meta
+            .update_and_fetch(format!("counter/{name}"), |old| {
+                let cur = old
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(u64::from_be_bytes)
+                    .unwrap_or(0);
+                Some(cur.max(to).to_be_bytes().to_vec())
+            })?
+            .context("counter vanished")?;
+        let arr = <[u8; 8]>::try_from(v.as_ref()).context("bad counter bytes")?;
+        Ok(u64::from_be_bytes(arr))
+    }
+
     /// The current value of a persistent counter.
     pub fn counter(&self, name: &str) -> anyhow::Result<u64> {
         self.add_counter(name, 0)

@@ -59,6 +59,7 @@ fn exited(exit_code: i32, blobs: &[Digest]) -> Completion {
         output_tree_blobs: Ok(vec![]),
         cacheable: true,
         steps: vec![],
+        stored: Default::default(),
     }
 }
 
@@ -214,11 +215,7 @@ impl Harness {
     }
 
     fn state(&self, id: &str) -> ActionRecord {
-        self.farm
-            .store
-            .action(&ActionId(id.into()))
-            .unwrap()
-            .unwrap()
+        self.farm.action_now(&ActionId(id.into())).unwrap().unwrap()
     }
 
     fn heartbeat(&mut self, agent: &str, running: &[(&str, u64)], now: u64) {
@@ -241,7 +238,7 @@ impl Harness {
     /// Reports a result for `action` under `fence`, as `agent`'s session would.
     fn report(&mut self, agent: &str, action: &str, fence: u64, c: Completion, now: u64) {
         let (agent, action) = (AgentId(agent.into()), ActionId(action.into()));
-        self.farm.completed(&agent, &action, fence, c, now).unwrap();
+        self.farm.completed_reading_store(&agent, &action, fence, c, now).unwrap();
         // What it decided to cache is written at the group commit.
         self.commit_cache_writes();
     }
@@ -556,7 +553,7 @@ fn a_cached_result_completes_the_same_action_without_any_agent() {
         h.state(&format!("{first}/linux/amd64")).cache_write,
         "shared"
     );
-    assert!(h.farm.store.job(&second).unwrap().unwrap().finished);
+    assert!(h.farm.job_now(&second).unwrap().unwrap().finished);
     // Another key misses; no_cache skips the lookup.
     h.submit_keyed(&["linux/amd64"], false, "key-2", 3);
     assert_eq!(h.assigns("a").len(), 1);
@@ -630,6 +627,8 @@ fn passing_steps_are_cached_and_every_step_duration_is_recorded() {
             .is_none(),
         "failures are not cached"
     );
+    // Run times are written by the group commit, with the result.
+    h.farm.commit().unwrap();
     let d = |item: &str| h.farm.store.duration("linux/s390x", item).unwrap();
     assert_eq!(
         (d("example.com/ok"), d("example.com/bad")),
@@ -921,7 +920,7 @@ fn a_result_no_lease_could_have_produced_is_refused_and_changes_nothing() {
     for (action, f, why) in cases {
         let e = h
             .farm
-            .completed(
+            .completed_reading_store(
                 &AgentId("a".into()),
                 &ActionId(action.into()),
                 f,
@@ -950,7 +949,7 @@ fn announcements_wait_for_the_flush_and_a_later_hub_gets_none_of_the_old_ones() 
     let watch = h.farm.hubs().subscribe(&job);
     let mut live = watch.live;
     h.farm
-        .completed(
+        .completed_reading_store(
             &AgentId("a".into()),
             &ActionId(id.clone()),
             fence,
@@ -989,7 +988,7 @@ fn announcements_wait_for_the_flush_and_a_later_hub_gets_none_of_the_old_ones() 
     h.farm.commit().unwrap();
     h.farm.hubs.forget(&other);
     h.farm
-        .completed(
+        .completed_reading_store(
             &AgentId("a".into()),
             &ActionId(other_id),
             fence,
@@ -1079,7 +1078,7 @@ fn gives_up_after_the_attempt_limit() {
         "{}",
         done.reason
     );
-    assert!(h.farm.store.job(&job).unwrap().unwrap().finished);
+    assert!(h.farm.job_now(&job).unwrap().unwrap().finished);
 }
 
 #[test]
@@ -1151,8 +1150,53 @@ fn restart_keeps_queued_and_running_and_honours_leases() {
             rx.try_recv().is_err(),
             "re-claimed lease: no cancel, no new assign"
         );
-        let running = farm.store.action(&ActionId(id.clone())).unwrap().unwrap();
+        let running = farm.action_now(&ActionId(id.clone())).unwrap().unwrap();
         assert_eq!((running.state, running.attempts), (ActionState::Running, 1));
         drop(store_dir);
     }
+}
+
+#[test]
+fn the_farm_writes_no_record_under_its_lock_and_asks_for_a_finished_actions_stored_record() {
+    let mut h = Harness::new();
+    h.join("a", &[("linux/arm64", false)], 0);
+    let job = h.submit(&["linux/arm64"], false, 0);
+    let id = ActionId(format!("{job}/linux/arm64"));
+    let fence = h.assigns("a")[0].1;
+    let agent = AgentId("a".into());
+    h.farm
+        .completed(&agent, &id, fence, exited(0, &[]), 1)
+        .unwrap();
+    // Changed in memory only: the store says running until the committer writes the record.
+    let stored = |h: &Harness| h.farm.store.action(&id).unwrap().unwrap().state;
+    assert_eq!(stored(&h), ActionState::Running);
+    assert!(!h.farm.store.job(&job).unwrap().unwrap().finished);
+    assert_eq!(h.state(&id.0).state, ActionState::Succeeded);
+    // A resend is answered from memory before the commit, and while the committer writes.
+    h.farm
+        .completed(&agent, &id, fence, exited(0, &[]), 1)
+        .unwrap();
+    let outbox = h.farm.take_outbox();
+    h.farm
+        .completed(&agent, &id, fence, exited(0, &[]), 1)
+        .unwrap();
+    outbox.write(&h.farm.store, &h.farm.cas).unwrap();
+    h.farm.release(outbox);
+    assert_eq!(stored(&h), ActionState::Succeeded);
+    assert!(h.farm.store.job(&job).unwrap().unwrap().finished);
+    // Written and gone from memory: the farm asks for the stored record (read by the caller
+    // without the lock) instead of reading the store itself.
+    let e = h
+        .farm
+        .completed(&agent, &id, fence, exited(0, &[]), 2)
+        .unwrap_err();
+    let FarmError::NeedsStored(mut c) = e else {
+        panic!("expected a request for the stored record, got {e:?}");
+    };
+    c.stored = StoredRecord::Read(h.farm.store.action(&id).unwrap().map(Box::new));
+    h.farm.completed(&agent, &id, fence, *c, 2).unwrap();
+    // Every resend was acknowledged as recorded, without a change.
+    h.farm.commit().unwrap();
+    assert_eq!(h.acks("a"), vec![(true, String::new()); 4]);
+    assert_eq!(h.farm.stale_results_refused(), 0);
 }
