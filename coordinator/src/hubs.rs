@@ -53,12 +53,17 @@ struct Hub {
     finished_at: Option<std::time::Instant>,
 }
 
+/// A pruned hub, to be dropped where dropping its history holds up nobody.
+pub struct Pruned(#[allow(dead_code)] Hub);
+
 /// All hubs of active and recently finished jobs.
 #[derive(Default)]
 pub struct Hubs {
     hubs: HashMap<JobId, Hub>,
     /// Finished hubs in the order they finished, with the events each held then.
     finished: VecDeque<(std::time::Instant, JobId, usize)>,
+    /// Hubs pruned and not yet taken ([`Hubs::take_pruned`]).
+    pruned: Vec<Pruned>,
     /// Events held by the hubs in `finished`.
     finished_events: usize,
 }
@@ -155,8 +160,10 @@ impl Hubs {
         self.hubs.remove(job);
     }
 
-    /// Drops the hubs of jobs finished longer ago than watchers are served from memory
-    /// (the farm's tick calls it; publishing, which runs per log chunk, does not).
+    /// Takes out the hubs of jobs finished longer ago than watchers are served from memory
+    /// (the farm's tick calls it; publishing, which runs per log chunk, does not). They wait
+    /// in [`Hubs::take_pruned`] so that the caller frees their history (thousands of records
+    /// for a big job) after it has let go of the farm's lock.
     pub fn prune(&mut self) {
         while let Some((at, _, _)) = self.finished.front() {
             let expired = at.elapsed().as_millis() >= u128::from(KEEP_FINISHED_MS);
@@ -173,9 +180,16 @@ impl Hubs {
                 .get(&job)
                 .is_some_and(|h| h.finished_at == Some(at))
             {
-                self.hubs.remove(&job);
+                if let Some(hub) = self.hubs.remove(&job) {
+                    self.pruned.push(Pruned(hub));
+                }
             }
         }
+    }
+
+    /// The hubs [`Hubs::prune`] took out, for the caller to drop outside the farm's lock.
+    pub fn take_pruned(&mut self) -> Vec<Pruned> {
+        std::mem::take(&mut self.pruned)
     }
 
     /// Hubs held (active and finished jobs').

@@ -106,12 +106,20 @@ pub async fn run(
                     _ = shutdown.cancelled() => break,
                     _ = every.tick() => {
                         let now = shared.now();
-                        match shared.farm() {
-                            Ok(mut farm) => if let Err(e) = farm.tick(now) {
-                                tracing::error!("failed to advance the farm: {e:#}");
-                            },
-                            Err(e) => tracing::error!("failed to lock the farm: {}", e.message()),
-                        }
+                        let pruned = match shared.farm() {
+                            Ok(mut farm) => {
+                                if let Err(e) = farm.tick(now) {
+                                    tracing::error!("failed to advance the farm: {e:#}");
+                                }
+                                farm.hubs().take_pruned()
+                            }
+                            Err(e) => {
+                                tracing::error!("failed to lock the farm: {}", e.message());
+                                Vec::new()
+                            }
+                        };
+                        // Finished jobs' histories are freed here, not under the lock.
+                        drop(pruned);
                         // Errors are logged where they happen (`internal`).
                         let _ = shared.commit().await;
                     }

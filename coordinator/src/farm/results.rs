@@ -18,7 +18,8 @@ impl Farm {
         c: Completion,
         now: u64,
     ) -> Result<(), FarmError> {
-        let held = self.active.contains_key(action_id) || self.unwritten_action(action_id).is_some();
+        let held =
+            self.active.contains_key(action_id) || self.unwritten_action(action_id).is_some();
         if !held && matches!(c.stored, StoredRecord::NotRead) {
             return Err(FarmError::NeedsStored(Box::new(c)));
         }

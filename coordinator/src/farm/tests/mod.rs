@@ -238,7 +238,9 @@ impl Harness {
     /// Reports a result for `action` under `fence`, as `agent`'s session would.
     fn report(&mut self, agent: &str, action: &str, fence: u64, c: Completion, now: u64) {
         let (agent, action) = (AgentId(agent.into()), ActionId(action.into()));
-        self.farm.completed_reading_store(&agent, &action, fence, c, now).unwrap();
+        self.farm
+            .completed_reading_store(&agent, &action, fence, c, now)
+            .unwrap();
         // What it decided to cache is written at the group commit.
         self.commit_cache_writes();
     }
