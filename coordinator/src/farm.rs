@@ -232,7 +232,7 @@ pub struct Farm {
     leased_exclusive: HashMap<AgentId, u32>,
     /// The agents as placement saw them last, refreshed in place by each dispatch
     /// ([`Farm::refresh_views`]) so placement allocates nothing per agent.
-    views: Vec<AgentView>,
+    views: Views,
     /// Job id -> its actions still active.
     active_by_job: HashMap<JobId, BTreeSet<ActionId>>,
     hubs: Hubs,
@@ -267,6 +267,24 @@ pub struct Farm {
     cache: Arc<ResultCache>,
 }
 
+/// Placement's views of the agents and what keeps them current without a walk over every
+/// agent per placement.
+#[derive(Default)]
+struct Views {
+    /// One per agent that is not revoked, in agent order.
+    list: Vec<AgentView>,
+    /// Agent id -> its place in `list`.
+    index: HashMap<AgentId, usize>,
+    /// Agents whose view must be refreshed.
+    dirty: HashSet<AgentId>,
+    /// The set of agents changed: refresh every view.
+    rebuild: bool,
+    /// The first moment a view's answer flips with time alone (then every view is refreshed).
+    valid_until: u64,
+    /// The `now` of the last refresh (a clock that went back refreshes every view).
+    refreshed_at: u64,
+}
+
 impl Farm {
     /// Reads the farm back from the store. Leases of running actions are honoured for a
     /// full lease period from now, so their agents can reconnect and re-claim them.
@@ -280,7 +298,7 @@ impl Farm {
             queued: BTreeSet::new(),
             leased: HashMap::new(),
             leased_exclusive: HashMap::new(),
-            views: Vec::new(),
+            views: Views::default(),
             active_by_job: HashMap::new(),
             hubs: Hubs::default(),
             outbox: Vec::new(),
@@ -350,6 +368,8 @@ impl Farm {
             self.queued.insert((a.job_seq, a.id.clone()));
         }
         if let Some(l) = &a.lease {
+            let agent = l.agent.clone();
+            self.view_changed(&agent);
             self.leased
                 .entry(l.agent.clone())
                 .or_default()
@@ -368,6 +388,7 @@ impl Farm {
             self.queued.remove(&(old.job_seq, old.id.clone()));
         }
         if let Some(l) = &old.lease {
+            self.view_changed(&l.agent);
             if let Some(held) = self.leased.get_mut(&l.agent) {
                 held.remove(id);
                 if held.is_empty() {
@@ -764,10 +785,13 @@ impl Farm {
         self.dispatch(now)
     }
 
-    fn agent_views(&self, now: u64) -> Vec<AgentView> {
-        let mut views = Vec::new();
+    /// A copy of placement's views, brought up to date.
+    fn agent_views(&mut self, now: u64) -> Vec<AgentView> {
+        let mut views = std::mem::take(&mut self.views.list);
         self.refresh_views(&mut views, now);
-        views
+        let copy = views.clone();
+        self.views.list = views;
+        copy
     }
 
     /// Slots an agent's leases take now.
@@ -812,51 +836,113 @@ impl Farm {
             }
     }
 
-    /// Brings `views` up to date with the agents (revoked ones left out), in agent order:
-    /// a view whose agent's offers and labels are unchanged is updated in place; only a new
-    /// or changed agent's view is built afresh. Memory only.
-    fn refresh_views(&self, views: &mut Vec<AgentView>, now: u64) {
-        let mut n = 0;
-        for a in self.agents.values().filter(|a| !a.record.revoked) {
-            let r = &a.record;
-            let fresh = match views.get(n) {
-                Some(v) if Self::same_agent(v, a) => None,
-                _ => Some(AgentView {
-                    id: r.id.clone(),
-                    offers: r
-                        .facts
-                        .offers
-                        .iter()
-                        .map(|o| (o.platform.clone(), o.emulated))
-                        .collect(),
-                    labels: Self::placement_labels(a),
-                    slots: 0,
-                    used: 0,
-                    connected: false,
-                    draining: false,
-                    paused: false,
-                    network: false,
-                    quarantined: false,
-                    sandboxed: false,
-                }),
-            };
-            match fresh {
-                Some(v) if n < views.len() => views[n] = v,
-                Some(v) => views.push(v),
-                None => {}
+    /// Brings `views` up to date with the agents (revoked ones left out). Only the views of
+    /// agents that changed since the last refresh ([`Farm::view_changed`]) are updated, unless
+    /// the set of agents changed, or time passed a moment when a view's answer flips by itself
+    /// (a heartbeat's lease running out, a quarantine ending): then every view is. Memory only.
+    fn refresh_views(&mut self, views: &mut Vec<AgentView>, now: u64) {
+        let dirty = std::mem::take(&mut self.views.dirty);
+        let mut full =
+            self.views.rebuild || now >= self.views.valid_until || now < self.views.refreshed_at;
+        if !full {
+            for id in &dirty {
+                let (Some(&n), Some(a)) = (self.views.index.get(id), self.agents.get(id)) else {
+                    full = true;
+                    break;
+                };
+                if a.record.revoked || views.get(n).is_none_or(|v| &v.id != id) {
+                    full = true;
+                    break;
+                }
+                if !Self::same_agent(&views[n], a) {
+                    views[n] = Self::new_view(a);
+                }
+                let flips = self.fill_view(&mut views[n], a, now);
+                self.views.valid_until = self.views.valid_until.min(flips);
             }
-            let v = &mut views[n];
-            v.slots = r.facts.slots;
-            v.used = self.used_by(&r.id);
-            v.connected = a.alive(now, self.cfg.lease_ms);
-            v.draining = r.draining;
-            v.paused = !r.facts.paused_reason.is_empty();
-            v.network = r.facts.allow_network;
-            v.quarantined = r.quarantine.active(now);
-            v.sandboxed = archfarm_proto::is_sandboxed(&r.facts.sandbox);
+        }
+        if full {
+            self.rebuild_views(views, now);
+        }
+        self.views.refreshed_at = now;
+    }
+
+    /// Refreshes every view, in agent order: a view whose agent's offers and labels are
+    /// unchanged is updated in place; only a new or changed agent's view is built afresh.
+    fn rebuild_views(&mut self, views: &mut Vec<AgentView>, now: u64) {
+        let mut n = 0;
+        let mut valid_until = u64::MAX;
+        let mut index = HashMap::with_capacity(self.agents.len());
+        for a in self.agents.values().filter(|a| !a.record.revoked) {
+            match views.get(n) {
+                Some(v) if Self::same_agent(v, a) => {}
+                Some(_) => views[n] = Self::new_view(a),
+                None => views.push(Self::new_view(a)),
+            }
+            valid_until = valid_until.min(self.fill_view(&mut views[n], a, now));
+            index.insert(a.record.id.clone(), n);
             n += 1;
         }
         views.truncate(n);
+        self.views.index = index;
+        self.views.valid_until = valid_until;
+        self.views.rebuild = false;
+    }
+
+    /// A view of an agent with what does not change between its hellos.
+    fn new_view(a: &AgentLive) -> AgentView {
+        let r = &a.record;
+        AgentView {
+            id: r.id.clone(),
+            offers: r
+                .facts
+                .offers
+                .iter()
+                .map(|o| (o.platform.clone(), o.emulated))
+                .collect(),
+            labels: Self::placement_labels(a),
+            slots: 0,
+            used: 0,
+            connected: false,
+            draining: false,
+            paused: false,
+            network: false,
+            quarantined: false,
+            sandboxed: false,
+        }
+    }
+
+    /// Fills in what changes; returns the first moment the view's answer changes by itself,
+    /// with time alone.
+    fn fill_view(&self, v: &mut AgentView, a: &AgentLive, now: u64) -> u64 {
+        let r = &a.record;
+        v.slots = r.facts.slots;
+        v.used = self.used_by(&r.id);
+        v.connected = a.alive(now, self.cfg.lease_ms);
+        v.draining = r.draining;
+        v.paused = !r.facts.paused_reason.is_empty();
+        v.network = r.facts.allow_network;
+        v.quarantined = r.quarantine.active(now);
+        v.sandboxed = archfarm_proto::is_sandboxed(&r.facts.sandbox);
+        let lapses = if v.connected {
+            r.last_seen_unix_ms + self.cfg.lease_ms + 1
+        } else {
+            u64::MAX
+        };
+        let released = if v.quarantined {
+            r.quarantine.until_unix_ms
+        } else {
+            u64::MAX
+        };
+        lapses.min(released)
+    }
+
+    /// Notes that what placement sees of `agent` changed (its record, session, heartbeat or
+    /// leases): its view is refreshed before the next placement.
+    pub(super) fn view_changed(&mut self, agent: &AgentId) {
+        if !self.views.dirty.contains(agent) {
+            self.views.dirty.insert(agent.clone());
+        }
     }
 
     /// Places queued actions, oldest job first, on the best free agents. Runs on every
@@ -866,10 +952,10 @@ impl Farm {
         if self.queued.is_empty() {
             return Ok(());
         }
-        let mut views = std::mem::take(&mut self.views);
+        let mut views = std::mem::take(&mut self.views.list);
         self.refresh_views(&mut views, now);
         let placed = self.place(&mut views, now);
-        self.views = views;
+        self.views.list = views;
         placed
     }
 

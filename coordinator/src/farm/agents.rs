@@ -15,6 +15,7 @@ impl Farm {
                 session: None,
             },
         );
+        self.views.rebuild = true;
         self.agent_changed(&id, true);
     }
 
@@ -22,6 +23,7 @@ impl Farm {
     /// change must be durable before the caller answers).
     fn agent_changed(&mut self, agent: &AgentId, flush: bool) {
         self.dirty_agents.insert(agent.clone());
+        self.view_changed(agent);
         self.unflushed |= flush;
     }
 
@@ -120,6 +122,7 @@ impl Farm {
             );
             live.record.facts.paused_reason.clone_from(paused_reason);
         }
+        self.view_changed(agent);
         self.renew(agent, running, now)?;
         self.dispatch(now)
     }
@@ -154,6 +157,7 @@ impl Farm {
             .ok_or_else(|| FarmError::NotFound(format!("agent {agent} does not exist")))?;
         live.record.revoked = true;
         live.session = None;
+        self.views.rebuild = true;
         self.agent_changed(agent, true);
         let held: Vec<ActionId> = self
             .leased

@@ -1202,3 +1202,25 @@ fn the_farm_writes_no_record_under_its_lock_and_asks_for_a_finished_actions_stor
     assert_eq!(h.acks("a"), vec![(true, String::new()); 4]);
     assert_eq!(h.farm.stale_results_refused(), 0);
 }
+
+#[test]
+fn placement_sees_an_agent_lapse_with_time_alone() {
+    // Views are refreshed only for agents that changed, and all of them once time passes a
+    // moment that flips one by itself: here a's heartbeat lease running out.
+    let mut h = Harness::new();
+    h.join("a", &[("linux/arm64", false)], 0);
+    h.join("b", &[("linux/arm64", false)], 0);
+    let first = h.submit(&["linux/arm64"], false, 1);
+    let id = format!("{first}/linux/arm64");
+    let fence = h.assigns("a")[0].1;
+    h.report("a", &id, fence, exited(0, &[]), 2);
+    // A job nobody serves keeps the queue busy: the placement at 3 refreshes a's view.
+    h.submit(&["linux/s390x"], false, 3);
+    let lease = h.farm.config().lease_ms;
+    h.heartbeat("b", &[], lease);
+    // Nothing about a changed since it was last seen, but its lease ran out: not a, idle and
+    // first by id, but b.
+    let second = h.submit(&["linux/arm64"], false, lease + 2);
+    assert!(h.assigns("a").is_empty());
+    assert_eq!(h.assigns("b")[0].0, format!("{second}/linux/arm64"));
+}
