@@ -43,7 +43,8 @@ pub struct LoadArgs {
     #[arg(long, default_value_t = 1)]
     pub rounds: u32,
     /// Offered rate of the open-loop latency run, actions/s (default: half the capacity the
-    /// first session measured, at least 1000).
+    /// first session measured, or half of what it completed of one-action jobs in a closed
+    /// loop if that is less; at least 1000).
     #[arg(long)]
     pub rate: Option<u32>,
     /// One-action jobs in the open-loop run (default 20000; 2000 with --quick; 0 skips it).
@@ -75,6 +76,16 @@ pub struct LoadArgs {
 
 /// The floor of the default offered rate.
 const MIN_DEFAULT_RATE: u32 = 1_000;
+/// One-action jobs in the closed loop that sets the default offered rate.
+const ONE_ACTION_JOBS: u64 = 10_000;
+
+/// The open loop's default offered rate: half the capacity measured (and half of what the
+/// farm completes of one-action jobs, what the open loop sends, when that was measured), at
+/// least [`MIN_DEFAULT_RATE`].
+fn default_rate(capacity: f64, one_action: Option<f64>) -> u32 {
+    let limit = one_action.map_or(capacity, |o| o.min(capacity));
+    ((limit / 2.0) as u32).max(MIN_DEFAULT_RATE)
+}
 
 /// VmRSS and VmHWM of a process, in bytes, from /proc/<pid>/status.
 fn memory_of(pid: u32) -> anyhow::Result<(u64, u64)> {
@@ -313,6 +324,7 @@ async fn session_on(
         join_took: fleet.join_took,
         rss_idle,
         rounds: Vec::new(),
+        one_action: None,
         open: None,
         hwm: 0,
         problems: Vec::new(),
@@ -327,9 +339,26 @@ async fn session_on(
         s.rounds.push(round);
         s.problems.extend(problems);
     }
+    if rate.is_none() && plan.latency_actions > 0 {
+        // The open loop sends one-action jobs: one Submit per action, which costs the farm
+        // more than an action of a big job. Its default rate is half of what the farm takes
+        // of both kinds, so that it measures dispatch, not a queue.
+        let shape = capacity::Shape {
+            actions: ONE_ACTION_JOBS.min(plan.capacity.actions.max(1)),
+            job_size: 1,
+            jobs_in_flight: 256,
+        };
+        let (round, problems) = capacity::round(&mut fleet, client, pid, shape).await?;
+        eprintln!(
+            "{label}: one-action jobs, closed loop: {:.0} actions/s",
+            round.rate()
+        );
+        s.one_action = Some(round);
+        s.problems.extend(problems);
+    }
     let offered = *rate.get_or_insert_with(|| {
         let measured = s.rounds.first().map_or(0.0, report::Round::rate);
-        ((measured / 2.0) as u32).max(MIN_DEFAULT_RATE)
+        default_rate(measured, s.one_action.as_ref().map(report::Round::rate))
     });
     if plan.latency_actions > 0 {
         let shape = open::Shape {
@@ -352,4 +381,17 @@ async fn session_on(
     s.hwm = memory_of(pid)?.1;
     fleet.stop();
     Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_rate_is_half_the_lesser_capacity_and_at_least_the_floor() {
+        assert_eq!(default_rate(7_000.0, None), 3_500);
+        assert_eq!(default_rate(7_000.0, Some(2_600.0)), 1_300);
+        assert_eq!(default_rate(7_000.0, Some(9_000.0)), 3_500);
+        assert_eq!(default_rate(1_500.0, Some(900.0)), MIN_DEFAULT_RATE);
+    }
 }

@@ -183,6 +183,8 @@ pub struct Session {
     /// VmRSS with every agent connected, before any work.
     pub rss_idle: u64,
     pub rounds: Vec<Round>,
+    /// The closed loop of one-action jobs that sets the default offered rate, if it ran.
+    pub one_action: Option<Round>,
     pub open: Option<OpenLoop>,
     /// VmHWM at the end.
     pub hwm: u64,
@@ -194,6 +196,8 @@ pub struct Session {
 pub struct Summary {
     /// Median completed actions per second over the capacity rounds.
     pub capacity: f64,
+    /// Completed one-action jobs per second (closed loop), when it was measured.
+    pub one_action: f64,
     pub rate: u32,
     pub latencies: Latencies,
     pub samples: usize,
@@ -230,6 +234,10 @@ impl Summary {
             .sum();
         Some(Self {
             capacity: rates.get(rates.len() / 2).copied().unwrap_or(0.0),
+            one_action: mine
+                .iter()
+                .find_map(|s| s.one_action.as_ref().map(Round::rate))
+                .unwrap_or(0.0),
             rate: mine
                 .iter()
                 .find_map(|s| s.open.as_ref().map(|o| o.rate))
@@ -278,6 +286,9 @@ pub fn summary_table(new: &Summary, baseline: Option<&Summary>) -> Table {
     let rows: Vec<(&str, Figure)> = vec![
         ("capacity: completed actions/s (median round)", |s| {
             (format!("{:.0}", s.capacity), s.capacity)
+        }),
+        ("one-action jobs: completed/s (closed loop)", |s| {
+            (format!("{:.0}", s.one_action), s.one_action)
         }),
         ("open loop: offered actions/s", |s| {
             (s.rate.to_string(), f64::from(s.rate))
@@ -445,6 +456,7 @@ mod tests {
             join_took: Duration::ZERO,
             rss_idle: 0,
             rounds,
+            one_action: None,
             open: Some(OpenLoop {
                 rate: 100,
                 actions: lat.len() as u64,
