@@ -7,7 +7,7 @@
 use super::fleet::{step_name, Fleet, Seen, PLATFORM};
 use super::report::{Round, Tally};
 use super::rss_of;
-use anyhow::{bail, Context};
+use anyhow::bail;
 use archfarm_client::farm::{rpc, FarmClient};
 use archfarm_proto::v1;
 use std::time::{Duration, Instant};
@@ -64,21 +64,29 @@ pub async fn round(
     let mut last_progress = Instant::now();
     let mut rss_peak = 0u64;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let (failed_tx, mut failed) = tokio::sync::mpsc::unbounded_channel::<String>();
     while tally.accepted() < shape.actions {
+        // Submitted concurrently: a round of many small jobs measures the farm, not one
+        // Submit's round trip after another.
         while in_flight < shape.jobs_in_flight && next_job < jobs {
             let first = next_job * shape.job_size;
-            rpc(client
-                .jobs
-                .submit(v1::SubmitRequest {
-                    spec: Some(job_spec(first, remaining[next_job as usize])),
-                })
-                .await)
-            .context("failed to submit a job")?;
+            let spec = job_spec(first, remaining[next_job as usize]);
+            let (mut jobs, failed) = (client.jobs.clone(), failed_tx.clone());
+            tokio::spawn(async move {
+                let submitted = rpc(jobs.submit(v1::SubmitRequest { spec: Some(spec) }).await);
+                if let Err(e) = submitted {
+                    let _ = failed.send(format!("failed to submit a job: {e:#}"));
+                }
+            });
             next_job += 1;
             in_flight += 1;
         }
         let event = tokio::select! {
             e = fleet.seen.recv() => e,
+            f = failed.recv() => match f {
+                Some(f) => bail!(f),
+                None => continue,
+            },
             _ = tick.tick() => {
                 rss_peak = rss_peak.max(rss_of(pid)?);
                 if last_progress.elapsed() > STALL_TIMEOUT {
