@@ -136,22 +136,15 @@ impl Store {
 
     /// Adds `n` to a persistent counter and returns the new value.
     pub fn add_counter(&self, name: &str, n: u64) -> anyhow::Result<u64> {
-        let v = self
-            .meta
-            .update_and_fetch(format!("counter/{name}"), |old| {
-                let cur = old
-                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                    .map(u64::from_be_bytes)
-                    .unwrap_or(0);
-                Some((cur + n).to_be_bytes().to_vec())
-            })?
-            .context("counter vanished")?;
-        let arr = <[u8; 8]>::try_from(v.as_ref()).context("bad counter bytes")?;
-        Ok(u64::from_be_bytes(arr))
+        self.update_counter(name, |cur| cur + n)
     }
 
     /// Raises a persistent counter to at least `to`; returns its value.
     pub fn raise_counter(&self, name: &str, to: u64) -> anyhow::Result<u64> {
+        self.update_counter(name, |cur| cur.max(to))
+    }
+
+    fn update_counter(&self, name: &str, f: impl Fn(u64) -> u64) -> anyhow::Result<u64> {
         let v = self
             .meta
             .update_and_fetch(format!("counter/{name}"), |old| {
@@ -159,7 +152,7 @@ impl Store {
                     .and_then(|b| <[u8; 8]>::try_from(b).ok())
                     .map(u64::from_be_bytes)
                     .unwrap_or(0);
-                Some(cur.max(to).to_be_bytes().to_vec())
+                Some(f(cur).to_be_bytes().to_vec())
             })?
             .context("counter vanished")?;
         let arr = <[u8; 8]>::try_from(v.as_ref()).context("bad counter bytes")?;
