@@ -43,7 +43,8 @@ pub enum BatchSync {
     /// renames. The default where the system has it.
     Filesystem,
     /// `fdatasync(2)` of each file on parallel threads, then `fsync(2)` of each shard directory
-    /// the renames touched. Used where `syncfs` is unavailable.
+    /// the renames touched. Used where `syncfs` is unavailable, and for batches of at most
+    /// [`PER_FILE_SYNC_AT_MOST`] new blobs.
     PerFile,
 }
 
@@ -572,7 +573,15 @@ impl Cas {
         // filesystem from here on (errors are sampled per open file).
         let fs = std::fs::File::open(&self.root)
             .with_context(|| format!("failed to open {}", self.root.display()))?;
-        let written = match self.batch_sync() {
+        // A few blobs (a Submit's composed roots, typically one) sync their own files and
+        // directories: `syncfs` would also wait for every other writer's dirty pages on the
+        // filesystem (a build beside the coordinator), twice.
+        let how = if fresh.len() <= PER_FILE_SYNC_AT_MOST {
+            BatchSync::PerFile
+        } else {
+            self.batch_sync()
+        };
+        let written = match how {
             BatchSync::Filesystem => self.write_then_syncfs(&fs, &fresh)?,
             BatchSync::PerFile => self.write_synced(&fresh)?,
         };
@@ -607,7 +616,7 @@ impl Cas {
             self.evict(&mut index, &|d| batch.contains(d));
             moved
         };
-        let durable = moved.and_then(|()| match self.batch_sync() {
+        let durable = moved.and_then(|()| match how {
             BatchSync::Filesystem => syncfs(&fs).with_context(|| {
                 format!("failed to sync the filesystem of {}", self.root.display())
             }),
@@ -848,6 +857,9 @@ impl Cas {
 }
 
 /// Whether this system has `syncfs(2)` (Linux); elsewhere batches are synced file by file.
+/// Batches of at most this many new blobs are made durable file by file ([`BatchSync::PerFile`]).
+pub const PER_FILE_SYNC_AT_MOST: usize = 8;
+
 const SYNCFS_AVAILABLE: bool = cfg!(any(target_os = "linux", target_os = "android"));
 
 /// Flushes every dirty page and inode of the filesystem holding `fs` and waits for it.
@@ -1184,6 +1196,27 @@ mod tests {
             VerifiedBlob::check(Digest::of(b"a"), b"b".to_vec()),
             Err(CasError::Mismatch { .. })
         ));
+    }
+
+    #[test]
+    fn a_small_batch_is_stored_file_by_file_and_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let cas = Cas::open(dir.path()).unwrap();
+        assert_eq!(cas.batch_sync(), BatchSync::Filesystem);
+        let blobs: Vec<_> = (0..PER_FILE_SYNC_AT_MOST)
+            .map(|i| blob(i as u8, 10 + i))
+            .collect();
+        let batch: Vec<VerifiedBlob> = blobs
+            .iter()
+            .map(|(d, data)| VerifiedBlob::check(*d, data.clone()).unwrap())
+            .collect();
+        assert_eq!(cas.put_batch(&batch).unwrap() as usize, blobs.len());
+        assert_eq!(tmp_files(&cas), 0);
+        drop(cas);
+        let cas = Cas::open(dir.path()).unwrap();
+        for (d, data) in &blobs {
+            assert_eq!(cas.get(d).unwrap().as_ref(), Some(data), "{d}");
+        }
     }
 
     #[test]
