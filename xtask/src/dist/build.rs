@@ -125,6 +125,8 @@ pub fn cargo_command(
             format!("CARGO_TARGET_{upper}_RUSTFLAGS"),
             target_rustflags(workspace),
         )
+        // The same for C compiled into the binaries (ring's `__FILE__`s in its asserts).
+        .env(format!("CFLAGS_{env_triple}"), target_cflags(workspace))
         // Shipped binaries keep their symbols (named backtraces) but not the line tables.
         .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
         .env("CARGO_PROFILE_RELEASE_STRIP", "debuginfo");
@@ -155,6 +157,17 @@ fn target_rustflags(workspace: &Path) -> String {
         }
     }
     flags
+}
+
+/// The target's CFLAGS: each build-machine path mapped as in [`target_rustflags`].
+fn target_cflags(workspace: &Path) -> String {
+    build_machine_paths(workspace)
+        .into_iter()
+        .map(|(path, to)| (path.to_string_lossy().into_owned(), to))
+        .filter(|(path, _)| !path.contains(char::is_whitespace))
+        .map(|(path, to)| format!("-ffile-prefix-map={path}={to}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Checks that the binary at `path` names none of `paths` (see [`build_machine_paths`]).
@@ -309,6 +322,11 @@ mod tests {
         assert_eq!(
             get("CC_s390x_unknown_linux_gnu").as_deref(),
             Some("s390x-linux-gnu-gcc")
+        );
+        let cflags = get("CFLAGS_s390x_unknown_linux_gnu").unwrap_or_default();
+        assert!(
+            cflags.contains("-ffile-prefix-map=/w=/archfarm"),
+            "C sources of the checkout are mapped too: {cflags}"
         );
         assert_eq!(get("RUSTC").as_deref(), Some(SYSTEM_RUSTC));
     }
