@@ -156,12 +156,6 @@ impl Farm {
         let mut cmd = self.cli_command(args, &self.admin_dir());
         cmd.current_dir(cwd);
         self.go_module_env(&mut cmd, go).envs(env.iter().copied());
-        let out = self.run_logged(cmd, args);
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out, text)
+        self.run_with_text(cmd, args)
     }
 }

@@ -612,6 +612,17 @@ impl Farm {
         self.run_logged(self.cli_command(args, creds), args)
     }
 
+    /// [`Farm::run_logged`], with stdout and stderr as one text.
+    pub fn run_with_text(&self, cmd: Command, args: &[&str]) -> (Output, String) {
+        let out = self.run_logged(cmd, args);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out, text)
+    }
+
     /// Runs a prepared `archfarm` command and keeps its output for the failure report.
     pub fn run_logged(&self, mut cmd: Command, args: &[&str]) -> Output {
         let out = cmd.output().expect("run archfarm");
@@ -701,13 +712,7 @@ impl Farm {
         let mut cmd = self.cli_command(args, creds);
         cmd.current_dir(cwd).envs(env.iter().copied());
         self.go_env(&mut cmd, gopath);
-        let out = self.run_logged(cmd, args);
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out, text)
+        self.run_with_text(cmd, args)
     }
 
     /// Starts `archfarm ARGS` as the admin in the background, its output piped (read it with

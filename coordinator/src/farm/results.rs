@@ -18,9 +18,9 @@ impl Farm {
         c: Completion,
         now: u64,
     ) -> Result<(), FarmError> {
-        let held =
-            self.active.contains_key(action_id) || self.unwritten_action(action_id).is_some();
-        if !held && matches!(c.stored, StoredRecord::NotRead) {
+        if matches!(c.stored, StoredRecord::NotRead)
+            && self.known_action(action_id, &c.stored).is_none()
+        {
             return Err(FarmError::NeedsStored(Box::new(c)));
         }
         if let Some(why) = self.never_leased(action_id, fence, &c.stored) {
