@@ -1,5 +1,6 @@
 //! The archfarm agent: joins the farm once, then keeps a session with the coordinator and runs
 //! the actions it is assigned. `run` is the whole agent; main.rs only parses flags around it.
+mod abi_check;
 pub mod backoff;
 pub mod blob_cache;
 pub mod cas;

@@ -256,11 +256,12 @@ pub struct Farm {
     /// The unfinished jobs' records (a finished job's is in the store).
     active_jobs: HashMap<JobId, JobRecord>,
     next_conn: u64,
-    /// The highest fence handed out (kept here so that placing and checking a result's fence
-    /// touch no store under the lock).
-    fences_issued: u64,
-    /// The highest fence reserved in the store: fences up to it may be handed out.
-    fence_ceiling: u64,
+    /// The fence counter (kept here so that placing and checking a result's fence touch no
+    /// store under the lock).
+    fences: fences::Fences,
+    /// The outbox being written carries composed input roots: assignments wait for its
+    /// release (an agent must find every input it is sent for in the CAS).
+    writing_blobs: bool,
     stale_results_refused: u64,
     started_unix_ms: u64,
     /// Results are recorded here as they come in (lookups happen outside the farm's lock).
@@ -312,8 +313,8 @@ impl Farm {
             active_jobs: HashMap::new(),
             next_conn: 0,
             // Fences reserved before a restart but not handed out are skipped, never reused.
-            fences_issued: store.counter("fence")?,
-            fence_ceiling: store.counter("fence")?,
+            fences: fences::Fences::load(store.counter("fence")?),
+            writing_blobs: false,
             stale_results_refused: 0,
             started_unix_ms: now,
             store,
@@ -1049,6 +1050,7 @@ impl Farm {
 }
 
 mod agents;
+mod fences;
 mod outbox;
 mod results;
 pub use agents::quarantine_backoff_ms;

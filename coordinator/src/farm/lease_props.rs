@@ -246,6 +246,8 @@ struct Sim {
     fences: Vec<u64>,
     /// Fences delivered per action.
     fences_of: HashMap<ActionId, Vec<u64>>,
+    /// Leases delivered before their commit and lost in a crash: (action, fence).
+    lost_leases: HashSet<(ActionId, u64)>,
     /// The first final record seen of each action: (state, result).
     finals: HashMap<ActionId, (ActionState, Option<ResultRecord>)>,
     /// Acknowledgements owed to sessions, in the order the results were sent.
@@ -347,6 +349,7 @@ impl Sim {
             answered_actions: 0,
             fences: vec![],
             fences_of: HashMap::new(),
+            lost_leases: HashSet::new(),
             finals: HashMap::new(),
             owed: vec![],
             acked: BTreeMap::new(),
@@ -415,6 +418,40 @@ impl Sim {
         self.receive();
     }
 
+    /// Takes the assignments sent since the last release (those whose fence the durable
+    /// ceiling covers go out before their commit): nothing else is sent unreleased.
+    fn receive_early_assigns(&mut self) -> Vec<(u64, ActionId)> {
+        let mut assigns = Vec::new();
+        for agent in &mut self.agents {
+            let Some((_, rx)) = agent.session.as_mut() else {
+                continue;
+            };
+            while let Ok(cmd) = rx.try_recv() {
+                let AgentCommand::Assign { action, fence, .. } = cmd else {
+                    panic!(
+                        "a command other than an assignment went out before its commit: {cmd:?}"
+                    );
+                };
+                agent.held.insert(action.id.clone(), fence);
+                assigns.push((fence, action.id.clone()));
+            }
+        }
+        self.note_assigns(assigns.clone());
+        assigns
+    }
+
+    /// Checks that fences handed to agents only grow and remembers them.
+    fn note_assigns(&mut self, mut assigns: Vec<(u64, ActionId)>) {
+        // Sessions are read one after another: order this round's assigns by fence.
+        assigns.sort();
+        for (fence, id) in assigns {
+            let newest = self.fences.last().copied().unwrap_or(0);
+            assert!(fence > newest, "fence {fence} handed out after {newest}");
+            self.fences.push(fence);
+            self.fences_of.entry(id).or_default().push(fence);
+        }
+    }
+
     /// Takes every command released to connected agents and checks the acknowledgements
     /// against what was owed.
     fn receive(&mut self) {
@@ -449,14 +486,7 @@ impl Sim {
                 }
             }
         }
-        // Sessions are read one after another: order this round's assigns by fence.
-        assigns.sort();
-        for (fence, id) in assigns {
-            let newest = self.fences.last().copied().unwrap_or(0);
-            assert!(fence > newest, "fence {fence} handed out after {newest}");
-            self.fences.push(fence);
-            self.fences_of.entry(id).or_default().push(fence);
-        }
+        self.note_assigns(assigns);
         // Every ack owed to a session still open arrives once, in order, saying what it must;
         // the others went with their sessions.
         for sent in std::mem::take(&mut self.owed) {
@@ -715,6 +745,9 @@ impl Sim {
     /// closes, is never read again).
     fn crash(&mut self, flushed: bool) {
         self.observe();
+        // Assignments that went out before their commit reached the agents, which keep
+        // running them whatever becomes of the coordinator.
+        let early = self.receive_early_assigns();
         if flushed {
             let outbox = self.take_and_write_outbox();
             drop(outbox); // Nothing it announced went out.
@@ -726,6 +759,16 @@ impl Sim {
             .restore(&self.state_dir)
             .expect("the image is written");
         self.live = self.durable.clone();
+        for (fence, id) in early {
+            if !self
+                .live
+                .issued_of
+                .get(&id)
+                .is_some_and(|f| f.contains(&fence))
+            {
+                self.lost_leases.insert((id, fence));
+            }
+        }
         assert!(
             self.live.actions.len() >= self.answered_actions,
             "a crash lost a job whose submit was answered"
@@ -862,10 +905,11 @@ impl Sim {
                     "a result only under a fence issued for {id}: {stored:?}"
                 );
             }
-            // No fence an agent was handed is forgotten, not even by a crash.
+            // No fence an agent was handed is forgotten, not even by a crash, but for a lease
+            // that went out before its commit and died with the coordinator.
             for fence in self.fences_of.get(&id).into_iter().flatten() {
                 assert!(
-                    issued.contains(fence),
+                    issued.contains(fence) || self.lost_leases.contains(&(id.clone(), *fence)),
                     "{id}: delivered fence {fence} is not among {issued:?}"
                 );
             }

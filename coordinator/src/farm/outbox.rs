@@ -2,13 +2,10 @@
 //! records it changed (actions, jobs, agents, step durations, the fence ceiling), held in an
 //! outbox until the group commit makes the changes behind them durable: the committer takes
 //! the outbox under the farm's lock, writes and flushes without it ([`Outbox::write`]), then
-//! releases it under the lock again. So no store write happens under the farm's lock.
+//! releases it under the lock again. So no store write happens under the farm's lock. One
+//! kind of command goes out at once: an assignment whose fence the store's durable ceiling
+//! already covers (see [`Farm::send`]).
 use super::*;
-
-/// Fences are reserved from the store this many at a time: the farm hands them out from
-/// memory and writes a new ceiling (in the group commit, before anything it fenced is
-/// announced) once per block, not one counter update per placement.
-pub(super) const FENCE_BLOCK: u64 = 4_096;
 
 /// Records the farm changed since the outbox was last taken, each as it is now (a record
 /// changed twice is written once), for the committer to write before its flush.
@@ -128,6 +125,7 @@ impl Farm {
     pub fn take_outbox(&mut self) -> Outbox {
         self.outboxes_taken += 1;
         self.writing = Arc::new(std::mem::take(&mut self.unwritten));
+        self.writing_blobs = !self.staged_blobs.is_empty();
         let agents = std::mem::take(&mut self.dirty_agents)
             .iter()
             .filter_map(|id| self.agents.get(id).map(|a| a.record.clone()))
@@ -153,6 +151,10 @@ impl Farm {
     pub fn release(&mut self, outbox: Outbox) {
         if Arc::ptr_eq(&self.writing, &outbox.records) {
             self.writing = Arc::default();
+            self.writing_blobs = false;
+        }
+        if let Some(ceiling) = outbox.records.fence_ceiling {
+            self.fences.made_durable(ceiling);
         }
         for a in outbox.announcements {
             match a {
@@ -205,16 +207,15 @@ impl Farm {
         self.unflushed = true;
     }
 
-    /// The next fence: from memory, reserving a new block (its ceiling written by the next
-    /// commit, before the placement that uses the fence is announced) when one runs out.
+    /// The next fence: from memory, reserving a new block ahead of need (its ceiling written
+    /// by the next commit).
     pub(super) fn next_fence(&mut self) -> u64 {
-        if self.fences_issued >= self.fence_ceiling {
-            self.fence_ceiling = self.fences_issued + FENCE_BLOCK;
-            self.unwritten.fence_ceiling = Some(self.fence_ceiling);
+        let (fence, raised) = self.fences.next();
+        if let Some(ceiling) = raised {
+            self.unwritten.fence_ceiling = Some(ceiling);
             self.unflushed = true;
         }
-        self.fences_issued += 1;
-        self.fences_issued
+        fence
     }
 
     /// Holds blobs a plan composed (checked, not yet stored) for the next commit, which
@@ -224,9 +225,29 @@ impl Farm {
         self.staged_blobs.extend(blobs);
     }
 
-    /// Holds a command for the agent's current session until the next release.
+    /// Holds a command for the agent's current session until the next release, but for an
+    /// assignment that may go at once: its fence is covered by the store's durable ceiling
+    /// (so no restart hands it out again) and no composed input root waits to be stored. Its
+    /// lease is not durable yet; a crash before the commit loses it, the agent's result is
+    /// then answered "not recorded" ([`Farm::completed`]) and the action, if its job was
+    /// durable, runs again under a new fence. Results, submits and events still wait for the
+    /// flush, so nothing acknowledged is ever lost.
     pub(super) fn send(&mut self, agent: &AgentId, cmd: AgentCommand) {
-        if let Some(s) = self.agents.get(agent).and_then(|a| a.session.as_ref()) {
+        let Some(s) = self.agents.get(agent).and_then(|a| a.session.as_ref()) else {
+            return;
+        };
+        let now = match &cmd {
+            AgentCommand::Assign { fence, .. } => {
+                self.fences.durable_covers(*fence)
+                    && self.staged_blobs.is_empty()
+                    && !self.writing_blobs
+            }
+            _ => false,
+        };
+        if now {
+            // A closed session is noticed by its own task; the lease covers the gap.
+            let _ = s.tx.send(cmd);
+        } else {
             self.outbox
                 .push(Announcement::Agent(agent.clone(), s.conn, cmd));
         }

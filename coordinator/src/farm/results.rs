@@ -24,6 +24,31 @@ impl Farm {
             return Err(FarmError::NeedsStored(Box::new(c)));
         }
         if let Some(why) = self.never_leased(action_id, fence, &c.stored) {
+            if self.fences.issued_before_start(fence) {
+                // An earlier run handed the lease out and crashed before recording it: the
+                // agent ran it in good faith; nothing records it, and it stops resending.
+                let reason = format!(
+                    "not recorded: {why} (lease {fence} was handed out before the coordinator \
+                     restarted and was lost with it)"
+                );
+                tracing::info!(%agent, action = %action_id, fence, "{reason}");
+                let cancelled = self
+                    .known_action(action_id, &c.stored)
+                    .is_some_and(|a| a.state == ActionState::Cancelled);
+                if !cancelled {
+                    self.stale_results_refused += 1;
+                }
+                self.send(
+                    agent,
+                    AgentCommand::Ack {
+                        action: action_id.clone(),
+                        fence,
+                        accepted: false,
+                        reason,
+                    },
+                );
+                return Ok(());
+            }
             tracing::warn!(%agent, action = %action_id, fence, "refused a result: {why}");
             return Err(FarmError::Refused(format!("result refused: {why}")));
         }
@@ -54,7 +79,7 @@ impl Farm {
         if a.attempts == 0 {
             return Some(format!("{action_id} was never leased"));
         }
-        if fence == 0 || fence > self.fences_issued {
+        if fence == 0 || fence > self.fences.issued() {
             return Some(format!("fence {fence} was never issued"));
         }
         None

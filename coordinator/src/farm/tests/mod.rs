@@ -1,6 +1,7 @@
 //! Unit tests of the farm state machine, driven with fake agent sessions and injected time.
 use super::*;
 
+mod crash;
 mod scopes;
 
 const LEASE: u64 = 15_000;
