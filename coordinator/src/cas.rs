@@ -283,6 +283,8 @@ pub struct Cas {
     index: Mutex<Index>,
     /// Batches are synced file by file ([`BatchSync::PerFile`]) rather than by `syncfs`.
     per_file_sync: AtomicBool,
+    /// Blobs staged for a group commit that readers wait for.
+    pending: crate::pending_blobs::PendingBlobs,
 }
 
 impl Cas {
@@ -359,6 +361,7 @@ impl Cas {
             tmp_seq: AtomicU64::new(0),
             index: Mutex::new(index),
             per_file_sync: AtomicBool::new(!SYNCFS_AVAILABLE),
+            pending: Default::default(),
         })
     }
 
@@ -408,6 +411,11 @@ impl Cas {
             }
         }
         n
+    }
+
+    /// Blobs staged for a group commit (see [`crate::pending_blobs`]).
+    pub fn pending(&self) -> &crate::pending_blobs::PendingBlobs {
+        &self.pending
     }
 
     /// Whether the blob is stored (marks it as used).

@@ -259,9 +259,6 @@ pub struct Farm {
     /// The fence counter (kept here so that placing and checking a result's fence touch no
     /// store under the lock).
     fences: fences::Fences,
-    /// The outbox being written carries composed input roots: assignments wait for its
-    /// release (an agent must find every input it is sent for in the CAS).
-    writing_blobs: bool,
     stale_results_refused: u64,
     started_unix_ms: u64,
     /// Results are recorded here as they come in (lookups happen outside the farm's lock).
@@ -314,7 +311,6 @@ impl Farm {
             next_conn: 0,
             // Fences reserved before a restart but not handed out are skipped, never reused.
             fences: fences::Fences::load(store.counter("fence")?),
-            writing_blobs: false,
             stale_results_refused: 0,
             started_unix_ms: now,
             store,

@@ -8,6 +8,7 @@ pub mod farm;
 pub mod grpc;
 pub mod hubs;
 pub mod model;
+pub mod pending_blobs;
 pub mod pki;
 pub mod planning;
 pub mod result_cache;

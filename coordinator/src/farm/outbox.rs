@@ -93,8 +93,11 @@ impl Outbox {
     /// taken and written one at a time, so records reach the store in the order they changed).
     pub fn write(&self, store: &Store, cas: &Cas) -> anyhow::Result<()> {
         if !self.blobs.is_empty() {
-            cas.put_batch(&self.blobs)
-                .map_err(|e| anyhow::anyhow!("store composed input roots: {e}"))?;
+            let stored = cas.put_batch(&self.blobs);
+            // Readers waiting for them go on, to find them or not.
+            cas.pending()
+                .settle(self.blobs.iter().map(crate::cas::VerifiedBlob::digest));
+            stored.map_err(|e| anyhow::anyhow!("store composed input roots: {e}"))?;
         }
         self.records.write(store)?;
         for record in &self.agents {
@@ -125,7 +128,6 @@ impl Farm {
     pub fn take_outbox(&mut self) -> Outbox {
         self.outboxes_taken += 1;
         self.writing = Arc::new(std::mem::take(&mut self.unwritten));
-        self.writing_blobs = !self.staged_blobs.is_empty();
         let agents = std::mem::take(&mut self.dirty_agents)
             .iter()
             .filter_map(|id| self.agents.get(id).map(|a| a.record.clone()))
@@ -151,7 +153,6 @@ impl Farm {
     pub fn release(&mut self, outbox: Outbox) {
         if Arc::ptr_eq(&self.writing, &outbox.records) {
             self.writing = Arc::default();
-            self.writing_blobs = false;
         }
         if let Some(ceiling) = outbox.records.fence_ceiling {
             self.fences.made_durable(ceiling);
@@ -219,16 +220,19 @@ impl Farm {
     }
 
     /// Holds blobs a plan composed (checked, not yet stored) for the next commit, which
-    /// stores them before it flushes and announces anything: a job's actions are never
-    /// assigned before their composed roots are durable.
+    /// stores them before it flushes. Their actions may be assigned before that: a CAS read
+    /// of a staged blob waits for the commit ([`crate::pending_blobs`]).
     pub fn stage_blobs(&mut self, blobs: Vec<crate::cas::VerifiedBlob>) {
+        self.cas
+            .pending()
+            .add(blobs.iter().map(crate::cas::VerifiedBlob::digest));
         self.staged_blobs.extend(blobs);
     }
 
     /// Holds a command for the agent's current session until the next release, but for an
     /// assignment that may go at once: its fence is covered by the store's durable ceiling
-    /// (so no restart hands it out again) and no composed input root waits to be stored. Its
-    /// lease is not durable yet; a crash before the commit loses it, the agent's result is
+    /// (so no restart hands it out again; a composed input root it needs that waits for the
+    /// commit is waited for by the CAS read, [`crate::pending_blobs`]). Its lease is not durable yet; a crash before the commit loses it, the agent's result is
     /// then answered "not recorded" ([`Farm::completed`]) and the action, if its job was
     /// durable, runs again under a new fence. Results, submits and events still wait for the
     /// flush, so nothing acknowledged is ever lost.
@@ -237,11 +241,7 @@ impl Farm {
             return;
         };
         let now = match &cmd {
-            AgentCommand::Assign { fence, .. } => {
-                self.fences.durable_covers(*fence)
-                    && self.staged_blobs.is_empty()
-                    && !self.writing_blobs
-            }
+            AgentCommand::Assign { fence, .. } => self.fences.durable_covers(*fence),
             _ => false,
         };
         if now {

@@ -5,6 +5,7 @@ use super::auth::{authorize, authorize_stream};
 use super::{internal, SharedRef};
 use crate::cas::{Cas, CasError, VerifiedBlob};
 use crate::model::Role;
+use crate::pending_blobs::PENDING_WAIT;
 use archfarm_proto::v1::{self, cas_server::Cas as CasRpc};
 use archfarm_proto::Digest;
 use std::sync::Arc;
@@ -171,6 +172,7 @@ pub async fn read_blob(
     verify_first_up_to: u64,
 ) -> Result<ReadStream, Status> {
     let not_found = || Status::not_found(format!("blob {d} is not in the store"));
+    cas.pending().wait_written(&[d], PENDING_WAIT).await;
     if d.size_bytes() <= verify_first_up_to {
         let data = tokio::task::spawn_blocking(move || cas.get(&d))
             .await
@@ -239,6 +241,11 @@ impl CasRpc for CasService {
             .map(|(i, d)| parse(i, d))
             .collect::<Result<Vec<_>, _>>()?;
         let shared = self.0.clone();
+        shared
+            .cas
+            .pending()
+            .wait_written(&digests, PENDING_WAIT)
+            .await;
         let missing = tokio::task::spawn_blocking(move || {
             shared
                 .cas
@@ -295,6 +302,11 @@ impl CasRpc for CasService {
             )));
         }
         let shared = self.0.clone();
+        shared
+            .cas
+            .pending()
+            .wait_written(&digests, PENDING_WAIT)
+            .await;
         let blobs = tokio::task::spawn_blocking(move || -> Result<Vec<v1::Blob>, Status> {
             digests
                 .into_iter()
@@ -563,6 +575,31 @@ mod tests {
         assert_eq!(err.code(), Code::Cancelled);
         assert_eq!(leftovers(&cas), 0);
         assert!(!cas.contains(&d));
+    }
+
+    #[tokio::test]
+    async fn a_read_of_a_blob_staged_for_a_commit_waits_for_the_commit_to_write_it() {
+        let (_dir, cas) = open();
+        let (d, data) = blob(9, 100);
+        let staged = VerifiedBlob::check(d, data.clone()).unwrap();
+        cas.pending().add([d]);
+        let reader = {
+            let cas = cas.clone();
+            tokio::spawn(async move { read_all(&cas, d, VERIFY_BEFORE_STREAM_BYTES).await })
+        };
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            !reader.is_finished(),
+            "answered before the commit wrote the blob"
+        );
+        // What the group commit does with a staged blob.
+        cas.put_batch(std::slice::from_ref(&staged)).unwrap();
+        cas.pending().settle([d]);
+        let (got, err) = reader.await.unwrap();
+        assert!(err.is_none(), "{err:?}");
+        assert_eq!(got, data);
     }
 
     #[tokio::test]

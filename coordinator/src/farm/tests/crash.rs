@@ -77,3 +77,30 @@ fn an_early_assignment_lost_in_a_crash_is_answered_not_recorded_and_its_fence_ne
     assert_eq!(h.acks("b"), vec![(true, String::new())]);
     assert_eq!(h.state(&id).state, ActionState::Succeeded);
 }
+
+#[test]
+fn an_assignment_does_not_wait_for_the_commit_that_stores_its_composed_root() {
+    let mut h = Harness::new();
+    h.join("a", &[("linux/arm64", false)], 0);
+    let first = h.submit(&["linux/arm64"], false, 0);
+    let f1 = h.assigns("a")[0].1;
+    h.complete("a", &format!("{first}/linux/arm64"), f1, 0, 1);
+    assert_eq!(h.acks("a"), vec![(true, String::new())]);
+    // A plan composed a root: staged for the next commit, pending for readers.
+    let root = crate::cas::VerifiedBlob::check(Digest::of(b"root"), b"root".to_vec()).unwrap();
+    let d = root.digest();
+    h.farm.stage_blobs(vec![root]);
+    assert!(h.farm.cas.pending().any_pending(&[d]));
+    h.submit(&["linux/arm64"], false, 2);
+    assert!(
+        matches!(
+            h.rx.get_mut("a").unwrap().try_recv(),
+            Ok(AgentCommand::Assign { .. })
+        ),
+        "the assignment waited for the commit"
+    );
+    assert!(!h.farm.cas.contains(&d));
+    h.farm.commit().unwrap();
+    assert!(h.farm.cas.contains(&d), "the commit stores the root");
+    assert!(!h.farm.cas.pending().any_pending(&[d]), "and readers go on");
+}
