@@ -243,7 +243,8 @@ impl ProcessLimits {
     /// Applies them to the calling process (called between fork and exec: only setrlimit).
     fn apply(&self) -> std::io::Result<()> {
         use nix::sys::resource::{setrlimit, Resource};
-        let set = |r: Resource, v: u64| setrlimit(r, v, v).map_err(std::io::Error::from);
+        let set =
+            |r: Resource, v: u64| setrlimit(r, rlim(v), rlim(v)).map_err(std::io::Error::from);
         set(Resource::RLIMIT_CORE, 0)?;
         if self.data_bytes > 0 {
             set(Resource::RLIMIT_DATA, self.data_bytes)?;
@@ -253,11 +254,22 @@ impl ProcessLimits {
         }
         if self.cpu_s > 0 {
             // The soft limit sends SIGXCPU; the hard one, a second later, SIGKILL.
-            setrlimit(Resource::RLIMIT_CPU, self.cpu_s, self.cpu_s + 1)
-                .map_err(std::io::Error::from)?;
+            setrlimit(
+                Resource::RLIMIT_CPU,
+                rlim(self.cpu_s),
+                rlim(self.cpu_s.saturating_add(1)),
+            )
+            .map_err(std::io::Error::from)?;
         }
         Ok(())
     }
+}
+
+/// A limit as this platform's `rlim_t`, which is 32 bits on 32-bit glibc (linux/arm/v7): a
+/// limit past its range is no limit there, which a 32-bit process cannot reach anyway.
+#[allow(clippy::unnecessary_fallible_conversions, clippy::useless_conversion)]
+fn rlim(v: u64) -> libc::rlim_t {
+    libc::rlim_t::try_from(v).unwrap_or(libc::RLIM_INFINITY)
 }
 
 /// Makes the child, between fork and exec, join the cgroups of `cgroup` (by writing "0" to
@@ -459,6 +471,13 @@ fn event_count(file: &Path, key: &str) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_limit_past_rlim_t_is_no_limit_and_others_pass_unchanged() {
+        assert_eq!(rlim(0), 0);
+        assert_eq!(rlim(1 << 20), 1 << 20);
+        assert_eq!(rlim(u64::MAX), libc::RLIM_INFINITY);
+    }
 
     #[test]
     fn bytes_read_naturally() {
