@@ -436,15 +436,15 @@ impl Sim {
                 assigns.push((fence, action.id.clone()));
             }
         }
-        self.note_assigns(assigns.clone());
+        self.note_assigns(&mut assigns);
         assigns
     }
 
     /// Checks that fences handed to agents only grow and remembers them.
-    fn note_assigns(&mut self, mut assigns: Vec<(u64, ActionId)>) {
+    fn note_assigns(&mut self, assigns: &mut [(u64, ActionId)]) {
         // Sessions are read one after another: order this round's assigns by fence.
         assigns.sort();
-        for (fence, id) in assigns {
+        for (fence, id) in assigns.iter().cloned() {
             let newest = self.fences.last().copied().unwrap_or(0);
             assert!(fence > newest, "fence {fence} handed out after {newest}");
             self.fences.push(fence);
@@ -486,7 +486,7 @@ impl Sim {
                 }
             }
         }
-        self.note_assigns(assigns);
+        self.note_assigns(&mut assigns);
         // Every ack owed to a session still open arrives once, in order, saying what it must;
         // the others went with their sessions.
         for sent in std::mem::take(&mut self.owed) {

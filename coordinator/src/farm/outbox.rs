@@ -230,11 +230,12 @@ impl Farm {
     }
 
     /// Holds a command for the agent's current session until the next release, but for an
-    /// assignment that may go at once: its fence is covered by the store's durable ceiling
-    /// (so no restart hands it out again; a composed input root it needs that waits for the
-    /// commit is waited for by the CAS read, [`crate::pending_blobs`]). Its lease is not durable yet; a crash before the commit loses it, the agent's result is
-    /// then answered "not recorded" ([`Farm::completed`]) and the action, if its job was
-    /// durable, runs again under a new fence. Results, submits and events still wait for the
+    /// assignment whose fence the store's durable ceiling covers (no restart hands it out
+    /// again): that goes at once. Its lease is not durable yet; a crash before the commit
+    /// loses it, the agent's result is then refused in the acknowledgement like a stale one
+    /// ([`Farm::completed`]), and the action, if its job was durable, runs again under a new
+    /// fence. A composed input root it needs that waits for the commit is waited for by the
+    /// CAS read ([`crate::pending_blobs`]). Results, submits and events still wait for the
     /// flush, so nothing acknowledged is ever lost.
     pub(super) fn send(&mut self, agent: &AgentId, cmd: AgentCommand) {
         let Some(s) = self.agents.get(agent).and_then(|a| a.session.as_ref()) else {

@@ -24,31 +24,6 @@ impl Farm {
             return Err(FarmError::NeedsStored(Box::new(c)));
         }
         if let Some(why) = self.never_leased(action_id, fence, &c.stored) {
-            if self.fences.issued_before_start(fence) {
-                // An earlier run handed the lease out and crashed before recording it: the
-                // agent ran it in good faith; nothing records it, and it stops resending.
-                let reason = format!(
-                    "not recorded: {why} (lease {fence} was handed out before the coordinator \
-                     restarted and was lost with it)"
-                );
-                tracing::info!(%agent, action = %action_id, fence, "{reason}");
-                let cancelled = self
-                    .known_action(action_id, &c.stored)
-                    .is_some_and(|a| a.state == ActionState::Cancelled);
-                if !cancelled {
-                    self.stale_results_refused += 1;
-                }
-                self.send(
-                    agent,
-                    AgentCommand::Ack {
-                        action: action_id.clone(),
-                        fence,
-                        accepted: false,
-                        reason,
-                    },
-                );
-                return Ok(());
-            }
             tracing::warn!(%agent, action = %action_id, fence, "refused a result: {why}");
             return Err(FarmError::Refused(format!("result refused: {why}")));
         }
@@ -73,6 +48,12 @@ impl Farm {
         fence: u64,
         stored: &StoredRecord,
     ) -> Option<String> {
+        if self.fences.issued_before_start(fence) {
+            // An earlier run issued it, and may have sent its lease before the commit that
+            // recorded it and crashed: the agent ran it in good faith, so its result is
+            // answered like a stale one (not recorded) and it stops resending it.
+            return None;
+        }
         let Some(a) = self.known_action(action_id, stored) else {
             return Some(format!("{action_id} does not exist"));
         };
@@ -132,7 +113,16 @@ impl Farm {
                         ),
                     )
                 }
-                None => (false, format!("{action_id} does not exist")),
+                None => {
+                    self.stale_results_refused += 1;
+                    (
+                        false,
+                        format!(
+                            "{action_id} does not exist (lease {fence} was handed out before \
+                             the coordinator restarted and was lost with it)"
+                        ),
+                    )
+                }
             });
         };
         if action.infra_result_fences.contains(&fence) {

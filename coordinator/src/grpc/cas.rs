@@ -241,11 +241,6 @@ impl CasRpc for CasService {
             .map(|(i, d)| parse(i, d))
             .collect::<Result<Vec<_>, _>>()?;
         let shared = self.0.clone();
-        shared
-            .cas
-            .pending()
-            .wait_written(&digests, PENDING_WAIT)
-            .await;
         let missing = tokio::task::spawn_blocking(move || {
             shared
                 .cas

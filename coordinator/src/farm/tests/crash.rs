@@ -1,6 +1,6 @@
 //! An assignment that goes out before its commit, and what a crash before that commit makes
-//! of its lease: the fence is never handed out again and the agent's result is answered
-//! "not recorded" instead of ending its session.
+//! of its lease: the fence is never handed out again and the agent's result is refused in
+//! the acknowledgement, like a stale one, instead of ending its session.
 use super::*;
 use crate::store::disk_image::DiskImage;
 
@@ -57,12 +57,19 @@ fn an_early_assignment_lost_in_a_crash_is_answered_not_recorded_and_its_fence_ne
     let acks = h.acks("b");
     assert_eq!(acks.len(), 1);
     assert!(!acks[0].0);
-    assert!(acks[0].1.contains("lost with it"), "{}", acks[0].1);
+    assert!(
+        acks[0].1.contains(&format!("stale fence {}", early.1)) && acks[0].1.contains("queued"),
+        "{}",
+        acks[0].1
+    );
     assert_eq!(h.state(&id).state, ActionState::Queued);
     assert_eq!(h.state(&id).attempts, 0);
     // So is a result for an action whose job the crash lost, under an earlier run's fence.
     h.complete("b", "j-999999/linux/s390x", early.1, 0, 11);
-    assert!(!h.acks("b")[0].0);
+    let acks = h.acks("b");
+    assert_eq!(acks.len(), 1);
+    assert!(!acks[0].0);
+    assert!(acks[0].1.contains("lost with it"), "{}", acks[0].1);
 
     // Placed again: under a new fence, and its result is recorded as usual.
     h.join("b", &[("linux/s390x", false)], 12);
